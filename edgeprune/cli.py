@@ -1,0 +1,236 @@
+"""edgeprune's command line: targets · compile · run · measure.
+
+Every user mistake becomes one line on stderr and exit code 2; nothing is written half-way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape; write it like 1,3,224,224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"'{text}' has a non-positive dimension")
+    return dims
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def _builtin_model(name: str, workdir: Path) -> Path:
+    """Export one of the reference networks to ONNX, so the demo needs no download and no user file."""
+    from .models.reference import BENCH_NETWORKS, build
+
+    if name not in BENCH_NETWORKS:
+        raise UserError(f"unknown built-in network '{name}'; known: {', '.join(BENCH_NETWORKS)}")
+    import torch
+
+    model, x = build(name)
+    path = workdir / f"{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), opset_version=17, dynamo=False, input_names=["input"],
+                          output_names=["logits"])
+    return path
+
+
+def cmd_targets(args) -> int:
+    from .targets import get_target, known_targets
+
+    names = known_targets()
+    if args.json:
+        print(json.dumps([_target_json(get_target(n)) for n in names], indent=2))
+        return 0
+    print(f"{'name':<12} {'triple':<26} {'cpu':<14} {'SIMD':>5} {'cores':>5} {'MHz':>6}  description")
+    for n in names:
+        t = get_target(n)
+        print(f"{t.name:<12} {t.triple:<26} {t.cpu:<14} {t.simd_bits:>5} {t.cores:>5} {t.clock_mhz:>6}  "
+              f"{t.description}")
+    return 0
+
+
+def _target_json(t) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in t.__dict__.items() if k != "extra"}
+
+
+def cmd_compile(args) -> int:
+    from .codegen.build import compile_model
+    from .targets import get_target
+
+    target = get_target(args.target)  # fail on a bad target before any slow import work
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model.startswith(BUILTIN_PREFIX):
+            model = _builtin_model(model[len(BUILTIN_PREFIX):], Path(tmp))
+        build = compile_model(model, target, args.output, input_shape=args.input_shape, fmt=args.format,
+                              tune_trials=args.tune_trials)
+    if args.json:
+        print(json.dumps(build.to_json(), indent=2))
+    else:
+        ins = ", ".join(f"{s.name}{list(s.shape)}" for s in build.inputs)
+        print(f"compiled {args.model} for {build.target} in {build.compile_seconds:.1f} s -> {args.output} "
+              f"({len(build.kernels)} kernels; input {ins})")
+        if build.unscheduled:
+            print(f"note: {len(build.unscheduled)} kernel(s) run unscheduled: {', '.join(build.unscheduled[:5])}")
+    return 0
+
+
+def _load_inputs(paths: list[str], build) -> list:
+    import numpy as np
+
+    arrays = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise UserError(f"input file {p} does not exist")
+        try:
+            data = np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{p} is not a .npy/.npz array file ({str(e).splitlines()[0][:120]}); "
+                            "save inputs with numpy.save") from None
+        if isinstance(data, np.lib.npyio.NpzFile):
+            names = {s.name for s in build.inputs}
+            if set(data.files) >= names:
+                arrays += [data[s.name] for s in build.inputs]
+            else:
+                arrays += [data[k] for k in data.files]
+        else:
+            arrays.append(data)
+    return arrays
+
+
+def _atomic_save(path: Path, arrays: list, names: list[str]) -> None:
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix == ".npz":
+                np.savez(f, **dict(zip(names, arrays)))
+            else:
+                np.save(f, arrays[0])
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_run(args) -> int:
+    from .artifacts import Build
+    from .measure.local import Session, set_threads
+
+    if args.device != "local":
+        raise UserError(f"device '{args.device}' is not available in this version; use --device local")
+    build = Build.load(args.build)
+    out = Path(args.output)
+    if out.suffix not in (".npy", ".npz"):
+        raise UserError(f"output {out} must end in .npy (one output) or .npz (all outputs by name)")
+    if out.suffix == ".npy" and len(build.outputs) > 1:
+        raise UserError(f"the model has {len(build.outputs)} outputs; write them with -o FILE.npz")
+    inputs = _load_inputs(args.input, build)
+    set_threads(args.threads)
+    results = Session(build).run(inputs)
+    _atomic_save(out, results, [s.name for s in build.outputs])
+    print(f"wrote {out} ({', '.join(str(list(r.shape)) for r in results)})")
+    return 0
+
+
+def cmd_measure(args) -> int:
+    from .artifacts import Build
+    from .measure.local import measure
+
+    if args.device != "local":
+        raise UserError(f"device '{args.device}' is not available in this version; use --device local")
+    build = Build.load(args.build)
+    m = measure(build, runs=args.runs, warmup=args.warmup, threads=args.threads, layers=not args.no_layers)
+    s = m.summary()
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    print(f"{build.directory} on {m.device} ({m.target}, {m.threads} threads, {len(m.runs_ms)} runs after "
+          f"{args.warmup} warm-up)")
+    print(f"  median {s['median_ms']:.3f} ms   p10 {s['p10_ms']:.3f} ms   p90 {s['p90_ms']:.3f} ms")
+    if m.layers:
+        print(f"  {'kernel':<70} {'ms':>8} {'share':>6}")
+        for row in m.layers:
+            print(f"  {row['name'][:70]:<70} {row['ms']:>8.4f} {row['share'] * 100:>5.1f}%")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeprune", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"edgeprune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("targets", help="list the device targets")
+    s.add_argument("--json", action="store_true", help="print them as JSON")
+    s.set_defaults(fn=cmd_targets)
+
+    s = sub.add_parser("compile", help="compile a .onnx, .pt2 or .tflite model for a target")
+    s.add_argument("model", help=f"model file, or {BUILTIN_PREFIX}NAME for a built-in reference network")
+    s.add_argument("--target", "-t", default="host", help="device target (see 'edgeprune targets')")
+    s.add_argument("--output", "-o", required=True, help="build directory to write")
+    s.add_argument("--input-shape", type=_shape, help="fixed input shape for a model with dynamic dimensions")
+    s.add_argument("--format", choices=["so"], help="output format (default: the target's)")
+    s.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                   help="refine the kernels with N MetaSchedule trials; records are cached per target")
+    s.add_argument("--json", action="store_true", help="print the build report as JSON")
+    s.set_defaults(fn=cmd_compile)
+
+    s = sub.add_parser("run", help="run a build on inputs from .npy/.npz files")
+    s.add_argument("build", help="build directory")
+    s.add_argument("--input", "-i", action="append", required=True, help=".npy (one input) or .npz file")
+    s.add_argument("--output", "-o", required=True, help=".npy or .npz file to write")
+    s.add_argument("--device", default="local", help="where to run (default: local)")
+    s.add_argument("--threads", type=_positive, help="CPU threads (default: all)")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("measure", help="latency of a build: median, p10, p90 and a per-layer profile")
+    s.add_argument("build", help="build directory")
+    s.add_argument("--device", default="local", help="where to measure (default: local)")
+    s.add_argument("--runs", type=_positive, default=100)
+    s.add_argument("--warmup", type=_positive, default=10)
+    s.add_argument("--threads", type=_positive, help="CPU threads (default: all)")
+    s.add_argument("--no-layers", action="store_true", help="skip the per-layer profile")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=cmd_measure)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"edgeprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgeprune: interrupted; nothing was left half-written, re-run the command", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

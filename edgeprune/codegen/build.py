@@ -1,0 +1,127 @@
+"""compile: model file + target -> a build directory, written atomically.
+
+The directory holds ``model.so`` (the Relax VM executable with our kernels, for the target's CPU) and
+``build.json`` (inputs, outputs, kernels, provenance). It is assembled in a sibling temporary directory and
+moved into place in one rename, so an interrupted compile never leaves a half-written build behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..artifacts import BUILD_JSON, Build
+from ..errors import UserError
+from ..targets import Target, get_target
+from .importers import ImportedModel, TensorSpec, import_model
+
+LIBRARY = "model.so"
+FORMATS = ("so",)
+
+
+def output_specs(mod) -> list[TensorSpec]:
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    specs = []
+    for i, t in enumerate(fields):
+        if not hasattr(t, "shape") or t.shape is None:
+            raise UserError("the model returns something other than tensors; only tensor outputs are supported")
+        specs.append(TensorSpec(f"output{i}", tuple(int(d) for d in t.shape.values), str(t.dtype)))
+    return specs
+
+
+def kernel_names(mod) -> tuple[list[str], list[str]]:
+    """Fused TIR kernels in the module, and those no schedule rule fit (they run unscheduled)."""
+    from tvm import tirx
+
+    names, raw = [], []
+    for gv, f in mod.functions_items():
+        if isinstance(f, tirx.PrimFunc):
+            names.append(gv.name_hint)
+            if not f.attrs or "tirx.is_scheduled" not in f.attrs:
+                raw.append(gv.name_hint)
+    return sorted(names), sorted(raw)
+
+
+def _export(ex, target: Target, path: Path) -> None:
+    from tvm.support import cc
+
+    if target.is_host:
+        ex.export_library(str(path))
+        return
+    if shutil.which(target.cross_compiler) is None:
+        pkg = {"arm-linux-gnueabihf-gcc": "gcc-arm-linux-gnueabihf",
+               "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"}.get(target.cross_compiler, target.cross_compiler)
+        raise UserError(f"cross compiler {target.cross_compiler} for target {target.name} is not installed; "
+                        f"install it (Debian: apt-get install {pkg})")
+    ex.export_library(str(path), fcompile=cc.cross_compiler(target.cross_compiler, options=list(target.cflags)))
+
+
+def compile_model(
+    model: str | Path | ImportedModel,
+    target: str | Target,
+    out_dir: str | Path,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    fmt: str | None = None,
+    tune_trials: int = 0,
+) -> Build:
+    from .lower import compile_module, fused_module
+
+    t0 = time.perf_counter()
+    target = get_target(target) if isinstance(target, str) else target
+    fmt = fmt or target.default_format
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format '{fmt}'; this version writes: {', '.join(FORMATS)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / BUILD_JSON).exists())):
+        raise UserError(f"{out_dir} exists and is not an edgeprune build; choose another -o directory")
+    imported = model if isinstance(model, ImportedModel) else import_model(model, input_shape)
+    tvm_target = target.tvm_target()
+
+    database = None
+    if tune_trials > 0:
+        from .tuning import tune
+
+        database = tune(fused_module(imported.mod, tvm_target), target, tune_trials)
+    outputs = output_specs(imported.mod)
+    try:
+        ex, scheduled = compile_module(imported.mod, tvm_target, database)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a TVM failure here is a compiler bug or an unsupported construct
+        line = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"compiling {imported.source} for {target.name} failed ({line}); "
+                        "please report it with the model attached") from None
+    kernels, raw = kernel_names(scheduled)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _export(ex, target, stage / LIBRARY)
+        build = Build(directory=out_dir, target=target.name, format=fmt, library=LIBRARY, inputs=imported.inputs,
+                      outputs=outputs, source=str(imported.source), source_sha256=imported.sha256,
+                      kernels=kernels, unscheduled=raw, tuned=database is not None, tool_version=__version__,
+                      compile_seconds=round(time.perf_counter() - t0, 2))
+        build.save(stage)
+        _replace_dir(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return build
+
+
+def _replace_dir(stage: Path, out_dir: Path) -> None:
+    """Move a finished build into place; an existing build is swapped out, then removed."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(stage, out_dir)
+    os.chmod(out_dir, 0o755)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,255 @@
+"""Network importers: ONNX, torch.export ``.pt2`` and ``.tflite`` files become a Relax IRModule.
+
+TVM's own frontends do the translation; this module turns their failure modes into one-line UserErrors that name
+the file, the operator and the node, and it checks operators before translating so the error names the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".tflite": "tflite"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @staticmethod
+    def from_json(d: dict) -> TensorSpec:
+        return TensorSpec(d["name"], tuple(d["shape"]), d["dtype"])
+
+
+@dataclass
+class ImportedModel:
+    """A network as a Relax module plus what a caller must feed it."""
+
+    mod: object  # tvm.IRModule
+    inputs: list[TensorSpec]
+    source: str
+    format: str
+    sha256: str
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def import_model(path: str | Path, input_shape: tuple[int, ...] | None = None) -> ImportedModel:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model file {path} does not exist; check the path")
+    if not path.is_file():
+        raise UserError(f"{path} is not a file; pass a .onnx, .pt2 or .tflite model")
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: unknown model format '{path.suffix}'; use one of {', '.join(FORMATS)}")
+    mod, inputs = {"onnx": _onnx, "pt2": _pt2, "tflite": _tflite}[fmt](path, input_shape)
+    return ImportedModel(mod, inputs, str(path), fmt, sha256_of(path))
+
+
+def _check_shape(shape, name: str, override) -> tuple[int, ...]:
+    if override is not None:
+        return tuple(int(d) for d in override)
+    if any(not isinstance(d, int) or d <= 0 for d in shape):
+        raise UserError(f"input '{name}' has a dynamic shape {list(shape)}; give a fixed one with --input-shape "
+                        f"(for example --input-shape 1,3,224,224)")
+    return tuple(shape)
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+@contextlib.contextmanager
+def _onnx_clip_as_ops():
+    """Make the ONNX frontend emit Clip as maximum/minimum ops instead of opaque TE calls.
+
+    Its Clip converter emits call_tir kernels, which layout conversion cannot see through: every ReLU6 would be
+    wrapped in NHWC<->NCHW transposes. Plain Relax ops propagate the layout and fuse into the convolution.
+    """
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend as f
+
+    def v13(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        if inputs[1] is not None:
+            x = relax.op.maximum(x, inputs[1])
+        if inputs[2] is not None:
+            x = relax.op.minimum(x, inputs[2])
+        return x
+
+    def v1(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = x.ty.dtype
+        if "min" in attr:
+            x = relax.op.maximum(x, relax.const(float(attr["min"]), dtype))
+        if "max" in attr:
+            x = relax.op.minimum(x, relax.const(float(attr["max"]), dtype))
+        return x
+
+    saved = f.Clip._impl_v13, f.Clip._impl_v1
+    f.Clip._impl_v13, f.Clip._impl_v1 = classmethod(v13), classmethod(v1)
+    try:
+        yield
+    finally:
+        f.Clip._impl_v13, f.Clip._impl_v1 = saved
+
+
+def _onnx(path: Path, input_shape):
+    import onnx
+    from tvm.relax.frontend.onnx import from_onnx
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:  # noqa: BLE001 - protobuf raises many types for a damaged file
+        raise UserError(f"{path} is not a valid ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                        "re-export it") from None
+    known = set(_get_convert_map()) | {"Constant", "If"}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in known:
+            raise UserError(f"{path}: unsupported ONNX operator {node.op_type} at node '{node.name or f'#{i}'}'; "
+                            "replace it in the model or export with a different opset")
+    inits = {t.name for t in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    if not graph_inputs:
+        raise UserError(f"{path}: the model has no inputs")
+    if input_shape is not None and len(graph_inputs) > 1:
+        raise UserError(f"{path}: --input-shape is given but the model has {len(graph_inputs)} inputs")
+    specs, shape_dict = [], {}
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    for gi in graph_inputs:
+        tt = gi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in tt.shape.dim]
+        shape = _check_shape(dims, gi.name, input_shape)
+        dtype = str(tensor_dtype_to_np_dtype(tt.elem_type))
+        specs.append(TensorSpec(gi.name, shape, dtype))
+        shape_dict[gi.name] = list(shape)
+    try:
+        with _onnx_clip_as_ops():
+            mod = from_onnx(model, shape_dict=shape_dict, dtype_dict={s.name: s.dtype for s in specs},
+                            keep_params_in_input=False)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: the ONNX importer failed ({_first_line(e)}); check the model's shapes and ops") \
+            from None
+    return mod, specs
+
+
+# ---------------------------------------------------------------- torch.export
+
+
+def _pt2(path: Path, input_shape):
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    try:
+        # torch.export's archive format is JSON plus raw tensor storage: loading it runs no pickle.
+        ep = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path} is not a torch.export archive ({_first_line(e)}); save one with "
+                        "torch.export.save(torch.export.export(model, (x,)), 'model.pt2')") from None
+    if input_shape is not None:
+        raise UserError("--input-shape does not apply to .pt2 files: their shapes are fixed at export")
+    ep = ep.run_decompositions()
+    known = ExportedProgramImporter().create_convert_map()
+    for node in ep.graph.nodes:
+        if node.op == "call_function":
+            name = getattr(node.target, "__name__", str(node.target))
+            if name not in known:
+                raise UserError(f"{path}: unsupported operator {name} at node '{node.name}'; "
+                                "rewrite that part of the model with supported torch operations")
+    specs = []
+    user_inputs = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if val is None or not hasattr(val, "shape"):
+                raise UserError(f"{path}: input '{node.name}' is not a tensor; only tensor inputs are supported")
+            shape = _check_shape([int(d) if str(d).isdigit() else str(d) for d in val.shape], node.name, None)
+            specs.append(TensorSpec(node.name, shape, str(val.dtype).removeprefix("torch.")))
+    try:
+        mod = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True,
+                                    run_ep_decomposition=False)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: the torch.export importer failed ({_first_line(e)})") from None
+    return mod, specs
+
+
+# ---------------------------------------------------------------- TFLite
+
+
+def _tflite(path: Path, input_shape):
+    import numpy as np
+    import tflite
+    from tvm.relax.frontend.tflite import from_tflite
+    from tvm.relax.frontend.tflite.tflite_frontend import OperatorConverter
+
+    buf = path.read_bytes()
+    try:
+        if len(buf) < 8 or buf[4:8] != b"TFL3":
+            raise ValueError("missing the TFL3 file identifier")
+        model = tflite.Model.GetRootAsModel(buf, 0)
+        sub = model.Subgraphs(0)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path} is not a valid .tflite model ({_first_line(e)}); re-export it") from None
+    if model.SubgraphsLength() != 1:
+        raise UserError(f"{path}: models with {model.SubgraphsLength()} subgraphs are not supported; use one")
+
+    # Operator check with the node named, before the frontend's own check that names only op types.
+    names = {v: k for k, v in tflite.BuiltinOperator.__dict__.items() if not k.startswith("_")}
+    conv = OperatorConverter.__new__(OperatorConverter)
+    known = set(OperatorConverter.__init__.__code__.co_names)  # cheap fallback if convert_map is unavailable
+    try:
+        OperatorConverter.__init__(conv, model, sub, None)
+        known = set(conv.convert_map)
+    except Exception:  # noqa: BLE001
+        pass
+    for i in range(sub.OperatorsLength()):
+        op = sub.Operators(i)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        name = names.get(builtin, f"CUSTOM({code.CustomCode()})")
+        if name not in known:
+            out = sub.Tensors(op.Outputs(0)).Name().decode() if op.OutputsLength() else f"#{i}"
+            raise UserError(f"{path}: unsupported TFLite operator {name} at node '{out}'; "
+                            "replace it in the model")
+    tf_types = {v: k.lower() for k, v in tflite.TensorType.__dict__.items() if not k.startswith("_")}
+    specs, shape_dict, dtype_dict = [], {}, {}
+    for i in range(sub.InputsLength()):
+        t = sub.Tensors(sub.Inputs(i))
+        name = t.Name().decode()
+        shape = _check_shape([int(d) for d in t.ShapeAsNumpy()] if t.ShapeLength() else [], name,
+                             input_shape if sub.InputsLength() == 1 else None)
+        dtype = str(np.dtype(tf_types.get(t.Type(), "float32")))
+        specs.append(TensorSpec(name, shape, dtype))
+        shape_dict[name], dtype_dict[name] = list(shape), dtype
+    try:
+        mod = from_tflite(model, shape_dict=shape_dict, dtype_dict=dtype_dict)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: the TFLite importer failed ({_first_line(e)})") from None
+    return mod, specs
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = next((ln for ln in reversed(text) if ln.strip()), type(e).__name__) if text else type(e).__name__
+    return line.strip()[:200]

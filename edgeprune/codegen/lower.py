@@ -1,0 +1,84 @@
+"""Relax lowering: imported network -> channels-last, fused, scheduled module -> TVM executable.
+
+The passes are TVM's own; the order and the layout choice are ours:
+  1. fold BatchNorm into the convolution weights, decompose what is left of inference-only ops;
+  2. turn clip into maximum/minimum so layout conversion sees through ReLU6 and the hard activations;
+  3. convert conv2d to NHWC activations and HWIO weights (output channels innermost and contiguous),
+     fold the weight transposes into the constants;
+  4. legalize to TIR and fuse each convolution with its elementwise tail (bias, activation, residual add);
+  5. schedule every fused function with our kernel library (schedules.py), or MetaSchedule records if tuned.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu
+from tvm.relax.dpl import is_op, wildcard
+from tvm.relax.dpl.rewrite import rewrite_call
+from tvm.s_tir import dlight as dl
+
+from .schedules import default_rules
+
+
+@tvm.transform.module_pass(opt_level=0, name="ClipToMinMax")
+def clip_to_min_max(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """relax.clip has no layout rule in 0.27; maximum/minimum do, and fuse the same."""
+    x = wildcard()
+    pattern = is_op("relax.clip")(x, wildcard(), wildcard())
+
+    def rewrite(call, matches):
+        data = matches[x]
+        dtype = data.ty.dtype
+        lo, hi = (float(a.value.value if hasattr(a.value, "value") else a.value) for a in call.args[1:3])
+        return relax.op.minimum(relax.op.maximum(data, relax.const(lo, dtype)), relax.const(hi, dtype))
+
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pattern, rewrite, func)
+    return mod
+
+
+def canonicalize() -> tvm.transform.Pass:
+    """Graph-level passes that run before legalization."""
+    return tvm.transform.Sequential(
+        [
+            relax.transform.FoldBatchnormToConv2D(),
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.FoldConstant(),
+            clip_to_min_max,
+            relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+            relax.transform.FoldConstant(),
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.DeadCodeElimination(),
+        ]
+    )
+
+
+def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The module after fusion and before scheduling: the tuning tasks and the per-layer view."""
+    with target:
+        mod = canonicalize()(mod)
+        return tvm.transform.Sequential(cpu.legalize_passes(target))(mod)
+
+
+def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None) -> tvm.IRModule:
+    """Fused module with every kernel scheduled: tuning records first, then our kernel library."""
+    mod = fused_module(mod, target)
+    with target:
+        if database_dir is not None:
+            mod = relax.transform.MetaScheduleApplyDatabase(database_dir)(mod)
+        return dl.ApplyDefaultSchedule(*default_rules())(mod)
+
+
+def compile_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None):
+    """Relax module -> (tvm.runtime.Executable, the scheduled module it was built from)."""
+    scheduled = schedule_module(mod, target, database_dir)
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgepruneFinalize")
+    def finalize(m: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(m)
+
+    with tvm.transform.PassContext(opt_level=3):
+        return tvm.compile(scheduled, target=target, relax_pipeline=finalize), scheduled

@@ -1,0 +1,241 @@
+"""Our CPU kernel library: schedule rules for the fused TIR functions a channels-last network lowers to.
+
+TVM 0.27 applies no schedule on CPU, so a legalized convolution runs ~100x slower than a tiled one. After the
+network is converted to NHWC (weights HWIO) every heavy operator is the same loop nest,
+
+    out[n, h, w, c] = epilogue( reduce_{r...} f(in[...], weight[..., c]) )
+
+with the output channel innermost and contiguous in both the output and the weights: conv2d (any stride, padding,
+dilation, groups), depthwise and pointwise convolutions, dense layers (h and w absent), pooling and global means.
+One rule therefore covers them all: a register tile of ``tile_w`` output pixels by ``k`` SIMD vectors of output
+channels, accumulated over the whole reduction, then the fused epilogue (bias, folded BatchNorm, activation,
+residual add) applied to the tile while it is still in registers; the tile loops outside run in parallel.
+
+Rules follow dlight's ScheduleRule interface so they plug into ``dl.ApplyDefaultSchedule`` like TVM's own.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.target import Target
+
+_REDUCE = 2  # tirx.IterVar.CommReduce
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CpuSpec:
+    """What the register tile is sized from."""
+
+    lanes: int  # fp32 lanes in one SIMD register
+    acc_regs: int  # SIMD registers we let the accumulator tile use
+
+    @staticmethod
+    def of(target: Target) -> CpuSpec:
+        triple = str(target.attrs.get("mtriple", ""))
+        attrs = [str(a) for a in target.attrs.get("mattr", [])]
+        cpu = str(target.attrs.get("mcpu", ""))
+        if triple.startswith("aarch64"):
+            return CpuSpec(4, 24)  # 32 NEON registers
+        if triple.startswith("arm"):
+            return CpuSpec(4, 12)  # 16 q registers on armv7
+        wide = "+avx512f" in attrs or any(k in cpu for k in ("avx512", "skylake-avx512", "cascadelake", "icelake",
+                                                              "sapphirerapids", "znver4", "znver5", "cooperlake",
+                                                              "tigerlake", "rocketlake", "graniterapids"))
+        if wide:
+            return CpuSpec(16, 24)  # 32 zmm registers
+        if "+avx2" in attrs or cpu in ("haswell", "broadwell", "skylake", "znver1", "znver2", "znver3", "alderlake"):
+            return CpuSpec(8, 12)  # 16 ymm registers
+        return CpuSpec(4, 12)
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _is_reduction(sch: s_tir.Schedule, block) -> bool:
+    return any(int(iv.iter_type) == _REDUCE for iv in sch.get(block).iter_vars)
+
+
+def _pick_vector(c: int, lanes: int) -> int:
+    """Widest vector (<= lanes) that divides the channel count; 1 means scalar."""
+    v = lanes
+    while v >= 4:
+        if c % v == 0:
+            return v
+        v //= 2
+    return 1
+
+
+def _pick_tile(w: int, c: int, vec: int, budget: int) -> tuple[int, int]:
+    """(tile_w, k): a w-by-(k vectors) accumulator tile within the register budget.
+
+    Maximizes FMAs per load, tile_w*k / (tile_w + k): each step of the reduction loads k weight vectors and
+    broadcasts tile_w inputs. Only exact divisors, so no loop needs a predicate.
+    """
+    best, best_score = (1, 1), -1.0
+    for k in (1, 2, 3, 4):
+        if c % (vec * k):
+            continue
+        for tw in range(1, min(w, budget // k) + 1):
+            if w % tw:
+                continue
+            score = tw * k / (tw + k) + 1e-3 * tw * k
+            if score > best_score:
+                best, best_score = (tw, k), score
+    return best
+
+
+def _schedule_injective(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True) -> None:
+    """Parallel over the outer loops, SIMD over the innermost one when it divides evenly."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [_extent(sch, lp) for lp in loops]
+    if any(e is None for e in extents):
+        return
+    inner = loops[-1]
+    vec = _pick_vector(extents[-1], lanes)
+    if vec > 1:
+        _, inner = sch.split(inner, [None, vec])
+        sch.vectorize(inner)
+    outer = sch.get_loops(block)[: len(loops) - 1] if len(loops) > 1 else []
+    if parallel and outer:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+
+
+class ChannelsLastReduction(dl.base.ScheduleRule):
+    """conv2d / depthwise / pointwise / dense / pooling / mean in NHWC, with a fused elementwise epilogue."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return self._schedule(s_tir.Schedule(func), CpuSpec.of(target))
+        except (s_tir.ScheduleError, ValueError) as e:
+            log.debug("ChannelsLastReduction does not fit: %s", str(e).splitlines()[0])
+            return None
+
+    def _schedule(self, sch: s_tir.Schedule, spec: CpuSpec):
+        blocks = sch.get_child_blocks(dl.analysis.get_root_block(sch))
+        reds = [b for b in blocks if _is_reduction(sch, b)]
+        if len(reds) != 1:
+            return None
+        red = reds[0]
+        pos = [sch.get(b).name_hint for b in blocks].index(sch.get(red).name_hint)
+        before, after = blocks[:pos], blocks[pos + 1 :]
+
+        # Epilogue: inline every elementwise stage into the last one, which then writes the output.
+        for b in after[:-1]:
+            try:
+                sch.compute_inline(b)
+            except Exception:  # noqa: BLE001 - a stage that cannot inline means this rule does not fit
+                return None
+        epilogue = after[-1] if after else sch.cache_write(red, 0, "global")
+        if _is_reduction(sch, epilogue):
+            return None
+
+        loops = sch.get_loops(red)
+        kinds = [int(iv.iter_type) for iv in sch.get(red).iter_vars]
+        if len(loops) != len(kinds) or any(_extent(sch, lp) is None for lp in loops):
+            return None
+        spatial = [lp for lp, k in zip(loops, kinds) if k != _REDUCE]
+        reduce = [lp for lp, k in zip(loops, kinds) if k == _REDUCE]
+        if not spatial or kinds[: len(spatial)] != [0] * len(spatial):
+            return None  # reduction loops interleaved with spatial ones: not the nest we know
+
+        c_loop = spatial[-1]
+        w_loop = spatial[-2] if len(spatial) >= 2 else None
+        outer = spatial[:-2] if len(spatial) >= 2 else []
+        c = _extent(sch, c_loop)
+        w = _extent(sch, w_loop) if w_loop is not None else 1
+        vec = _pick_vector(c, spec.lanes)
+        tw, k = _pick_tile(w, c, vec, spec.acc_regs)
+
+        co, ck, cv = sch.split(c_loop, [None, k, vec])
+        if w_loop is not None:
+            wo, wi = sch.split(w_loop, [None, tw])
+            sch.reorder(*outer, co, wo, *reduce, wi, ck, cv)
+            par = [*outer, co]
+            tile_root = wo
+        else:
+            sch.reorder(*outer, co, *reduce, ck, cv)
+            par = [*outer, co]
+            tile_root = co
+            wi = None
+        # Epilogue: computed per tile, right after the tile's reduction, while it is still hot.
+        sch.reverse_compute_at(epilogue, tile_root, preserve_unit_loops=True)
+        fused = sch.fuse(*par) if len(par) > 1 else par[0]
+        if (_extent(sch, fused) or 1) > 1:
+            sch.parallel(fused)
+
+        # Loop kinds first: once the init is split off, the update block no longer counts as a reduction.
+        if vec > 1:
+            sch.vectorize(cv)
+        sch.unroll(ck)
+        if wi is not None:
+            sch.unroll(wi)
+        if reduce:
+            init = sch.decompose_reduction(red, reduce[0])
+            if vec > 1:
+                sch.vectorize(sch.get_loops(init)[-1])
+
+        # The epilogue's own loops under the tile: vectorize its innermost when it divides.
+        last = sch.get_loops(epilogue)[-1]
+        ext = _extent(sch, last)
+        if ext and vec > 1 and ext % vec == 0:
+            if ext > vec:
+                _, last = sch.split(last, [None, vec])
+            sch.vectorize(last)
+
+        # Producers (zero padding, layout copies): inline when they only copy, otherwise one parallel pass.
+        for b in reversed(before):
+            if _is_reduction(sch, b):
+                return None
+            blk = sch.get(b)
+            same = len(blk.reads) == 1 and list(blk.reads[0].source.shape) == list(blk.writes[0].source.shape)
+            if same:
+                try:
+                    sch.compute_inline(b)
+                    continue
+                except Exception:  # noqa: BLE001
+                    pass
+            _schedule_injective(sch, b, spec.lanes)
+        return sch
+
+
+class Injective(dl.base.ScheduleRule):
+    """Elementwise, broadcast, transpose, concat, padding: one parallel, vectorized pass per output."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        spec = CpuSpec.of(target)
+        sch = s_tir.Schedule(func)
+        try:
+            blocks = sch.get_child_blocks(dl.analysis.get_root_block(sch))
+        except ValueError:
+            return None
+        if any(_is_reduction(sch, b) for b in blocks):
+            return None
+        for b in blocks[:-1]:
+            try:
+                sch.compute_inline(b)
+            except Exception:  # noqa: BLE001 - stays a separate pass
+                pass
+        for b in sch.get_child_blocks(dl.analysis.get_root_block(sch)):
+            size = 1
+            for lp in sch.get_loops(b):
+                size *= _extent(sch, lp) or 1
+            _schedule_injective(sch, b, spec.lanes, parallel=size >= 4096)
+        return sch
+
+
+def default_rules() -> list[dl.base.ScheduleRule]:
+    return [ChannelsLastReduction(), Injective()]

@@ -1,0 +1,126 @@
+"""The `local` device: run and time a build on this machine, in this process."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import Build, Measurement
+from ..errors import UserError
+from ..targets import get_target
+
+
+def set_threads(threads: int | None) -> int:
+    """TVM's pool reads TVM_NUM_THREADS once, when it starts: call this before the first run."""
+    n = threads or len(os.sched_getaffinity(0))
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    return n
+
+
+class Session:
+    """A build loaded into a Relax VM on the CPU."""
+
+    def __init__(self, build: Build):
+        if not get_target(build.target).is_host:
+            raise UserError(f"{build.directory} is built for {build.target}, not this machine; run it on that device "
+                            "or compile with --target host")
+        import tvm
+        from tvm import relax
+
+        lib = Path(build.directory) / build.library
+        if not lib.is_file():
+            raise UserError(f"{lib} is missing; recompile the model")
+        try:
+            self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{lib} could not be loaded ({str(e).splitlines()[0][:160]}); recompile the model") \
+                from None
+        self.build = build
+        self.dev = tvm.cpu()
+
+    def prepare(self, inputs: list[np.ndarray]) -> list:
+        import tvm
+
+        specs = self.build.inputs
+        if len(inputs) != len(specs):
+            raise UserError(f"the model takes {len(specs)} input(s) ({', '.join(s.name for s in specs)}), "
+                            f"got {len(inputs)}")
+        out = []
+        for arr, spec in zip(inputs, specs):
+            if tuple(arr.shape) != tuple(spec.shape):
+                raise UserError(f"input '{spec.name}' must have shape {list(spec.shape)}, got {list(arr.shape)}")
+            if str(arr.dtype) != spec.dtype:
+                raise UserError(f"input '{spec.name}' must be {spec.dtype}, got {arr.dtype}; "
+                                f"convert it with arr.astype('{spec.dtype}')")
+            out.append(tvm.runtime.tensor(np.ascontiguousarray(arr), self.dev))
+        return out
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        res = self.vm["main"](*self.prepare(inputs))
+        items = list(res) if not hasattr(res, "numpy") else [res]
+        return [r.numpy() for r in items]
+
+    def time_runs(self, inputs: list[np.ndarray], runs: int, warmup: int) -> list[float]:
+        args = self.prepare(inputs)
+        self.vm.set_input("main", *args)
+        fn = self.vm.module["invoke_stateful"]
+        for _ in range(warmup):
+            fn("main")
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter_ns()
+            fn("main")
+            times.append((time.perf_counter_ns() - t) / 1e6)
+        return times
+
+    def profile_layers(self, inputs: list[np.ndarray], runs: int = 10) -> list[dict]:
+        """Time of each kernel call, summed by kernel, from the VM's instrumentation hook.
+
+        The hook costs a few microseconds per call, so the per-layer sum runs a little above the whole-run time.
+        """
+        import tvm
+
+        args = self.prepare(inputs)
+        totals: dict[str, float] = {}
+        calls: dict[str, int] = {}
+        start: dict[str, int] = {}
+
+        def hook(func, name, before, ret, *_args):
+            if before:
+                start[name] = time.perf_counter_ns()
+            else:
+                totals[name] = totals.get(name, 0.0) + (time.perf_counter_ns() - start.pop(name)) / 1e6
+                calls[name] = calls.get(name, 0) + 1
+            return 0
+
+        self.vm.set_instrument(tvm.runtime.convert(hook) if hasattr(tvm.runtime, "convert") else hook)
+        try:
+            for _ in range(runs):
+                self.vm["main"](*args)
+        finally:
+            self.vm.set_instrument(None)
+        kernels = set(self.build.kernels)
+        rows = [(n, t / runs) for n, t in totals.items() if n in kernels]
+        whole = sum(t for _, t in rows) or 1.0
+        rows.sort(key=lambda r: -r[1])
+        return [{"name": n, "ms": round(t, 4), "share": round(t / whole, 4), "calls": calls[n] // runs}
+                for n, t in rows]
+
+
+def random_inputs(build: Build, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s.shape).astype(s.dtype) if s.dtype.startswith("float")
+            else rng.integers(0, 8, s.shape).astype(s.dtype) for s in build.inputs]
+
+
+def measure(build: Build, runs: int = 100, warmup: int = 10, threads: int | None = None,
+            layers: bool = True) -> Measurement:
+    n = set_threads(threads)
+    sess = Session(build)
+    inputs = random_inputs(build)
+    times = sess.time_runs(inputs, runs, warmup)
+    prof = sess.profile_layers(inputs, runs=max(3, min(runs, 20))) if layers else []
+    return Measurement(device="local", target=build.target, runs_ms=times, threads=n, layers=prof)

@@ -1,0 +1,117 @@
+"""Reference networks written out in PyTorch (torchvision has no CPU build here): MobileNetV2 and ResNet-18.
+
+They follow the published architectures layer for layer, so MAC counts match the papers (MobileNetV2 1.0 at
+224 px: 300M; ResNet-18: 1.8G). Weights are random but fixed by seed, with non-trivial BatchNorm statistics so
+that folding BatchNorm is exercised.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def conv_bn(cin: int, cout: int, k: int, stride: int, groups: int = 1, act: type[nn.Module] | None = nn.ReLU6):
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        layers = [] if expand == 1 else [conv_bn(cin, hidden, 1, 1)]
+        layers += [conv_bn(hidden, hidden, 3, stride, groups=hidden), conv_bn(hidden, cout, 1, 1, act=None)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    # (expand ratio, channels, repeats, first stride), Sandler et al. 2018, table 2
+    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1)]
+
+    def __init__(self, width: float = 1.0, num_classes: int = 1000):
+        super().__init__()
+        cin = _make_divisible(32 * width)
+        last = _make_divisible(1280 * max(1.0, width))
+        layers: list[nn.Module] = [conv_bn(3, cin, 3, 2)]
+        for t, c, n, s in self.SETTINGS:
+            cout = _make_divisible(c * width)
+            for i in range(n):
+                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                cin = cout
+        layers.append(conv_bn(cin, last, 1, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(last, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(cin, cout, 3, stride, act=nn.ReLU), conv_bn(cout, cout, 3, 1, act=None))
+        self.short = (nn.Identity() if stride == 1 and cin == cout
+                      else conv_bn(cin, cout, 1, stride, act=None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.short(x))
+
+
+class ResNet18(nn.Module):
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        blocks, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics, so a wrong fold shows up in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+            m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()
+
+
+BENCH_NETWORKS = {
+    # name: (constructor, input resolution)
+    "mobilenetv2-1.0-224": (lambda: MobileNetV2(1.0), 224),
+    "mobilenetv2-0.5-128": (lambda: MobileNetV2(0.5), 128),
+    "resnet18-224": (ResNet18, 224),
+}
+
+
+def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A named reference network with seeded weights and an input of its resolution."""
+    ctor, res = BENCH_NETWORKS[name]
+    torch.manual_seed(seed)
+    model = randomize_bn(ctor(), seed)
+    return model, torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(seed))
