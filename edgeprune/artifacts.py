@@ -25,7 +25,7 @@ class Build:
     outputs: list[TensorSpec]
     source: str
     source_sha256: str
-    kernels: list[str] = field(default_factory=list)  # fused kernel names in call order
+    kernels: dict[str, int] = field(default_factory=dict)  # fused kernel name -> FLOPs per call
     unscheduled: list[str] = field(default_factory=list)  # kernels no rule fit (slow; reported)
     tuned: bool = False
     tool_version: str = ""
@@ -59,7 +59,7 @@ class Build:
                 directory=directory, target=d["target"], format=d["format"], library=d["library"],
                 inputs=[TensorSpec.from_json(t) for t in d["inputs"]],
                 outputs=[TensorSpec.from_json(t) for t in d["outputs"]],
-                source=d["source"], source_sha256=d["source_sha256"], kernels=d.get("kernels", []),
+                source=d["source"], source_sha256=d["source_sha256"], kernels=d.get("kernels", {}),
                 unscheduled=d.get("unscheduled", []), tuned=d.get("tuned", False),
                 tool_version=d.get("tool_version", ""), compile_seconds=d.get("compile_seconds", 0.0))
         except (ValueError, KeyError, TypeError) as e:
@@ -76,7 +76,7 @@ class Measurement:
     runs_ms: list[float]
     threads: int
     real_time: bool = True  # False under emulation: the numbers are not the device's latency
-    layers: list[dict] = field(default_factory=list)  # {"name", "ms", "share"} per kernel, slowest first
+    layers: list[dict] = field(default_factory=list)  # {"name", "ms", "share", "gflops"} per kernel, slowest first
 
     def percentile(self, q: float) -> float:
         import numpy as np

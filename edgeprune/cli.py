@@ -174,9 +174,9 @@ def cmd_measure(args) -> int:
           f"{args.warmup} warm-up)")
     print(f"  median {s['median_ms']:.3f} ms   p10 {s['p10_ms']:.3f} ms   p90 {s['p90_ms']:.3f} ms")
     if m.layers:
-        print(f"  {'kernel':<70} {'ms':>8} {'share':>6}")
+        print(f"  {'kernel':<64} {'ms':>8} {'share':>6} {'GFLOP/s':>8}")
         for row in m.layers:
-            print(f"  {row['name'][:70]:<70} {row['ms']:>8.4f} {row['share'] * 100:>5.1f}%")
+            print(f"  {row['name'][:64]:<64} {row['ms']:>8.4f} {row['share'] * 100:>5.1f}% {row['gflops']:>8.1f}")
     return 0
 
 

@@ -34,17 +34,40 @@ def output_specs(mod) -> list[TensorSpec]:
     return specs
 
 
-def kernel_names(mod) -> tuple[list[str], list[str]]:
-    """Fused TIR kernels in the module, and those no schedule rule fit (they run unscheduled)."""
+def kernel_table(mod) -> tuple[dict[str, int], list[str]]:
+    """Fused TIR kernels with their FLOPs, and the kernels no schedule rule fit (they run unscheduled)."""
     from tvm import tirx
 
-    names, raw = [], []
+    flops, raw = {}, []
     for gv, f in mod.functions_items():
         if isinstance(f, tirx.PrimFunc):
-            names.append(gv.name_hint)
-            if not f.attrs or "tirx.is_scheduled" not in f.attrs:
+            attrs = f.attrs or {}
+            flops[gv.name_hint] = int(attrs["edgeprune.flops"]) if "edgeprune.flops" in attrs else 0
+            if "tirx.is_scheduled" not in attrs:
                 raw.append(gv.name_hint)
-    return sorted(names), sorted(raw)
+    return dict(sorted(flops.items())), sorted(raw)
+
+
+def _faster(a, b, inputs: list[TensorSpec], runs: int = 30) -> bool:
+    """Whether executable a runs faster than b on this machine (interleaved medians, same inputs)."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal(s.shape).astype(s.dtype)) for s in inputs]
+    vms = [relax.VirtualMachine(ex, tvm.cpu()) for ex in (a, b)]
+    times: list[list[float]] = [[], []]
+    for vm in vms:
+        vm.set_input("main", *args)
+        for _ in range(3):
+            vm.invoke_stateful("main")
+    for _ in range(runs):
+        for vm, ts in zip(vms, times):
+            t = time.perf_counter()
+            vm.invoke_stateful("main")
+            ts.append(time.perf_counter() - t)
+    return float(np.median(times[0])) < float(np.median(times[1]))
 
 
 def _export(ex, target: Target, path: Path) -> None:
@@ -90,14 +113,20 @@ def compile_model(
         database = tune(fused_module(imported.mod, tvm_target), target, tune_trials)
     outputs = output_specs(imported.mod)
     try:
-        ex, scheduled = compile_module(imported.mod, tvm_target, database)
+        ex, scheduled = compile_module(imported.mod, tvm_target)
+        if database is not None:
+            tuned_ex, tuned_sched = compile_module(imported.mod, tvm_target, database)
+            if _faster(tuned_ex, ex, imported.inputs):
+                ex, scheduled = tuned_ex, tuned_sched
+            else:
+                database = None  # our schedules measured faster than the records so far
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a TVM failure here is a compiler bug or an unsupported construct
         line = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"compiling {imported.source} for {target.name} failed ({line}); "
                         "please report it with the model attached") from None
-    kernels, raw = kernel_names(scheduled)
+    kernels, raw = kernel_table(scheduled)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -62,9 +62,35 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         return tvm.transform.Sequential(cpu.legalize_passes(target))(mod)
 
 
+def kernel_flops(func: tvm.tirx.PrimFunc) -> int:
+    """2 x the iteration count of the kernel's reduction (multiply-accumulate) blocks; 0 for data movement."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    total = 0
+    for b in sch.get_child_blocks(dl.analysis.get_root_block(sch)):
+        ivs = sch.get(b).iter_vars
+        if any(int(iv.iter_type) == 2 for iv in ivs):
+            n = 1
+            for iv in ivs:
+                n *= int(iv.dom.extent)
+            total += 2 * n
+    return total
+
+
+def annotate_flops(mod: tvm.IRModule) -> tvm.IRModule:
+    for gv, f in list(mod.functions_items()):
+        if isinstance(f, tvm.tirx.PrimFunc):
+            try:
+                mod[gv] = f.with_attr("edgeprune.flops", kernel_flops(f))
+            except (ValueError, TypeError):
+                pass
+    return mod
+
+
 def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None) -> tvm.IRModule:
     """Fused module with every kernel scheduled: tuning records first, then our kernel library."""
-    mod = fused_module(mod, target)
+    mod = annotate_flops(fused_module(mod, target))
     with target:
         if database_dir is not None:
             mod = relax.transform.MetaScheduleApplyDatabase(database_dir)(mod)

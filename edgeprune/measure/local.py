@@ -102,11 +102,12 @@ class Session:
                 self.vm["main"](*args)
         finally:
             self.vm.set_instrument(None)
-        kernels = set(self.build.kernels)
-        rows = [(n, t / runs) for n, t in totals.items() if n in kernels]
+        flops = self.build.kernels
+        rows = [(n, t / runs) for n, t in totals.items() if n in flops]
         whole = sum(t for _, t in rows) or 1.0
         rows.sort(key=lambda r: -r[1])
-        return [{"name": n, "ms": round(t, 4), "share": round(t / whole, 4), "calls": calls[n] // runs}
+        return [{"name": n, "ms": round(t, 4), "share": round(t / whole, 4), "calls": calls[n] // runs,
+                 "gflops": round(flops[n] * calls[n] / runs / (t * 1e6), 2) if t > 0 else 0.0}
                 for n, t in rows]
 
 
