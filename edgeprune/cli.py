@@ -138,6 +138,14 @@ def _atomic_save(path: Path, arrays: list, names: list[str]) -> None:
         raise
 
 
+def _check_runs_here(build) -> None:
+    from .targets import get_target
+
+    if not get_target(build.target).is_host:
+        raise UserError(f"{build.directory} is built for {build.target}, not this machine; run it on that device, "
+                        "or compile with --target host")
+
+
 def cmd_run(args) -> int:
     from .artifacts import Build
     from .measure.local import Session, set_threads
@@ -145,6 +153,7 @@ def cmd_run(args) -> int:
     if args.device != "local":
         raise UserError(f"device '{args.device}' is not available in this version; use --device local")
     build = Build.load(args.build)
+    _check_runs_here(build)
     out = Path(args.output)
     if out.suffix not in (".npy", ".npz"):
         raise UserError(f"output {out} must end in .npy (one output) or .npz (all outputs by name)")
@@ -165,6 +174,7 @@ def cmd_measure(args) -> int:
     if args.device != "local":
         raise UserError(f"device '{args.device}' is not available in this version; use --device local")
     build = Build.load(args.build)
+    _check_runs_here(build)
     m = measure(build, runs=args.runs, warmup=args.warmup, threads=args.threads, layers=not args.no_layers)
     s = m.summary()
     if args.json:
@@ -222,6 +232,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Library deprecation chatter (torch.export, the ONNX exporter) is not for our users' terminals.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return args.fn(args)
     except UserError as e:

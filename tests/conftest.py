@@ -1,0 +1,25 @@
+"""Shared fixtures: the in-process CLI runner. Shared assertions live in helpers.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py, tflite_builder.py
+
+
+@pytest.fixture
+def cli(capfd):
+    """Run ``edgeprune ARGS`` in this process; returns (exit code, stdout, stderr), read at the file descriptors so
+    that anything TVM prints from C++ is seen too."""
+    from edgeprune.cli import main
+
+    def run(*argv: str | Path) -> tuple[int, str, str]:
+        capfd.readouterr()
+        rc = main([str(a) for a in argv])
+        out, err = capfd.readouterr()
+        return rc, out, err
+
+    return run
