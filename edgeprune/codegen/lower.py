@@ -92,9 +92,17 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
     """Fused module with every kernel scheduled: tuning records first, then our kernel library."""
     mod = annotate_flops(fused_module(mod, target))
     with target:
+        # Weights are constants, so kernels may store them in whatever layout they read fastest: the schedules
+        # mark the repacking copy, which is split out and folded into the constants here.
+        mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
         if database_dir is not None:
             mod = relax.transform.MetaScheduleApplyDatabase(database_dir)(mod)
-        return dl.ApplyDefaultSchedule(*default_rules())(mod)
+        mod = dl.ApplyDefaultSchedule(*default_rules())(mod)
+        return tvm.transform.Sequential([
+            relax.transform.SplitLayoutRewritePreproc(),
+            relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination(),
+        ])(mod)
 
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None):
