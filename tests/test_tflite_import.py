@@ -25,7 +25,7 @@ OPERATOR_CHECK_BUG = pytest.mark.xfail(
     raises=UserError, strict=True,
     reason="package bug: importers._tflite's operator check calls OperatorConverter.__init__ without ctx")
 
-SHAPE = (1, 11, 11, 3)  # NHWC, odd so SAME padding at stride 2 is uneven
+SHAPE = (1, 12, 12, 3)  # NHWC; even, so SAME padding at stride 2 is uneven (none before, one after)
 
 
 def _graph(seed: int = 0) -> TFLiteGraph:
@@ -54,10 +54,9 @@ def _interpret(path, x: np.ndarray) -> np.ndarray:
 
 def _torch_reference(g: TFLiteGraph, x: np.ndarray) -> np.ndarray:
     """The same graph in PyTorch, to check that the builder writes what it means (layouts, padding, options)."""
-    t = {i: torch.from_numpy(tt.data) for i, tt in enumerate(g.tensors) if tt.data is not None}
-    conv_w, conv_b, dw_w, dw_b, offset = (t[g.tensors.index(tt)] for tt in g.tensors if tt.data is not None)
+    conv_w, conv_b, dw_w, dw_b, offset = (torch.from_numpy(t.data) for t in g.tensors if t.data is not None)
     xi = torch.from_numpy(x).permute(0, 3, 1, 2)
-    # TFLite SAME at stride 2 on 11 px: output 6, total padding 1, put at the end (bottom/right)
+    # TFLite SAME at stride 2 on 12 px: output 6, total padding 1, all of it at the end (bottom/right)
     y = torch.nn.functional.conv2d(torch.nn.functional.pad(xi, (0, 1, 0, 1)), conv_w.permute(0, 3, 1, 2), conv_b,
                                    stride=2).clamp(0, 6)
     z = torch.nn.functional.conv2d(y, dw_w.permute(3, 0, 1, 2), dw_b, padding=1, groups=8)

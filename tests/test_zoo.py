@@ -9,10 +9,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import assert_close
 from torch import nn
 
 from edgeprune.models import zoo
-from helpers import assert_close
 
 CASES = zoo.cases()
 

@@ -94,6 +94,7 @@ def test_reloaded_build_gives_the_same_outputs(builds, name, res):
 PT2_CASES = [("shufflenet", 32), ("pooling", 35), ("grouped", 40)]
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # torch.export.load, inside torch
 @pytest.mark.parametrize("name,res", PT2_CASES, ids=[f"{n}-{r}" for n, r in PT2_CASES])
 def test_pt2_matches_torch(tmp_path, name, res):
     model, x = zoo.make(name, res)

@@ -136,7 +136,7 @@ class TFLiteGraph:
         # Buffer 0 is the empty sentinel; every constant gets its own buffer.
         buffers, buffer_of = [], {}
         datas = [None] + [t.data for t in self.tensors if t.data is not None]
-        for i, data in enumerate(datas):
+        for data in datas:
             vec = None
             if data is not None:
                 b.Prep(16, data.nbytes)  # 16-byte aligned constants, as the TFLite converter writes them

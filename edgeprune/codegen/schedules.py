@@ -25,6 +25,7 @@ from tvm.target import Target
 
 _REDUCE = 2  # tirx.IterVar.CommReduce
 log = logging.getLogger(__name__)
+_MAX_STACK_FLOATS = 1024 // 4  # runtime::kMaxStackAlloca
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,10 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
         c = _extent(sch, c_loop)
         w = _extent(sch, w_loop) if w_loop is not None else 1
         vec = _pick_vector(c, spec.lanes)
-        tw, k = _pick_tile(w, c, vec, spec.acc_regs)
+        # TVM places a buffer on the stack (where LLVM keeps it in registers) only up to 1 KiB; a larger tile
+        # becomes a heap workspace and every FMA is followed by a store.
+        budget = min(spec.acc_regs, _MAX_STACK_FLOATS // vec)
+        tw, k = _pick_tile(w, c, vec, budget)
 
         _pack_weights(sch, red, c, vec * k)
         co, ck, cv = sch.split(c_loop, [None, k, vec])
