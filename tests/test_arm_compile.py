@@ -30,10 +30,7 @@ TARGETS = {  # target: (cross compiler, ELF class (1: 32-bit, 2: 64-bit), e_mach
     "cortex-a53": ("aarch64-linux-gnu-gcc", 2, EM_AARCH64),
 }
 
-CHUNK_BUG = pytest.mark.xfail(raises=UserError, strict=True,
-                              reason="package bug: ONNX shape arithmetic from torch.chunk is not constant-folded")
-CASES = [pytest.param(name, sizes[0], target, id=f"{name}-{sizes[0]}-{target}",
-                      marks=[CHUNK_BUG] if name == "shufflenet" else [])
+CASES = [pytest.param(name, sizes[0], target, id=f"{name}-{sizes[0]}-{target}")
          for target in TARGETS for name, (_, sizes) in zoo.ZOO.items()]
 
 

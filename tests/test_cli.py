@@ -166,9 +166,6 @@ def test_dynamic_input_with_input_shape_compiles_and_runs(cli, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="package bug: a failing TVM ONNX converter prints 'Error converting "
-                   "operator' to stdout and a BlockBuilder warning to stderr; a conflicting --input-shape is not "
-                   "refused up front")
 def test_input_shape_conflicting_with_a_static_model(model_onnx, tmp_path):
     """The user sees exactly one line, on stderr (run as a subprocess: TVM prints from C++ and at exit)."""
     p = subprocess.run([str(EDGEPRUNE), "compile", str(model_onnx), "--input-shape", "1,3,48,48", "-o",

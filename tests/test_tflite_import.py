@@ -18,13 +18,6 @@ from edgeprune.codegen.importers import import_model
 from edgeprune.errors import UserError
 from edgeprune.measure.local import Session
 
-# importers._tflite calls OperatorConverter.__init__(conv, model, sub, None), but TVM 0.27's signature is
-# (model, subgraph, exp_tab, ctx, conversion_state=None): the TypeError is swallowed, the fallback "known" set is the
-# names used in __init__'s code, and every builtin operator is reported unsupported. Passing ctx (None) fixes it.
-OPERATOR_CHECK_BUG = pytest.mark.xfail(
-    raises=UserError, strict=True,
-    reason="package bug: importers._tflite's operator check calls OperatorConverter.__init__ without ctx")
-
 SHAPE = (1, 12, 12, 3)  # NHWC; even, so SAME padding at stride 2 is uneven (none before, one after)
 
 
@@ -81,7 +74,6 @@ def test_builder_writes_a_model_the_interpreter_runs(tmp_path):
     assert_close(ref, _torch_reference(g, x))
 
 
-@OPERATOR_CHECK_BUG
 @pytest.mark.slow
 def test_tflite_compiles_and_matches_the_interpreter(tmp_path):
     path = _graph().save(tmp_path / "m.tflite")

@@ -17,21 +17,15 @@ from helpers import assert_close
 
 from edgeprune.artifacts import Build
 from edgeprune.codegen.build import compile_model
-from edgeprune.errors import UserError
 from edgeprune.measure.local import Session
 from edgeprune.models import zoo
 
 pytestmark = pytest.mark.slow
 
-# torch.chunk in the TorchScript ONNX exporter (opset 17) becomes Shape/Gather/Div/Slice arithmetic on the input's
-# shape; edgeprune hands it to TVM unfolded, so the slices become dynamic_strided_slice with unknown shapes and the
-# compile fails ("emit_te now only supports Tensor that has ShapeExpr shape"). The .pt2 path compiles the same network.
-CHUNK_BUG = pytest.mark.xfail(raises=UserError, strict=True,
-                              reason="package bug: ONNX shape arithmetic from torch.chunk is not constant-folded")
 
 
 def _params(cases):
-    return [pytest.param(n, r, id=f"{n}-{r}", marks=[CHUNK_BUG] if n == "shufflenet" else []) for n, r in cases]
+    return [pytest.param(n, r, id=f"{n}-{r}") for n, r in cases]
 
 
 def _input(res: int, seed: int = 0) -> np.ndarray:
@@ -89,7 +83,7 @@ def test_reloaded_build_gives_the_same_outputs(builds, name, res):
         np.testing.assert_array_equal(again, first)
 
 
-# shufflenet: torch.chunk, channel shuffle, cat (its ONNX path fails, see CHUNK_BUG); pooling: average pooling with
+# shufflenet: torch.chunk, channel shuffle, cat; pooling: average pooling with
 # count_include_pad both ways, at an odd size; grouped: grouped, depthwise and dilated convolutions.
 PT2_CASES = [("shufflenet", 32), ("pooling", 35), ("grouped", 40)]
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,11 +67,40 @@ def import_model(path: str | Path, input_shape: tuple[int, ...] | None = None) -
 
 def _check_shape(shape, name: str, override) -> tuple[int, ...]:
     if override is not None:
-        return tuple(int(d) for d in override)
+        override = tuple(int(d) for d in override)
+        fixed_conflict = len(shape) != len(override) or any(
+            isinstance(d, int) and d > 0 and d != o for d, o in zip(shape, override))
+        if fixed_conflict:
+            raise UserError(f"--input-shape {','.join(map(str, override))} conflicts with input '{name}' of shape "
+                            f"{list(shape)}; only its dynamic dimensions can be set")
+        return override
     if any(not isinstance(d, int) or d <= 0 for d in shape):
         raise UserError(f"input '{name}' has a dynamic shape {list(shape)}; give a fixed one with --input-shape "
                         f"(for example --input-shape 1,3,224,224)")
     return tuple(shape)
+
+
+@contextlib.contextmanager
+def _quiet_frontend():
+    """TVM's frontends print conversion failures to stdout and C++ warnings to stderr; we report errors ourselves."""
+    import gc
+
+    saved = [os.dup(1), os.dup(2)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+        finally:
+            gc.collect()  # a failed conversion's BlockBuilder warns when collected: let it happen here
+            sys.stdout.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 # ---------------------------------------------------------------- ONNX
@@ -141,8 +173,9 @@ def _onnx(path: Path, input_shape):
         dtype = str(tensor_dtype_to_np_dtype(tt.elem_type))
         specs.append(TensorSpec(gi.name, shape, dtype))
         shape_dict[gi.name] = list(shape)
+    model = _fold_shape_arithmetic(model, shape_dict)
     try:
-        with _onnx_clip_as_ops():
+        with _onnx_clip_as_ops(), _quiet_frontend():
             mod = from_onnx(model, shape_dict=shape_dict, dtype_dict={s.name: s.dtype for s in specs},
                             keep_params_in_input=False)
     except UserError:
@@ -151,6 +184,38 @@ def _onnx(path: Path, input_shape):
         raise UserError(f"{path}: the ONNX importer failed ({_first_line(e)}); check the model's shapes and ops") \
             from None
     return mod, specs
+
+
+def _fold_shape_arithmetic(model, shape_dict: dict[str, list[int]]):
+    """Fold Shape/Gather/Div/Slice chains (torch.chunk, flatten by size) into constants, with the input fixed.
+
+    TVM imports such arithmetic as dynamic slices of unknown shape. onnxruntime's basic graph optimizations fold
+    constants and nothing else that leaves standard ONNX, so its output is the same network in plain ops.
+    """
+    if not any(n.op_type in ("Shape", "Size") for n in model.graph.node):
+        return model
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    for gi in model.graph.input:
+        if gi.name in shape_dict:
+            dims = gi.type.tensor_type.shape.dim
+            for d, v in zip(dims, shape_dict[gi.name]):
+                d.Clear()
+                d.dim_value = int(v)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "folded.onnx")
+        onnx.save(model, src)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = dst
+        try:
+            ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+            return onnx.load(dst)
+        except Exception:  # noqa: BLE001 - folding is an optimization; TVM reports what it cannot import
+            return model
 
 
 # ---------------------------------------------------------------- torch.export
@@ -187,7 +252,8 @@ def _pt2(path: Path, input_shape):
             shape = _check_shape([int(d) if str(d).isdigit() else str(d) for d in val.shape], node.name, None)
             specs.append(TensorSpec(node.name, shape, str(val.dtype).removeprefix("torch.")))
     try:
-        mod = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True,
+        with _quiet_frontend():
+            mod = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True,
                                     run_ep_decomposition=False)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: the torch.export importer failed ({_first_line(e)})") from None
@@ -216,19 +282,18 @@ def _tflite(path: Path, input_shape):
 
     # Operator check with the node named, before the frontend's own check that names only op types.
     names = {v: k for k, v in tflite.BuiltinOperator.__dict__.items() if not k.startswith("_")}
-    conv = OperatorConverter.__new__(OperatorConverter)
-    known = set(OperatorConverter.__init__.__code__.co_names)  # cheap fallback if convert_map is unavailable
     try:
-        OperatorConverter.__init__(conv, model, sub, None)
-        known = set(conv.convert_map)
-    except Exception:  # noqa: BLE001
-        pass
+        known = set(OperatorConverter(model, sub, None, None).convert_map)
+    except Exception:  # noqa: BLE001 - then the frontend's own check (op types only) still runs
+        known = None
     for i in range(sub.OperatorsLength()):
         op = sub.Operators(i)
         code = model.OperatorCodes(op.OpcodeIndex())
         builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-        name = names.get(builtin, f"CUSTOM({code.CustomCode()})")
-        if name not in known:
+        name = names.get(builtin, "CUSTOM")
+        if name == "CUSTOM" and code.CustomCode():
+            name = code.CustomCode().decode(errors="replace")
+        if known is not None and name not in known:
             out = sub.Tensors(op.Outputs(0)).Name().decode() if op.OutputsLength() else f"#{i}"
             raise UserError(f"{path}: unsupported TFLite operator {name} at node '{out}'; "
                             "replace it in the model")
@@ -243,7 +308,8 @@ def _tflite(path: Path, input_shape):
         specs.append(TensorSpec(name, shape, dtype))
         shape_dict[name], dtype_dict[name] = list(shape), dtype
     try:
-        mod = from_tflite(model, shape_dict=shape_dict, dtype_dict=dtype_dict)
+        with _quiet_frontend():
+            mod = from_tflite(model, shape_dict=shape_dict, dtype_dict=dtype_dict)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: the TFLite importer failed ({_first_line(e)})") from None
     return mod, specs
