@@ -29,14 +29,19 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+def _at_least(minimum: int):
+    """argparse type: a whole number >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{v} must be at least {minimum}")
+        return v
+
+    return parse
 
 
 def _builtin_model(name: str, workdir: Path) -> Path:
@@ -205,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--output", "-o", required=True, help="build directory to write")
     s.add_argument("--input-shape", type=_shape, help="fixed input shape for a model with dynamic dimensions")
     s.add_argument("--format", choices=["so"], help="output format (default: the target's)")
-    s.add_argument("--tune-trials", type=int, default=0, metavar="N",
+    s.add_argument("--tune-trials", type=_at_least(0), default=0, metavar="N",
                    help="refine the kernels with N MetaSchedule trials; records are cached per target")
     s.add_argument("--json", action="store_true", help="print the build report as JSON")
     s.set_defaults(fn=cmd_compile)
@@ -215,15 +220,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--input", "-i", action="append", required=True, help=".npy (one input) or .npz file")
     s.add_argument("--output", "-o", required=True, help=".npy or .npz file to write")
     s.add_argument("--device", default="local", help="where to run (default: local)")
-    s.add_argument("--threads", type=_positive, help="CPU threads (default: all)")
+    s.add_argument("--threads", type=_at_least(1), help="CPU threads (default: all)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("measure", help="latency of a build: median, p10, p90 and a per-layer profile")
     s.add_argument("build", help="build directory")
     s.add_argument("--device", default="local", help="where to measure (default: local)")
-    s.add_argument("--runs", type=_positive, default=100)
-    s.add_argument("--warmup", type=_positive, default=10)
-    s.add_argument("--threads", type=_positive, help="CPU threads (default: all)")
+    s.add_argument("--runs", type=_at_least(1), default=100)
+    s.add_argument("--warmup", type=_at_least(0), default=10)
+    s.add_argument("--threads", type=_at_least(1), help="CPU threads (default: all)")
     s.add_argument("--no-layers", action="store_true", help="skip the per-layer profile")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(fn=cmd_measure)

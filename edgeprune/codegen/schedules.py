@@ -183,9 +183,6 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
         if not spatial or kinds[: len(spatial)] != [0] * len(spatial):
             return None  # reduction loops interleaved with spatial ones: not the nest we know
 
-        red_extent = 1
-        for lp in reduce:
-            red_extent *= _extent(sch, lp)
         c_loop = spatial[-1]
         w_loop = spatial[-2] if len(spatial) >= 2 else None
         outer = spatial[:-2] if len(spatial) >= 2 else []
@@ -199,16 +196,23 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
 
         _pack_weights(sch, red, c, vec * k)
         co, ck, cv = sch.split(c_loop, [None, k, vec])
-        # Channel tiles outermost: the parallel chunks a thread runs in a row share one slice of the weights,
-        # which then stays in its cache across the rows of pixels.
-        par = [co, *outer]
+        # A reduction over input channels reads a slice of weights per channel tile: channel tiles outermost,
+        # so the chunks a thread runs in a row share that slice in its cache. A window-only reduction
+        # (depthwise, pooling) has next to no weights but reads each input pixel's channels once: rows
+        # outermost, so a pixel's cache lines are used by all channel tiles while they are hot.
+        red_extent = 1
+        for lp in reduce:
+            red_extent *= _extent(sch, lp)
+        window_only = red_extent <= 49
+        order = [*outer, co] if window_only else [co, *outer]
+        par = order
         if w_loop is not None:
             wo, wi = sch.split(w_loop, [None, tw])
-            sch.reorder(co, *outer, wo, *reduce, wi, ck, cv)
+            sch.reorder(*order, wo, *reduce, wi, ck, cv)
             tile_root = wo
         else:
-            sch.reorder(co, *outer, *reduce, ck, cv)
-            tile_root = outer[-1] if outer else co
+            sch.reorder(*order, *reduce, ck, cv)
+            tile_root = order[-1]
             wi = None
         # Epilogue: computed per tile, right after the tile's reduction, while it is still hot.
         sch.reverse_compute_at(epilogue, tile_root, preserve_unit_loops=True)
@@ -239,7 +243,6 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
         # reduction; a padded copy costs one pass over the input. Over a window alone (depthwise, pooling) the
         # copy is as large as the work, so inline; over input channels too the copy is cheap by comparison and
         # keeps tests out of the inner loop (2x on ResNet's 3x3 convolutions, measured).
-        window_only = red_extent <= 49
         for b in reversed(before):
             if _is_reduction(sch, b):
                 return None
