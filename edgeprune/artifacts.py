@@ -30,6 +30,7 @@ class Build:
     tuned: bool = False
     tool_version: str = ""
     compile_seconds: float = 0.0
+    memory: dict = field(default_factory=dict)  # C package: arena, workspace, intermediate and weight bytes
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -61,7 +62,8 @@ class Build:
                 outputs=[TensorSpec.from_json(t) for t in d["outputs"]],
                 source=d["source"], source_sha256=d["source_sha256"], kernels=d.get("kernels", {}),
                 unscheduled=d.get("unscheduled", []), tuned=d.get("tuned", False),
-                tool_version=d.get("tool_version", ""), compile_seconds=d.get("compile_seconds", 0.0))
+                tool_version=d.get("tool_version", ""), compile_seconds=d.get("compile_seconds", 0.0),
+                memory=d.get("memory", {}))
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{meta} is damaged or from another edgeprune version ({e}); recompile the model") \
                 from None

@@ -90,13 +90,18 @@ def cmd_compile(args) -> int:
         if model.startswith(BUILTIN_PREFIX):
             model = _builtin_model(model[len(BUILTIN_PREFIX):], Path(tmp))
         build = compile_model(model, target, args.output, input_shape=args.input_shape, fmt=args.format,
-                              tune_trials=args.tune_trials)
+                              tune_trials=args.tune_trials, package_name=args.name)
     if args.json:
         print(json.dumps(build.to_json(), indent=2))
     else:
         ins = ", ".join(f"{s.name}{list(s.shape)}" for s in build.inputs)
         print(f"compiled {args.model} for {build.target} in {build.compile_seconds:.1f} s -> {args.output} "
               f"({len(build.kernels)} kernels; input {ins})")
+        if build.memory:
+            m = build.memory
+            print(f"C package {m['package']}: arena {m['arena_bytes']:,} B for {m['intermediate_bytes']:,} B of "
+                  f"intermediate tensors ({m['arena_bytes'] / max(1, m['intermediate_bytes']):.0%}), "
+                  f"workspace {m['workspace_bytes']:,} B, weights {m['weight_bytes']:,} B")
         if build.unscheduled:
             print(f"note: {len(build.unscheduled)} kernel(s) run unscheduled: {', '.join(build.unscheduled[:5])}")
     return 0
@@ -209,7 +214,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--target", "-t", default="host", help="device target (see 'edgeprune targets')")
     s.add_argument("--output", "-o", required=True, help="build directory to write")
     s.add_argument("--input-shape", type=_shape, help="fixed input shape for a model with dynamic dimensions")
-    s.add_argument("--format", choices=["so"], help="output format (default: the target's)")
+    s.add_argument("--format", choices=["so", "c"],
+                   help="so: shared library for Linux boards with the TVM runtime; c: self-contained C package "
+                        "(no heap, no threads) for firmware (default: the target's)")
+    s.add_argument("--name", help="C package name, the prefix of its API (default: from the model file name)")
     s.add_argument("--tune-trials", type=_at_least(0), default=0, metavar="N",
                    help="refine the kernels with N MetaSchedule trials; records are cached per target")
     s.add_argument("--json", action="store_true", help="print the build report as JSON")

@@ -20,7 +20,7 @@ from ..targets import Target, get_target
 from .importers import ImportedModel, TensorSpec, import_model
 
 LIBRARY = "model.so"
-FORMATS = ("so",)
+FORMATS = ("so", "c")
 
 
 def output_specs(mod) -> list[TensorSpec]:
@@ -77,10 +77,8 @@ def _export(ex, target: Target, path: Path) -> None:
         ex.export_library(str(path))
         return
     if shutil.which(target.cross_compiler) is None:
-        pkg = {"arm-linux-gnueabihf-gcc": "gcc-arm-linux-gnueabihf",
-               "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"}.get(target.cross_compiler, target.cross_compiler)
         raise UserError(f"cross compiler {target.cross_compiler} for target {target.name} is not installed; "
-                        f"install it (Debian: apt-get install {pkg})")
+                        f"install it (Debian: apt-get install {_debian_package(target.cross_compiler)})")
     ex.export_library(str(path), fcompile=cc.cross_compiler(target.cross_compiler, options=list(target.cflags)))
 
 
@@ -92,6 +90,7 @@ def compile_model(
     input_shape: tuple[int, ...] | None = None,
     fmt: str | None = None,
     tune_trials: int = 0,
+    package_name: str | None = None,
 ) -> Build:
     from .lower import compile_module, fused_module
 
@@ -131,17 +130,69 @@ def compile_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _export(ex, target, stage / LIBRARY)
-        build = Build(directory=out_dir, target=target.name, format=fmt, library=LIBRARY, inputs=imported.inputs,
+        memory: dict = {}
+        if fmt == "so":
+            _export(ex, target, stage / LIBRARY)
+            library = LIBRARY
+        else:
+            name = package_name or _c_name(Path(imported.source).stem)
+            memory = _write_c_package(scheduled, target, stage, name)
+            library = f"lib{name}.a"
+        build = Build(directory=out_dir, target=target.name, format=fmt, library=library, inputs=imported.inputs,
                       outputs=outputs, source=str(imported.source), source_sha256=imported.sha256,
                       kernels=kernels, unscheduled=raw, tuned=database is not None, tool_version=__version__,
-                      compile_seconds=round(time.perf_counter() - t0, 2))
+                      compile_seconds=round(time.perf_counter() - t0, 2), memory=memory)
         build.save(stage)
         _replace_dir(stage, out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return build
+
+
+def _c_name(text: str) -> str:
+    import re
+
+    name = re.sub(r"\W+", "_", text).strip("_").lower() or "model"
+    name = name if name[0].isalpha() else f"m_{name}"
+    # lib<name>.a must not shadow a system library the test program links (libm, libc, ...)
+    return f"{name}_net" if name in ("m", "c", "dl", "rt", "gcc", "pthread", "stdc") else name
+
+
+def _write_c_package(scheduled, target: Target, stage: Path, name: str) -> dict:
+    """Kernels object + generated executor + weights, then a trial build with the target's compiler."""
+    import subprocess
+
+    import tvm
+    from tvm import relax, tirx
+
+    from . import cpackage
+
+    if shutil.which(target.cross_compiler) is None:
+        raise UserError(f"C compiler {target.cross_compiler} for target {target.name} is not installed; install it "
+                        f"(Debian: apt-get install {_debian_package(target.cross_compiler)})")
+    with_symbols = relax.transform.AttachGlobalSymbol()(scheduled)
+    kernels = tvm.IRModule({gv: f for gv, f in with_symbols.functions_items() if isinstance(f, tirx.PrimFunc)})
+    obj = stage / "kernels.tmp.o"
+    tvm.tirx.build(kernels, target=target.tvm_target()).write_to_file(str(obj))
+    plan = cpackage.extract_plan(scheduled)
+    plan.workspace_bytes = cpackage.workspace_bytes(scheduled)
+    cpackage.write_package(stage, plan, obj, target, name, cpackage.build_id(obj, plan))
+    obj.unlink()
+    proc = subprocess.run(["make", "-s", f"lib{name}.a", f"test_{name}"], cwd=stage, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+        first = next((ln for ln in lines if "error" in ln), lines[-1])
+        raise UserError(f"the generated C package did not build with {target.cross_compiler} ({first[:200]}); "
+                        "please report it")
+    return {"arena_bytes": plan.arena_bytes, "workspace_bytes": plan.workspace_bytes,
+            "intermediate_bytes": plan.intermediate_bytes, "weight_bytes": plan.weight_bytes,
+            "package": name, "kernel_calls": len(plan.steps)}
+
+
+def _debian_package(compiler: str) -> str:
+    return {"arm-linux-gnueabihf-gcc": "gcc-arm-linux-gnueabihf", "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
+            "arm-none-eabi-gcc": "gcc-arm-none-eabi"}.get(compiler, compiler)
 
 
 def _replace_dir(stage: Path, out_dir: Path) -> None:
