@@ -158,20 +158,25 @@ def _check_runs_here(build) -> None:
 
 def cmd_run(args) -> int:
     from .artifacts import Build
+    from .measure import package
     from .measure.local import Session, set_threads
 
-    if args.device != "local":
-        raise UserError(f"device '{args.device}' is not available in this version; use --device local")
     build = Build.load(args.build)
-    _check_runs_here(build)
+    if build.format == "c" or args.device != "local":
+        package.command_for(build, args.device)  # a wrong device fails before inputs are read
+    else:
+        _check_runs_here(build)
     out = Path(args.output)
     if out.suffix not in (".npy", ".npz"):
         raise UserError(f"output {out} must end in .npy (one output) or .npz (all outputs by name)")
     if out.suffix == ".npy" and len(build.outputs) > 1:
         raise UserError(f"the model has {len(build.outputs)} outputs; write them with -o FILE.npz")
     inputs = _load_inputs(args.input, build)
-    set_threads(args.threads)
-    results = Session(build).run(inputs)
+    if build.format == "c":
+        results = package.run(build, inputs, args.device)
+    else:
+        set_threads(args.threads)
+        results = Session(build).run(inputs)
     _atomic_save(out, results, [s.name for s in build.outputs])
     print(f"wrote {out} ({', '.join(str(list(r.shape)) for r in results)})")
     return 0
@@ -182,9 +187,12 @@ def cmd_measure(args) -> int:
     from .measure.local import measure
 
     if args.device != "local":
-        raise UserError(f"device '{args.device}' is not available in this version; use --device local")
+        raise UserError(f"measuring on '{args.device}' is not available in this version; use --device local "
+                        "(qemu runs check numerics, they do not measure the device's latency)")
     build = Build.load(args.build)
     _check_runs_here(build)
+    if build.format != "so":
+        raise UserError(f"{build.directory} is a C package; measure a --format so build of the same model")
     m = measure(build, runs=args.runs, warmup=args.warmup, threads=args.threads, layers=not args.no_layers)
     s = m.summary()
     if args.json:
@@ -227,7 +235,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("build", help="build directory")
     s.add_argument("--input", "-i", action="append", required=True, help=".npy (one input) or .npz file")
     s.add_argument("--output", "-o", required=True, help=".npy or .npz file to write")
-    s.add_argument("--device", default="local", help="where to run (default: local)")
+    s.add_argument("--device", default="local",
+                   help="local, or qemu://TARGET to run a C package under emulation (default: local)")
     s.add_argument("--threads", type=_at_least(1), help="CPU threads (default: all)")
     s.set_defaults(fn=cmd_run)
 

@@ -44,7 +44,8 @@ class Tensor:
 @dataclass
 class Step:
     kernel: str
-    args: list[str]  # tensor names: inputs..., output last
+    args: list[str]  # tensor names: inputs..., then outputs
+    n_out: int = 1
 
 
 @dataclass
@@ -109,11 +110,14 @@ def extract_plan(scheduled) -> Plan:
             v, var = b.value, b.var
             if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.call_tir":
                 args = [ref(a) for a in v.args[1].fields]
-                shape, dtype = _shape_dtype(var.ty)
-                name = f"t{len(tensors)}"  # Relax var names repeat across scopes; ours must not
-                tensors[name] = Tensor(name, shape, dtype, "temp", first=len(steps))
-                names[var] = name
-                steps.append(Step(v.args[0].name_hint, [*args, name]))
+                outs = []
+                for ty in (list(var.ty.fields) if hasattr(var.ty, "fields") else [var.ty]):  # split: several
+                    shape, dtype = _shape_dtype(ty)
+                    name = f"t{len(tensors)}"  # Relax var names repeat across scopes; ours must not
+                    tensors[name] = Tensor(name, shape, dtype, "temp", first=len(steps))
+                    outs.append(name)
+                names[var] = tuple(outs) if hasattr(var.ty, "fields") else outs[0]
+                steps.append(Step(v.args[0].name_hint, [*args, *outs], len(outs)))
             elif isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.reshape":
                 src = ref(v.args[0])
                 shape, dtype = _shape_dtype(var.ty)
@@ -124,6 +128,8 @@ def extract_plan(scheduled) -> Plan:
                 names[var] = ref(v)
             elif isinstance(v, relax.Tuple):
                 names[var] = tuple(ref(f) for f in v.fields)
+            elif isinstance(v, relax.TupleGetItem) and isinstance(names.get(v.tuple_value), tuple):
+                names[var] = names[v.tuple_value][v.index]
             else:
                 raise UserError(f"the C package cannot express the step '{type(v).__name__}'; use --format so")
     out = names[body.body] if body.body in names else ref(body.body)
@@ -147,7 +153,7 @@ def _plan_memory(plan: Plan) -> None:
     for name in plan.inputs:
         plan.tensors[name].first = -1
     for i, step in enumerate(plan.steps):
-        for a in step.args[:-1]:
+        for a in step.args[: len(step.args) - step.n_out]:
             r = _root(plan, a)
             r.last = max(r.last, i)
     for name in plan.outputs:  # outputs live until the caller copies them out

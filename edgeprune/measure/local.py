@@ -11,6 +11,7 @@ import numpy as np
 from ..artifacts import Build, Measurement
 from ..errors import UserError
 from ..targets import get_target
+from .package import check_inputs
 
 
 def set_threads(threads: int | None) -> int:
@@ -44,19 +45,8 @@ class Session:
     def prepare(self, inputs: list[np.ndarray]) -> list:
         import tvm
 
-        specs = self.build.inputs
-        if len(inputs) != len(specs):
-            raise UserError(f"the model takes {len(specs)} input(s) ({', '.join(s.name for s in specs)}), "
-                            f"got {len(inputs)}")
-        out = []
-        for arr, spec in zip(inputs, specs):
-            if tuple(arr.shape) != tuple(spec.shape):
-                raise UserError(f"input '{spec.name}' must have shape {list(spec.shape)}, got {list(arr.shape)}")
-            if str(arr.dtype) != spec.dtype:
-                raise UserError(f"input '{spec.name}' must be {spec.dtype}, got {arr.dtype}; "
-                                f"convert it with arr.astype('{spec.dtype}')")
-            out.append(tvm.runtime.tensor(np.ascontiguousarray(arr), self.dev))
-        return out
+        check_inputs(self.build, inputs)
+        return [tvm.runtime.tensor(np.ascontiguousarray(arr), self.dev) for arr in inputs]
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         res = self.vm["main"](*self.prepare(inputs))

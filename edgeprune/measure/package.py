@@ -1,0 +1,84 @@
+"""Run a C package's test program: on this machine (`local`, host builds) or under qemu-user (`qemu://TARGET`).
+
+Emulated runs give the device's exact numerics, not its latency: qemu translates instructions, so its times say
+nothing about the board.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import Build
+from ..errors import UserError
+from ..targets import get_target
+
+QEMU_PREFIX = "qemu://"
+
+
+def check_inputs(build: Build, inputs: list[np.ndarray]) -> None:
+    specs = build.inputs
+    if len(inputs) != len(specs):
+        raise UserError(f"the model takes {len(specs)} input(s) ({', '.join(s.name for s in specs)}), "
+                        f"got {len(inputs)}")
+    for arr, spec in zip(inputs, specs):
+        if tuple(arr.shape) != tuple(spec.shape):
+            raise UserError(f"input '{spec.name}' must have shape {list(spec.shape)}, got {list(arr.shape)}")
+        if str(arr.dtype) != spec.dtype:
+            raise UserError(f"input '{spec.name}' must be {spec.dtype}, got {arr.dtype}; "
+                            f"convert it with arr.astype('{spec.dtype}')")
+
+
+def command_for(build: Build, device: str) -> list[str]:
+    """The command line prefix that runs this build's test program on `device`."""
+    if build.format != "c":
+        raise UserError(f"{build.directory} is a shared library build; emulated and firmware runs need a C package: "
+                        f"compile with --format c")
+    program = Path(build.directory) / f"test_{build.memory.get('package', 'model')}"
+    if not program.is_file():
+        raise UserError(f"{program} is missing; recompile the model")
+    if device == "local":
+        if not get_target(build.target).is_host:
+            raise UserError(f"{build.directory} is built for {build.target}; run it with --device "
+                            f"{QEMU_PREFIX}{build.target}")
+        return [str(program)]
+    if not device.startswith(QEMU_PREFIX):
+        raise UserError(f"unknown device '{device}'; use local or {QEMU_PREFIX}TARGET")
+    name = device[len(QEMU_PREFIX):]
+    target = get_target(name)
+    if name != build.target:
+        right = "local" if get_target(build.target).is_host else f"{QEMU_PREFIX}{build.target}"
+        raise UserError(f"{build.directory} is built for {build.target}, not {name}; use --device {right}")
+    if target.is_host:
+        return [str(program)]
+    emulator = shlex.split(target.emulator)
+    if not emulator or shutil.which(emulator[0]) is None:
+        raise UserError(f"emulator '{target.emulator or '(none)'}' for {name} is not installed; "
+                        "install it (Debian: apt-get install qemu-user)")
+    return [*emulator, str(program)]
+
+
+def run(build: Build, inputs: list[np.ndarray], device: str = "local", timeout: float = 600) -> list[np.ndarray]:
+    check_inputs(build, inputs)
+    cmd = command_for(build, device)
+    out_spec = build.outputs[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
+        np.ascontiguousarray(inputs[0], dtype=np.float32).tofile(src)
+        try:
+            proc = subprocess.run([*cmd, str(src), str(dst)], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"the test program did not finish within {timeout:.0f} s on {device}") from None
+        if proc.returncode != 0:
+            why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
+            raise UserError(f"the model failed on {device}: {why[:200]}")
+        out = np.fromfile(dst, dtype=np.float32)
+    expected = int(np.prod(out_spec.shape))
+    if out.size != expected:
+        raise UserError(f"the test program wrote {out.size} values, expected {expected}; recompile the model")
+    return [out.reshape(out_spec.shape)]

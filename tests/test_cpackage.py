@@ -1,0 +1,91 @@
+"""The C package (--format c): every zoo network built for host, cortex-a7 and cortex-a53, run natively or under
+qemu-user, matches onnxruntime on the same .onnx file (1e-4 relative to the output's scale); the memory plan
+reuses the arena; the package is plain C with no heap.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from helpers import assert_close, assert_one_line_error
+
+from edgeprune.codegen.build import compile_model
+from edgeprune.codegen.cpackage import Plan, Step, Tensor, _plan_memory
+from edgeprune.measure import package
+from edgeprune.models import zoo
+
+TARGETS = {"host": "local", "cortex-a7": "qemu://cortex-a7", "cortex-a53": "qemu://cortex-a53"}
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    files = {}
+    for name, (_, sizes) in zoo.ZOO.items():
+        model, x = zoo.make(name, sizes[0])
+        files[name] = (zoo.export_onnx(model, x, root / f"{name}.onnx"), x.numpy())
+    return files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_zoo_matches_onnxruntime(name, target, onnx_files, tmp_path):
+    path, x = onnx_files[name]
+    build = compile_model(path, target, tmp_path / "pkg", fmt="c")
+    ours = package.run(build, [x], TARGETS[target])[0]
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert_close(ours, ref)
+    assert build.memory["arena_bytes"] <= build.memory["intermediate_bytes"]
+
+
+@pytest.mark.slow
+def test_package_is_plain_c_and_builds_with_cmake(onnx_files, tmp_path):
+    path, _ = onnx_files["resnet_tiny"]
+    compile_model(path, "host", tmp_path / "pkg", fmt="c", package_name="net")
+    model_c = (tmp_path / "pkg" / "model.c").read_text() + (tmp_path / "pkg" / "edgeprune_rt.c").read_text()
+    for banned in ("malloc", "calloc", "free(", "pthread", "fopen", "printf"):
+        assert banned not in model_c, banned
+    header = (tmp_path / "pkg" / "net.h").read_text()
+    for macro in ("NET_BUILD_ID", "NET_INPUT_SHAPE", "NET_OUTPUT_SHAPE", "NET_ARENA_BYTES", "NET_WEIGHT_BYTES"):
+        assert re.search(rf"#define {macro} ", header), macro
+    assert "int net_run(const float *in, float *out);" in header
+    build = tmp_path / "cmake"
+    subprocess.run(["cmake", "-S", tmp_path / "pkg", "-B", build], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", build], check=True, capture_output=True)
+    assert (build / "test_net").is_file()
+
+
+def test_memory_plan_reuses_dead_tensors():
+    """A chain a -> b -> c -> d: a and c can share, b and d can share."""
+    t = {n: Tensor(n, (1024,), "float32", "temp") for n in "abcd"}
+    t["x"] = Tensor("x", (1024,), "float32", "input")
+    for i, n in enumerate("abcd"):
+        t[n].first = i
+    steps = [Step("k", ["x", "a"]), Step("k", ["a", "b"]), Step("k", ["b", "c"]), Step("k", ["c", "d"])]
+    plan = Plan(steps, t, ["x"], ["d"])
+    _plan_memory(plan)
+    assert plan.intermediate_bytes == 4 * 4096
+    assert plan.arena_bytes <= 3 * 4096  # input plus two alternating buffers
+    live = [(t[n].offset, t[n].first, t[n].last) for n in "abcd"]
+    for i, (o1, f1, l1) in enumerate(live):  # no two tensors alive at once overlap
+        for o2, f2, l2 in live[i + 1:]:
+            if not (l1 < f2 or l2 < f1):
+                assert abs(o1 - o2) >= 4096
+
+
+def test_run_on_the_wrong_device_is_refused(onnx_files, tmp_path, cli):
+    path, x = onnx_files["resnet_tiny"]
+    compile_model(path, "cortex-a53", tmp_path / "pkg", fmt="c")
+    np.save(tmp_path / "x.npy", x)
+    for device, needle in (("local", "qemu://cortex-a53"), ("qemu://cortex-a7", "qemu://cortex-a53"),
+                           ("rpc://x", "unknown device")):
+        rc, _, err = cli("run", tmp_path / "pkg", "--device", device, "-i", tmp_path / "x.npy", "-o",
+                         tmp_path / "y.npy")
+        assert rc == 2
+        assert_one_line_error(err, needle)
+        assert not (tmp_path / "y.npy").exists()
