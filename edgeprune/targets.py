@@ -63,6 +63,8 @@ class Target:
         if self.float_abi:
             spec["mfloat-abi"] = self.float_abi
         spec["num-cores"] = self.cores
+        if self.simd_bits < 128:
+            spec["vector-width"] = self.simd_bits  # no SIMD unit: say so, rather than let LLVM assume 128 bits
         return tvm.target.Target(spec)
 
 

@@ -8,6 +8,7 @@ moved into place in one rename, so an interrupted compile never leaves a half-wr
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -135,7 +136,7 @@ def compile_model(
             _export(ex, target, stage / LIBRARY)
             library = LIBRARY
         else:
-            name = package_name or _c_name(Path(imported.source).stem)
+            name = _c_name(package_name or Path(imported.source).stem)
             memory = _write_c_package(scheduled, target, stage, name)
             library = f"lib{name}.a"
         build = Build(directory=out_dir, target=target.name, format=fmt, library=library, inputs=imported.inputs,
@@ -151,8 +152,6 @@ def compile_model(
 
 
 def _c_name(text: str) -> str:
-    import re
-
     name = re.sub(r"\W+", "_", text).strip("_").lower() or "model"
     name = name if name[0].isalpha() else f"m_{name}"
     # lib<name>.a must not shadow a system library the test program links (libm, libc, ...)
@@ -179,15 +178,38 @@ def _write_c_package(scheduled, target: Target, stage: Path, name: str) -> dict:
     plan.workspace_bytes = cpackage.workspace_bytes(scheduled)
     cpackage.write_package(stage, plan, obj, target, name, cpackage.build_id(obj, plan))
     obj.unlink()
-    proc = subprocess.run(["make", "-s", f"lib{name}.a", f"test_{name}"], cwd=stage, capture_output=True, text=True)
+    bare_metal = "none" in target.triple  # no OS: the library only, and it may need nothing but mem* and libm
+    goals = [f"lib{name}.a"] if bare_metal else [f"lib{name}.a", f"test_{name}"]
+    proc = subprocess.run(["make", "-s", *goals], cwd=stage, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
         first = next((ln for ln in lines if "error" in ln), lines[-1])
         raise UserError(f"the generated C package did not build with {target.cross_compiler} ({first[:200]}); "
                         "please report it")
+    if bare_metal:
+        _check_bare_metal(stage / f"lib{name}.a", target)
     return {"arena_bytes": plan.arena_bytes, "workspace_bytes": plan.workspace_bytes,
             "intermediate_bytes": plan.intermediate_bytes, "weight_bytes": plan.weight_bytes,
             "package": name, "kernel_calls": len(plan.steps)}
+
+
+# What a bare-metal package may need from outside: memcpy/memset, libm, and the compiler's own runtime.
+_BARE_METAL_OK = re.compile(r"^(memcpy|memset|memmove|__aeabi_\w+|__\w+[sd]f\w*|"
+                            r"(exp|log|sqrt|tanh|pow|fabs|floor|ceil|round|fmax|fmin|erf|sin|cos)f?)$")
+
+
+def _check_bare_metal(library: Path, target: Target) -> None:
+    import subprocess
+
+    nm = target.cross_compiler.replace("gcc", "nm")
+    proc = subprocess.run([nm, "-u", str(library)], capture_output=True, text=True)
+    defined = subprocess.run([nm, "--defined-only", str(library)], capture_output=True, text=True).stdout
+    own = {ln.split()[-1] for ln in defined.splitlines() if len(ln.split()) == 3}
+    needed = {ln.split()[-1] for ln in proc.stdout.splitlines() if ln.strip() and ":" not in ln} - own
+    extra = sorted(s for s in needed if not _BARE_METAL_OK.match(s))
+    if extra:
+        raise UserError(f"the {target.name} package needs symbols a bare-metal build lacks: {', '.join(extra[:6])}; "
+                        "please report it")
 
 
 def _debian_package(compiler: str) -> str:

@@ -43,6 +43,8 @@ class CpuSpec:
         cpu = str(target.attrs.get("mcpu", ""))
         if triple.startswith("aarch64"):
             return CpuSpec(4, 24)  # 32 NEON registers
+        if triple.startswith("thumb"):
+            return CpuSpec(1, 16)  # Cortex-M: scalar FPU, 32 single-precision registers
         if triple.startswith("arm"):
             return CpuSpec(4, 12)  # 16 q registers on armv7
         wide = "+avx512f" in attrs or any(k in cpu for k in ("avx512", "skylake-avx512", "cascadelake", "icelake",

@@ -1,0 +1,64 @@
+"""examples/firmware builds against a generated package for host and cortex-a7, runs (natively, under qemu-arm),
+and prints the class onnxruntime gives for the same pixels. Also: the bare-metal cortex-m7 package links with
+nothing but mem* and libm (the compile itself checks the library's undefined symbols)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgeprune.codegen.build import compile_model
+from edgeprune.models import zoo
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "firmware"
+CROSS = {
+    "host": ([], "cc", "-O2"),
+    "cortex-a7": (["qemu-arm", "-cpu", "cortex-a7"], "arm-linux-gnueabihf-gcc",
+                  "-O2 -mcpu=cortex-a7 -mfpu=neon-vfpv4 -mfloat-abi=hard"),
+}
+
+
+@pytest.fixture(scope="module")
+def model_onnx(tmp_path_factory):
+    model, x = zoo.make("mobilenetv3", 32)
+    return zoo.export_onnx(model, x, tmp_path_factory.mktemp("fw") / "net.onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(CROSS))
+def test_firmware_example_classifies_like_onnxruntime(target, model_onnx, tmp_path):
+    emulator, cc, cflags = CROSS[target]
+    compile_model(model_onnx, target, tmp_path / "net", fmt="c", package_name="net")
+    work = tmp_path / "example"
+    shutil.copytree(EXAMPLE, work)
+    subprocess.run(["make", f"PKG={tmp_path / 'net'}", f"CC={cc}", f"CFLAGS={cflags}", f"PYTHON={sys.executable}"],
+                   cwd=work, check=True, capture_output=True)
+    out = subprocess.run([*emulator, str(work / "classify")], capture_output=True, text=True, check=True).stdout
+    got = re.search(r"class (\d+) score (\S+)", out)
+    assert got, out
+    image = np.load(work / "image.npy")
+    ref = ort.InferenceSession(str(model_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": image})[0]
+    assert int(got.group(1)) == int(ref.argmax())
+    np.testing.assert_allclose(float(got.group(2)), float(ref.max()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cortex_m7_package_is_bare_metal(model_onnx, tmp_path):
+    build = compile_model(model_onnx, "cortex-m7", tmp_path / "m7", fmt="c", package_name="net")
+    lib = tmp_path / "m7" / "libnet.a"
+    assert lib.is_file()
+    assert not (tmp_path / "m7" / "test_net").exists()  # no OS to run a test program on
+    header = subprocess.run(["arm-none-eabi-readelf", "-h", str(tmp_path / "m7" / "model.o")], capture_output=True,
+                            text=True, check=True).stdout
+    assert "ARM" in header
+    attrs = subprocess.run(["arm-none-eabi-readelf", "-A", str(tmp_path / "m7" / "kernels.o")], capture_output=True,
+                           text=True, check=True).stdout
+    assert "Cortex-M7" in attrs or "v7E-M" in attrs
+    assert build.memory["arena_bytes"] < build.memory["intermediate_bytes"]
