@@ -179,6 +179,28 @@ def cmd_run(args) -> int:
         results = Session(build).run(inputs)
     _atomic_save(out, results, [s.name for s in build.outputs])
     print(f"wrote {out} ({', '.join(str(list(r.shape)) for r in results)})")
+    if args.debug_layers:
+        return _debug_layers(build, inputs, args)
+    return 0
+
+
+def _debug_layers(build, inputs, args) -> int:
+    from .measure.debug_layers import TOLERANCE, debug_layers
+
+    if build.format != "c":
+        raise UserError("--debug-layers compares a C package's layers; compile with --format c")
+    out_dir = Path(args.debug_dir or Path(build.directory) / "debug-layers")
+    diffs, first = debug_layers(build, inputs, args.device, out_dir)
+    print(f"{'step':>4}  {'kernel':<60} {'values':>9} {'max |diff|':>11} {'relative':>10}")
+    for d in diffs:
+        mark = "  <- first divergence" if d.step == first else ""
+        print(f"{d.step:>4}  {d.kernel[:60]:<60} {d.size:>9} {d.max_abs:>11.3g} {d.rel:>10.3g}{mark}")
+    print(f"dumps: {out_dir}/device and {out_dir}/reference (layer_NNNN.bin, float32)")
+    if first >= 0:
+        d = diffs[first]
+        print(f"layer {d.step} ({d.kernel}) is the first to diverge: relative error {d.rel:.3g} > {TOLERANCE:g}")
+        return 1
+    print(f"all {len(diffs)} layers match the reference within {TOLERANCE:g} (relative)")
     return 0
 
 
@@ -238,6 +260,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="local",
                    help="local, or qemu://TARGET to run a C package under emulation (default: local)")
     s.add_argument("--threads", type=_at_least(1), help="CPU threads (default: all)")
+    s.add_argument("--debug-layers", action="store_true",
+                   help="C packages: dump every layer on the device and on an independent host reference, and name "
+                        "the first layer that diverges (exit 1 if one does)")
+    s.add_argument("--debug-dir", help="where --debug-layers writes the dumps (default: BUILD/debug-layers)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("measure", help="latency of a build: median, p10, p90 and a per-layer profile")

@@ -89,3 +89,27 @@ def test_run_on_the_wrong_device_is_refused(onnx_files, tmp_path, cli):
         assert rc == 2
         assert_one_line_error(err, needle)
         assert not (tmp_path / "y.npy").exists()
+
+
+@pytest.mark.slow
+def test_debug_layers_names_the_first_diverging_layer(onnx_files, tmp_path, cli):
+    path, x = onnx_files["resnet_tiny"]
+    np.save(tmp_path / "x.npy", x)
+    compile_model(path, "cortex-a7", tmp_path / "pkg", fmt="c", package_name="net")
+    args = ["run", tmp_path / "pkg", "--device", "qemu://cortex-a7", "-i", tmp_path / "x.npy", "-o",
+            tmp_path / "y.npy", "--debug-layers", "--debug-dir", tmp_path / "dbg"]
+    rc, out, err = cli(*args)
+    assert rc == 0, err
+    assert "layers match the reference" in out
+    steps = len(list((tmp_path / "dbg" / "device").glob("layer_*.bin")))
+    assert steps == len(list((tmp_path / "dbg" / "reference").glob("layer_*.bin"))) > 3
+
+    # Corrupt the last constant (the classifier's bias): only the last layer may diverge, and it must be named.
+    blob = bytearray((tmp_path / "pkg" / "weights.bin").read_bytes())
+    blob[-16:] = np.full(4, 1e3, np.float32).tobytes()
+    (tmp_path / "pkg" / "weights.bin").write_bytes(bytes(blob))
+    rc, out, err = cli(*args)
+    assert rc == 1, err
+    first = re.search(r"layer (\d+) \((\w+)\) is the first to diverge", out)
+    assert first, out
+    assert int(first.group(1)) == steps - 1

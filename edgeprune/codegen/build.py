@@ -92,6 +92,7 @@ def compile_model(
     fmt: str | None = None,
     tune_trials: int = 0,
     package_name: str | None = None,
+    use_rules: bool = True,
 ) -> Build:
     from .lower import compile_module, fused_module
 
@@ -113,7 +114,7 @@ def compile_model(
         database = tune(fused_module(imported.mod, tvm_target), target, tune_trials)
     outputs = output_specs(imported.mod)
     try:
-        ex, scheduled = compile_module(imported.mod, tvm_target)
+        ex, scheduled = compile_module(imported.mod, tvm_target, use_rules=use_rules)
         if database is not None:
             tuned_ex, tuned_sched = compile_module(imported.mod, tvm_target, database)
             if _faster(tuned_ex, ex, imported.inputs):

@@ -88,9 +88,16 @@ def annotate_flops(mod: tvm.IRModule) -> tvm.IRModule:
     return mod
 
 
-def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None) -> tvm.IRModule:
-    """Fused module with every kernel scheduled: tuning records first, then our kernel library."""
+def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None,
+                    use_rules: bool = True) -> tvm.IRModule:
+    """Fused module with every kernel scheduled: tuning records first, then our kernel library.
+
+    use_rules=False keeps TVM's plain legalized loops: slow, but an implementation independent of ours with the
+    same kernel boundaries, which is what --debug-layers compares against.
+    """
     mod = annotate_flops(fused_module(mod, target))
+    if not use_rules:
+        return mod
     with target:
         # Weights are constants, so kernels may store them in whatever layout they read fastest: the schedules
         # mark the repacking copy, which is split out and folded into the constants here.
@@ -105,9 +112,10 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
         ])(mod)
 
 
-def compile_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None):
+def compile_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None,
+                   use_rules: bool = True):
     """Relax module -> (tvm.runtime.Executable, the scheduled module it was built from)."""
-    scheduled = schedule_module(mod, target, database_dir)
+    scheduled = schedule_module(mod, target, database_dir, use_rules)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgepruneFinalize")
     def finalize(m: tvm.IRModule, _ctx) -> tvm.IRModule:
