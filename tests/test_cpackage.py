@@ -5,6 +5,7 @@ reuses the arena; the package is plain C with no heap.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -113,3 +114,12 @@ def test_debug_layers_names_the_first_diverging_layer(onnx_files, tmp_path, cli)
     first = re.search(r"layer (\d+) \((\w+)\) is the first to diverge", out)
     assert first, out
     assert int(first.group(1)) == steps - 1
+
+
+@pytest.mark.slow
+def test_mobilenetv2_arena_is_at_most_60_percent_of_its_intermediates(tmp_path, cli):
+    """The memory-planner goal, on the network it names."""
+    rc, out, err = cli("compile", "builtin:mobilenetv2-1.0-224", "--format", "c", "-o", tmp_path / "pkg", "--json")
+    assert rc == 0, err
+    memory = json.loads(out[out.index("{"):])["memory"]
+    assert memory["arena_bytes"] <= 0.6 * memory["intermediate_bytes"], memory
