@@ -1,4 +1,4 @@
-"""edgeprune's command line: targets · compile · run · measure.
+"""edgeprune's command line: targets · compile · run · measure · check.
 
 Every user mistake becomes one line on stderr and exit code 2; nothing is written half-way.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -159,12 +160,14 @@ def _check_runs_here(build) -> None:
 def cmd_run(args) -> int:
     from .artifacts import Build
     from .measure import package
-    from .measure.local import Session, set_threads
+    from .measure.devices import LocalDevice, QemuDevice, get_device
+    from .measure.local import set_threads
 
+    device = get_device(args.device)
     build = Build.load(args.build)
-    if build.format == "c" or args.device != "local":
+    if build.format == "c" or isinstance(device, QemuDevice):
         package.command_for(build, args.device)  # a wrong device fails before inputs are read
-    else:
+    elif isinstance(device, LocalDevice):
         _check_runs_here(build)
     out = Path(args.output)
     if out.suffix not in (".npy", ".npz"):
@@ -172,11 +175,8 @@ def cmd_run(args) -> int:
     if out.suffix == ".npy" and len(build.outputs) > 1:
         raise UserError(f"the model has {len(build.outputs)} outputs; write them with -o FILE.npz")
     inputs = _load_inputs(args.input, build)
-    if build.format == "c":
-        results = package.run(build, inputs, args.device)
-    else:
-        set_threads(args.threads)
-        results = Session(build).run(inputs)
+    set_threads(args.threads)
+    results = device.run(build, inputs)
     _atomic_save(out, results, [s.name for s in build.outputs])
     print(f"wrote {out} ({', '.join(str(list(r.shape)) for r in results)})")
     if args.debug_layers:
@@ -206,28 +206,80 @@ def _debug_layers(build, inputs, args) -> int:
 
 def cmd_measure(args) -> int:
     from .artifacts import Build
-    from .measure.local import measure
+    from .measure.devices import get_device
 
-    if args.device != "local":
-        raise UserError(f"measuring on '{args.device}' is not available in this version; use --device local "
-                        "(qemu runs check numerics, they do not measure the device's latency)")
+    device = get_device(args.device)
     build = Build.load(args.build)
-    _check_runs_here(build)
-    if build.format != "so":
-        raise UserError(f"{build.directory} is a C package; measure a --format so build of the same model")
-    m = measure(build, runs=args.runs, warmup=args.warmup, threads=args.threads, layers=not args.no_layers)
+    m = device.measure(build, runs=args.runs, warmup=args.warmup, threads=args.threads, layers=not args.no_layers)
     s = m.summary()
     if args.json:
         print(json.dumps(s))
         return 0
-    print(f"{build.directory} on {m.device} ({m.target}, {m.threads} threads, {len(m.runs_ms)} runs after "
-          f"{args.warmup} warm-up)")
+    threads = f", {m.threads} threads" if m.threads else ""
+    print(f"{build.directory} on {m.device} ({m.target}{threads}, {len(m.runs_ms)} runs after {args.warmup} warm-up)")
     print(f"  median {s['median_ms']:.3f} ms   p10 {s['p10_ms']:.3f} ms   p90 {s['p90_ms']:.3f} ms")
+    if not m.real_time:
+        print("  note: emulated runs; these times are not the device's latency")
     if m.layers:
         print(f"  {'kernel':<64} {'ms':>8} {'share':>6} {'GFLOP/s':>8}")
         for row in m.layers:
             print(f"  {row['name'][:64]:<64} {row['ms']:>8.4f} {row['share'] * 100:>5.1f}% {row['gflops']:>8.1f}")
     return 0
+
+
+def _duration_ms(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|us)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration; write it like 50ms, 0.05s or 1500us")
+    value = float(m.group(1)) * {"ms": 1.0, "s": 1e3, "us": 1e-3, None: 1.0}[m.group(2)]
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be more than zero")
+    return value
+
+
+def cmd_check(args) -> int:
+    """Exit 1 when the build misses its latency budget on the device (p90 by default)."""
+    from .artifacts import Build
+    from .measure.devices import get_device
+
+    device = get_device(args.device)
+    build = Build.load(args.build)
+    m = device.measure(build, runs=args.runs, warmup=args.warmup, threads=args.threads, layers=False)
+    if not m.real_time:
+        raise UserError(f"{args.device} runs under emulation and its times are not latency; check on local or an "
+                        "rpc:// board")
+    stat = "median" if args.median else "p90"
+    value = m.median_ms if args.median else m.percentile(90)
+    ok = value <= args.latency
+    verdict = "within" if ok else "misses"
+    line = (f"{build.directory} on {m.device}: {stat} {value:.3f} ms {verdict} the budget of {args.latency:g} ms "
+            f"({len(m.runs_ms)} runs)")
+    if args.junit:
+        _write_junit(Path(args.junit), build, m, stat, value, args.latency, ok, line)
+    if args.json:
+        print(json.dumps({**m.summary(), "statistic": stat, "value_ms": round(value, 4),
+                          "budget_ms": args.latency, "met": ok}))
+    else:
+        print(line)
+    return 0 if ok else 1
+
+
+def _write_junit(path: Path, build, m, stat: str, value: float, budget: float, ok: bool, line: str) -> None:
+    from xml.sax.saxutils import quoteattr
+
+    name = quoteattr(f"latency[{Path(build.directory).name}@{m.device}]")
+    body = "" if ok else f"<failure message={quoteattr(line)} type=\"LatencyBudget\"/>"
+    xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n'
+           f'<testsuite name="edgeprune" tests="1" failures="{0 if ok else 1}" errors="0" '
+           f'time="{sum(m.runs_ms) / 1e3:.3f}">\n'
+           f'  <testcase classname="edgeprune.check" name={name} time="{value / 1e3:.6f}">{body}'
+           f'<system-out>{stat}={value:.4f}ms budget={budget:g}ms device={m.device}</system-out></testcase>\n'
+           f'</testsuite>\n')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(xml)
+    os.replace(tmp, path)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -258,7 +310,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--input", "-i", action="append", required=True, help=".npy (one input) or .npz file")
     s.add_argument("--output", "-o", required=True, help=".npy or .npz file to write")
     s.add_argument("--device", default="local",
-                   help="local, or qemu://TARGET to run a C package under emulation (default: local)")
+                   help="local, rpc://HOST:PORT/KEY, or qemu://TARGET to run a C package under emulation "
+                        "(default: local)")
     s.add_argument("--threads", type=_at_least(1), help="CPU threads (default: all)")
     s.add_argument("--debug-layers", action="store_true",
                    help="C packages: dump every layer on the device and on an independent host reference, and name "
@@ -268,13 +321,25 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("measure", help="latency of a build: median, p10, p90 and a per-layer profile")
     s.add_argument("build", help="build directory")
-    s.add_argument("--device", default="local", help="where to measure (default: local)")
+    s.add_argument("--device", default="local", help="local, rpc://HOST:PORT/KEY or qemu://TARGET (default: local)")
     s.add_argument("--runs", type=_at_least(1), default=100)
     s.add_argument("--warmup", type=_at_least(0), default=10)
     s.add_argument("--threads", type=_at_least(1), help="CPU threads (default: all)")
     s.add_argument("--no-layers", action="store_true", help="skip the per-layer profile")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(fn=cmd_measure)
+
+    s = sub.add_parser("check", help="exit 1 when a build misses its latency budget on a device (for CI)")
+    s.add_argument("build", help="build directory")
+    s.add_argument("--device", default="local", help="local or rpc://HOST:PORT/KEY (default: local)")
+    s.add_argument("--latency", type=_duration_ms, required=True, help="the budget, e.g. 50ms, 0.05s, 1500us")
+    s.add_argument("--median", action="store_true", help="judge the median instead of the p90")
+    s.add_argument("--runs", type=_at_least(1), default=100)
+    s.add_argument("--warmup", type=_at_least(0), default=10)
+    s.add_argument("--threads", type=_at_least(1), help="CPU threads on local (default: all)")
+    s.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=cmd_check)
     return p
 
 

@@ -347,8 +347,10 @@ def build_id(kernels_object: Path, plan: Plan) -> str:
 
 
 _TEST_MAIN = r"""/* Test program, not in the library: PREFIX_run from a raw float32 file to another. */
+#define _POSIX_C_SOURCE 199309L
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include "PREFIX.h"
 
 static float in[UPPER_INPUT_SIZE], out[UPPER_OUTPUT_SIZE];
@@ -366,15 +368,30 @@ void ep_debug_layer(int step, const char *kernel, const void *data, unsigned lon
 }
 #endif
 
+static double now_ms(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
 int main(int argc, char **argv) {
-  if (argc != 3) { fprintf(stderr, "usage: %s INPUT.bin OUTPUT.bin\n", argv[0]); return 2; }
+  if (argc != 3 && argc != 5) {
+    fprintf(stderr, "usage: %s INPUT.bin OUTPUT.bin [RUNS WARMUP]\n", argv[0]);
+    return 2;
+  }
   FILE *f = fopen(argv[1], "rb");
   if (!f || fread(in, sizeof(float), UPPER_INPUT_SIZE, f) != UPPER_INPUT_SIZE) {
     fprintf(stderr, "cannot read %d floats from %s\n", UPPER_INPUT_SIZE, argv[1]); return 2;
   }
   fclose(f);
-  int rc = PREFIX_run(in, out);
-  if (rc != 0) { fprintf(stderr, "kernel %d failed: %s\n", rc, PREFIX_last_error()); return 1; }
+  int runs = argc == 5 ? atoi(argv[3]) : 1, warmup = argc == 5 ? atoi(argv[4]) : 0;
+  for (int i = 0; i < warmup + runs; ++i) {
+    double t0 = now_ms();
+    int rc = PREFIX_run(in, out);
+    double t1 = now_ms();
+    if (rc != 0) { fprintf(stderr, "kernel %d failed: %s\n", rc, PREFIX_last_error()); return 1; }
+    if (argc == 5 && i >= warmup) printf("time_ms %.6f\n", t1 - t0);
+  }
   f = fopen(argv[2], "wb");
   if (!f || fwrite(out, sizeof(float), UPPER_OUTPUT_SIZE, f) != UPPER_OUTPUT_SIZE) {
     fprintf(stderr, "cannot write %s\n", argv[2]); return 2;

@@ -6,6 +6,7 @@ nothing about the board.
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -64,6 +65,21 @@ def command_for(build: Build, device: str) -> list[str]:
 
 
 def run(build: Build, inputs: list[np.ndarray], device: str = "local", timeout: float = 600) -> list[np.ndarray]:
+    return _invoke(build, inputs, device, timeout)[0]
+
+
+def time_runs(build: Build, inputs: list[np.ndarray], device: str, runs: int, warmup: int,
+              timeout: float = 1800) -> list[float]:
+    """Each run's time in ms, from the test program's monotonic clock (under qemu: emulated time)."""
+    _, stdout = _invoke(build, inputs, device, timeout, [str(runs), str(warmup)])
+    times = [float(v) for v in re.findall(r"^time_ms (\S+)$", stdout, re.M)]
+    if len(times) != runs:
+        raise UserError(f"the test program reported {len(times)} runs, expected {runs}; recompile the model")
+    return times
+
+
+def _invoke(build: Build, inputs: list[np.ndarray], device: str, timeout: float,
+            extra: list[str] | None = None) -> tuple[list[np.ndarray], str]:
     check_inputs(build, inputs)
     cmd = command_for(build, device)
     out_spec = build.outputs[0]
@@ -71,7 +87,8 @@ def run(build: Build, inputs: list[np.ndarray], device: str = "local", timeout: 
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         np.ascontiguousarray(inputs[0], dtype=np.float32).tofile(src)
         try:
-            proc = subprocess.run([*cmd, str(src), str(dst)], capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run([*cmd, str(src), str(dst), *(extra or [])], capture_output=True, text=True,
+                                  timeout=timeout)
         except subprocess.TimeoutExpired:
             raise UserError(f"the test program did not finish within {timeout:.0f} s on {device}") from None
         if proc.returncode != 0:
@@ -81,4 +98,4 @@ def run(build: Build, inputs: list[np.ndarray], device: str = "local", timeout: 
     expected = int(np.prod(out_spec.shape))
     if out.size != expected:
         raise UserError(f"the test program wrote {out.size} values, expected {expected}; recompile the model")
-    return [out.reshape(out_spec.shape)]
+    return [out.reshape(out_spec.shape)], proc.stdout
