@@ -31,6 +31,7 @@ class Build:
     tool_version: str = ""
     compile_seconds: float = 0.0
     memory: dict = field(default_factory=dict)  # C package: arena, workspace, intermediate and weight bytes
+    layers: list[dict] = field(default_factory=list)  # per kernel call: kind, flops, bytes (the latency model's)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -63,7 +64,7 @@ class Build:
                 source=d["source"], source_sha256=d["source_sha256"], kernels=d.get("kernels", {}),
                 unscheduled=d.get("unscheduled", []), tuned=d.get("tuned", False),
                 tool_version=d.get("tool_version", ""), compile_seconds=d.get("compile_seconds", 0.0),
-                memory=d.get("memory", {}))
+                memory=d.get("memory", {}), layers=d.get("layers", []))
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{meta} is damaged or from another edgeprune version ({e}); recompile the model") \
                 from None

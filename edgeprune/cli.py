@@ -282,6 +282,38 @@ def _write_junit(path: Path, build, m, stat: str, value: float, budget: float, o
     os.replace(tmp, path)
 
 
+def cmd_calibrate(args) -> int:
+    from .measure.calibrate import calibrate
+    from .measure.devices import get_device
+    from .targets import get_target
+
+    target = get_target(args.target)
+    device = get_device(args.device)
+    out = calibrate(target, device, Path(args.output) if args.output else None, count=args.count, runs=args.runs,
+                    warmup=args.warmup, threads=args.threads,
+                    progress=(lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True)))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .artifacts import Build
+    from .measure.latency import load_table, model_for
+    from .targets import get_target
+
+    build = Build.load(args.build)
+    table = load_table(args.table) if args.table else None
+    p = model_for(get_target(build.target), table).predict(build.layers)
+    report = {"predicted_ms": round(p.ms, 4), "source": p.source, "kernels_by_source": p.sources,
+              "table": args.table}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        note = "" if args.table else " (no table: the target's roofline prior, not a measurement)"
+        print(f"{build.directory}: predicted {p.ms:.3f} ms on {build.target} from {p.source}{note}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeprune", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"edgeprune {__version__}")
@@ -340,6 +372,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("calibrate", help="time a suite of small builds on a device; write its latency table")
+    s.add_argument("--target", "-t", default="host", help="the device's target")
+    s.add_argument("--device", default="local", help="local or rpc://HOST:PORT/KEY (default: local)")
+    s.add_argument("--output", "-o", help="table to write (default: calibrate/<device>.json)")
+    s.add_argument("--count", type=_at_least(3), default=36, help="builds in the suite (default: 36)")
+    s.add_argument("--runs", type=_at_least(1), default=30)
+    s.add_argument("--warmup", type=_at_least(0), default=5)
+    s.add_argument("--threads", type=_at_least(1), help="CPU threads on local (default: all)")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.set_defaults(fn=cmd_calibrate)
+
+    s = sub.add_parser("predict", help="a build's latency from the latency model")
+    s.add_argument("build", help="build directory")
+    s.add_argument("--table", help="the device's calibration table (default: none, the target's prior)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=cmd_predict)
     return p
 
 

@@ -49,6 +49,46 @@ def kernel_table(mod) -> tuple[dict[str, int], list[str]]:
     return dict(sorted(flops.items())), sorted(raw)
 
 
+def layer_table(scheduled, flops: dict[str, int]) -> list[dict]:
+    """One row per kernel call, in order: what the latency model needs to price it."""
+    import numpy as np
+
+    from .cpackage import _root, extract_plan
+
+    try:
+        plan = extract_plan(scheduled)
+    except UserError:
+        return []
+    rows = []
+    for step in plan.steps:
+        tensors = [plan.tensors[a] for a in step.args]
+        outs = tensors[len(tensors) - step.n_out:]
+        ins = tensors[: len(tensors) - step.n_out]
+        kind = kernel_kind(step.kernel)
+        out_elems = sum(int(np.prod(t.shape)) for t in outs) or 1
+        if kind == "conv" and flops.get(step.kernel, 0) / out_elems <= 2 * 49:
+            kind = "dwconv"  # a window-only reduction: depthwise, memory-bound, priced apart
+        rows.append({
+            "kernel": step.kernel,
+            "kind": kind,
+            "flops": flops.get(step.kernel, 0),
+            "act_bytes": sum(t.nbytes for t in ins if _root(plan, t.name).kind != "const"),
+            "weight_bytes": sum(t.nbytes for t in ins if _root(plan, t.name).kind == "const"),
+            "out_bytes": sum(t.nbytes for t in outs),
+            "shapes": [list(t.shape) for t in tensors],
+        })
+    return rows
+
+
+def kernel_kind(name: str) -> str:
+    """conv, matmul, pool, reduce or data (movement and elementwise), from the fused kernel's name."""
+    for kind, marks in (("conv", ("conv2d",)), ("matmul", ("matmul", "dense")), ("pool", ("pool",)),
+                        ("reduce", ("mean", "sum", "max", "softmax"))):
+        if any(m in name for m in marks):
+            return kind
+    return "data"
+
+
 def _faster(a, b, inputs: list[TensorSpec], runs: int = 30) -> bool:
     """Whether executable a runs faster than b on this machine (interleaved medians, same inputs)."""
     import numpy as np
@@ -128,6 +168,7 @@ def compile_model(
         raise UserError(f"compiling {imported.source} for {target.name} failed ({line}); "
                         "please report it with the model attached") from None
     kernels, raw = kernel_table(scheduled)
+    layers = layer_table(scheduled, kernels)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -143,7 +184,7 @@ def compile_model(
         build = Build(directory=out_dir, target=target.name, format=fmt, library=library, inputs=imported.inputs,
                       outputs=outputs, source=str(imported.source), source_sha256=imported.sha256,
                       kernels=kernels, unscheduled=raw, tuned=database is not None, tool_version=__version__,
-                      compile_seconds=round(time.perf_counter() - t0, 2), memory=memory)
+                      compile_seconds=round(time.perf_counter() - t0, 2), memory=memory, layers=layers)
         build.save(stage)
         _replace_dir(stage, out_dir)
     except BaseException:

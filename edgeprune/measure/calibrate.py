@@ -1,0 +1,125 @@
+"""`edgeprune calibrate`: time a suite of small builds that spans the search space on a device, and write the
+device's latency table (calibrate/<device>.json) that the latency model fits.
+
+The suite is MobileNetV2-style pieces (stem convolutions, pointwise expansions, depthwise 3/5/7, projections with
+residual adds, pooling and classifier heads) at widths and resolutions from the search space, drawn with a fixed
+seed so every device is timed on the same suite. On `local` each kernel's share comes from the per-layer profile,
+which lets the model look up kernels it has seen; elsewhere only whole-build times are kept and fitted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..artifacts import Build
+from ..errors import UserError
+from ..targets import Target
+from .devices import Device, LocalDevice, QemuDevice, RpcDevice
+from .latency import save_table
+
+CALIBRATE_DIR = Path(__file__).resolve().parent.parent.parent / "calibrate"
+
+
+def suite(count: int, seed: int = 1234) -> list:
+    """`count` small networks with their inputs, drawn from the search space (widths 8-320, 32-160 px, k 3/5/7)."""
+    import torch
+    from torch import nn
+
+    from ..models.reference import InvertedResidual, conv_bn, randomize_bn
+
+    rng = np.random.default_rng(seed)
+    nets = []
+    for i in range(count):
+        res = int(rng.choice([32, 48, 64, 96, 112, 128, 160]))
+        c = int(rng.choice([8, 16, 24, 32, 48, 64, 96]))
+        k = int(rng.choice([3, 5, 7]))
+        expand = int(rng.choice([3, 4, 6]))
+        blocks = int(rng.integers(1, 4))
+        layers: list[nn.Module] = [conv_bn(3, c, 3, 2)]
+        cin = c
+        for b in range(blocks):
+            stride = 2 if b == 0 and rng.random() < 0.5 else 1
+            cout = cin if stride == 1 and rng.random() < 0.5 else int(rng.choice([16, 24, 32, 64, 96, 160, 320]))
+            block = InvertedResidual(cin, cout, stride, expand)
+            if k != 3:  # the elastic kernel: swap the depthwise 3x3 for k x k
+                dw = block.conv[-2] if expand != 1 else block.conv[0]
+                hidden = dw[0].in_channels
+                dw[0] = nn.Conv2d(hidden, hidden, k, dw[0].stride, k // 2, groups=hidden, bias=False)
+            layers.append(block)
+            cin = cout
+        head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, int(rng.choice([10, 100, 1000])))]
+        torch.manual_seed(seed + i)
+        model = randomize_bn(nn.Sequential(*layers, *head), seed + i)
+        nets.append((f"cal{i:03d}", model, torch.randn(1, 3, res, res)))
+    return nets
+
+
+def device_identity(device: Device, target: Target) -> dict:
+    ident = {"uri": device.uri, "target": target.name, "cpu": target.cpu}
+    if isinstance(device, LocalDevice):
+        model = ""
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        ident.update({"host": platform.node(), "cpu_model": model, "cores": target.cores})
+    elif isinstance(device, RpcDevice):
+        ident.update({"tracker": f"{device.host}:{device.port}", "key": device.key})
+    return ident
+
+
+def default_table_path(device: Device, target: Target) -> Path:
+    name = f"{target.name}-{target.cpu}" if isinstance(device, LocalDevice) else getattr(device, "key", target.name)
+    return CALIBRATE_DIR / f"{name}.json"
+
+
+def measure_entry(build: Build, device: Device, runs: int, warmup: int, threads: int | None) -> dict:
+    """One table entry: the build's kernels, its median time and (where the device profiles) each kernel's."""
+    m = device.measure(build, runs=runs, warmup=warmup, threads=threads, layers=isinstance(device, LocalDevice))
+    entry = {"name": Path(build.directory).name, "layers": build.layers, "ms": m.median_ms}
+    if m.layers:
+        by_name = {row["name"]: row["ms"] / max(1, row["calls"]) for row in m.layers}
+        complete = all(layer["kernel"] in by_name for layer in build.layers)
+        raw = [by_name.get(layer["kernel"], 0.0) for layer in build.layers]
+        scale = m.median_ms / sum(raw) if sum(raw) > 0 else 0.0  # remove the profiler's own overhead
+        entry["per_kernel_ms"] = [r * scale for r in raw] if complete and scale > 0 else None
+    return entry
+
+
+def calibrate(target: Target, device: Device, out: Path | None = None, count: int = 36, runs: int = 30,
+              warmup: int = 5, threads: int | None = None, progress=print) -> Path:
+    if isinstance(device, QemuDevice):
+        raise UserError("qemu times are not latency; calibrate on local or an rpc:// board")
+    if isinstance(device, LocalDevice) and not target.is_host:
+        raise UserError(f"calibrating {target.name} needs that device: use --device rpc://HOST:PORT/KEY")
+    from ..codegen.build import compile_model
+    from ..models.zoo import export_onnx
+
+    fmt = "so"
+    entries = []
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, (name, model, x) in enumerate(suite(count)):
+            path = export_onnx(model, x, Path(tmp) / f"{name}.onnx")
+            build = compile_model(path, target, Path(tmp) / name, fmt=fmt)
+            entries.append(measure_entry(build, device, runs, warmup, threads))
+            progress(f"[{i + 1}/{count}] {name}: {entries[-1]['ms']:.3f} ms")
+    out = out or default_table_path(device, target)
+    save_table(out, {
+        "device": device_identity(device, target),
+        "tool_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "threads": threads,
+        "entries": entries,
+    })
+    return out

@@ -1,0 +1,116 @@
+"""Latency model and calibration: the prior is marked as such, a table changes predictions toward measurements,
+tables are written atomically and carry the device's identity, and `calibrate` refuses emulators."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import assert_one_line_error
+
+from edgeprune.measure import latency
+from edgeprune.measure.latency import LatencyModel, load_table, model_for, save_table
+from edgeprune.targets import get_target
+
+
+def _layer(kind: str, flops: int, nbytes: int, shape=(1, 8, 8, 16)) -> dict:
+    return {"kernel": kind, "kind": kind, "flops": flops, "act_bytes": nbytes, "weight_bytes": 0,
+            "out_bytes": nbytes, "shapes": [list(shape), list(shape)]}
+
+
+def test_prior_uses_the_targets_roofline():
+    a7, a53 = get_target("cortex-a7"), get_target("cortex-a53")
+    conv = [_layer("conv", 100_000_000, 1_000_000)]
+    p7, p53 = model_for(a7).predict(conv), model_for(a53).predict(conv)
+    assert p7.source == "prior"
+    # One fp32 MAC per cycle per A7 core against eight FLOP per cycle on an A53: the A7 must come out slower.
+    assert p7.ms > 2 * p53.ms
+    # 1e8 FLOP on 4 cores x 1 GHz x 2 FLOP/cycle at the conv efficiency: 25 ms / efficiency, plus dispatch.
+    expected = 1e8 / (4 * 1e9 * 2) * 1e3 / latency.PRIOR_EFFICIENCY["conv"] + latency.PRIOR_OVERHEAD_MS
+    assert p7.ms == pytest.approx(expected, rel=1e-6)
+
+
+def test_fit_recovers_a_linear_device():
+    """A synthetic device whose conv time is exactly 3x compute + 2x memory + 0.01 ms: the fit finds it."""
+    target = get_target("cortex-a7")
+    rng = np.random.default_rng(0)
+    entries = []
+    for _ in range(12):
+        layers = [_layer("conv", int(rng.integers(1e6, 1e8)), int(rng.integers(1e4, 1e6))) for _ in range(3)]
+        ms = 0.0
+        for layer in layers:
+            compute, memory = latency._terms(layer, target, None)
+            ms += 3 * compute + 2 * memory + 0.01
+        entries.append({"layers": layers, "ms": ms})
+    model = LatencyModel(target).fit(entries)
+    a, b, c = model.coef["conv"]
+    assert a == pytest.approx(3, rel=1e-3) and b == pytest.approx(2, rel=1e-2) and c == pytest.approx(0.01, rel=1e-2)
+    p = model.predict([_layer("conv", 5_000_000, 50_000)])
+    assert p.source == "fitted"
+
+
+def test_measured_kernels_are_looked_up():
+    target = get_target("host")
+    layer = _layer("conv", 1_000_000, 10_000)
+    model = LatencyModel(target).fit([{"layers": [layer], "ms": 0.5, "per_kernel_ms": [0.5]}])
+    p = model.predict([layer])
+    assert p.source == "measured" and p.ms == pytest.approx(0.5)
+
+
+def test_tables_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "dev.json"
+    save_table(path, {"device": {"uri": "local"}, "entries": []})
+    before = path.read_text()
+
+    def boom(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latency.json, "dump", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_table(path, {"device": {"uri": "local"}, "entries": [{"layers": [], "ms": 1.0}]})
+    assert path.read_text() == before  # the old table, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["dev.json"]  # no temporary left behind
+
+
+def test_a_damaged_table_is_a_one_line_error(tmp_path, cli):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(Exception) as e:
+        load_table(bad)
+    assert "re-run edgeprune calibrate" in str(e.value)
+
+
+def test_calibrate_refuses_emulators_and_off_host_local(cli, tmp_path):
+    rc, _, err = cli("calibrate", "--target", "cortex-a7", "--device", "qemu://cortex-a7", "-o", tmp_path / "t.json")
+    assert rc == 2
+    assert_one_line_error(err, "qemu")
+    rc, _, err = cli("calibrate", "--target", "cortex-a7", "--device", "local", "-o", tmp_path / "t.json")
+    assert rc == 2
+    assert_one_line_error(err, "rpc://")
+    assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.slow
+def test_calibrate_writes_a_table_with_identity_and_predict_uses_it(cli, tmp_path):
+    table = tmp_path / "host.json"
+    rc, out, err = cli("calibrate", "--count", "3", "--runs", "5", "--warmup", "1", "-o", table, "--quiet")
+    assert rc == 0, err
+    data = json.loads(table.read_text())
+    assert data["device"]["uri"] == "local" and data["device"]["target"] == "host"
+    assert data["tool_version"] and data["date"] and len(data["entries"]) == 3
+    assert all(e["ms"] > 0 and e["layers"] for e in data["entries"])
+
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU()).eval()
+    onnx_path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(onnx_path), opset_version=17, dynamo=False,
+                      input_names=["input"])
+    rc, _, err = cli("compile", onnx_path, "-o", tmp_path / "b")
+    assert rc == 0, err
+    rc, out, _ = cli("predict", tmp_path / "b", "--json")
+    assert json.loads(out)["source"] == "prior"
+    rc, out, _ = cli("predict", tmp_path / "b", "--table", table, "--json")
+    assert json.loads(out)["source"] in ("fitted", "measured")
