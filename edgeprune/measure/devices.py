@@ -3,6 +3,7 @@
     local                   this machine, in this process
     rpc://HOST:PORT/KEY     a board from a TVM RPC tracker: the build is uploaded, run and timed there
     qemu://TARGET           a C package under qemu-user: exact numerics, and times that are NOT the device's
+    serial://PATH?baud=N    a board running the edgeprune agent for a C package (serial_device.py)
 
 Every device runs a build on inputs and measures it; a Measurement says whether its times are real latency.
 """
@@ -196,6 +197,7 @@ def get_device(uri: str) -> Device:
     if m:
         return RpcDevice(m["host"], int(m["port"]), m["key"])
     if uri.startswith("serial://"):
-        raise UserError("serial devices are not available in this version; use local, rpc://HOST:PORT/KEY or "
-                        "qemu://TARGET")
-    raise UserError(f"unknown device '{uri}'; use local, rpc://HOST:PORT/KEY or qemu://TARGET")
+        from .serial_device import parse_uri
+
+        return parse_uri(uri)
+    raise UserError(f"unknown device '{uri}'; use local, rpc://HOST:PORT/KEY, qemu://TARGET or serial://PATH?baud=N")
