@@ -5,6 +5,11 @@ The suite is MobileNetV2-style pieces (stem convolutions, pointwise expansions, 
 residual adds, pooling and classifier heads) at widths and resolutions from the search space, drawn with a fixed
 seed so every device is timed on the same suite. On `local` each kernel's share comes from the per-layer profile,
 which lets the model look up kernels it has seen; elsewhere only whole-build times are kept and fitted.
+
+On rpc://HOST:PORT/KEY the suite is compiled first (here, one build at a time: compiling is CPU bound) and then
+measured on every board registered under KEY at once, one worker per board: each measurement asks the tracker for
+its own session, so the tracker spreads them over the boards. Entries stay in suite order; a measurement that fails
+is tried once more, then the run stops with the build's name; the table is written once, at the end, atomically.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import datetime
 import platform
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +32,7 @@ from .devices import Device, LocalDevice, QemuDevice, RpcDevice
 from .latency import save_table
 
 CALIBRATE_DIR = Path(__file__).resolve().parent.parent.parent / "calibrate"
+ATTEMPTS = 2  # per build: a board that drops one session (reboot, re-registration) gets a second chance
 
 
 def suite(count: int, seed: int = 1234) -> list:
@@ -61,7 +69,9 @@ def suite(count: int, seed: int = 1234) -> list:
     return nets
 
 
-def device_identity(device: Device, target: Target) -> dict:
+def device_identity(device: Device, target: Target, boards: int | None = None) -> dict:
+    """Who measured the table: enough to tell it belongs to another device. `boards`: how many boards under an RPC
+    key shared the suite (their times are pooled, so they should be the same kind of board)."""
     ident = {"uri": device.uri, "target": target.name, "cpu": target.cpu}
     if isinstance(device, LocalDevice):
         model = ""
@@ -74,7 +84,7 @@ def device_identity(device: Device, target: Target) -> dict:
             pass
         ident.update({"host": platform.node(), "cpu_model": model, "cores": target.cores})
     elif isinstance(device, RpcDevice):
-        ident.update({"tracker": f"{device.host}:{device.port}", "key": device.key})
+        ident.update({"tracker": f"{device.host}:{device.port}", "key": device.key, "boards": boards or 1})
     return ident
 
 
@@ -97,29 +107,75 @@ def measure_entry(build: Build, device: Device, runs: int, warmup: int, threads:
 
 
 def calibrate(target: Target, device: Device, out: Path | None = None, count: int = 36, runs: int = 30,
-              warmup: int = 5, threads: int | None = None, progress=print) -> Path:
+              warmup: int = 5, threads: int | None = None, progress: Callable[[str], None] = print) -> Path:
+    """Time `suite(count)` on `device` and write its latency table to `out` (default: calibrate/<device>.json)."""
     if isinstance(device, QemuDevice):
         raise UserError("qemu times are not latency; calibrate on local or an rpc:// board")
     if isinstance(device, LocalDevice) and not target.is_host:
         raise UserError(f"calibrating {target.name} needs that device: use --device rpc://HOST:PORT/KEY")
-    from ..codegen.build import compile_model
-    from ..models.zoo import export_onnx
-
-    fmt = "so"
-    entries = []
+    # Ask the tracker first: a wrong address or key should fail now, not after minutes of compiling.
+    workers = min(device.boards(), count) if isinstance(device, RpcDevice) else 1
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for i, (name, model, x) in enumerate(suite(count)):
-            path = export_onnx(model, x, Path(tmp) / f"{name}.onnx")
-            build = compile_model(path, target, Path(tmp) / name, fmt=fmt)
-            entries.append(measure_entry(build, device, runs, warmup, threads))
-            progress(f"[{i + 1}/{count}] {name}: {entries[-1]['ms']:.3f} ms")
+        builds = _compiled(target, count, Path(tmp))
+        if isinstance(device, RpcDevice):
+            built = []
+            for i, build in enumerate(builds):
+                built.append(build)
+                progress(f"[{i + 1}/{count}] {Path(build.directory).name}: compiled")
+            entries = _measure_on_boards(built, device, workers, runs, warmup, threads, progress)
+        else:  # one device here: measuring while the next build compiles would skew its times
+            entries = []
+            for i, build in enumerate(builds):
+                entries.append(_measured(build, device, runs, warmup, threads))
+                progress(f"[{i + 1}/{count}] {entries[-1]['name']}: {entries[-1]['ms']:.3f} ms")
     out = out or default_table_path(device, target)
     save_table(out, {
-        "device": device_identity(device, target),
+        "device": device_identity(device, target, boards=workers),
         "tool_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": threads,
         "entries": entries,
     })
     return out
+
+
+def _compiled(target: Target, count: int, tmp: Path) -> Iterator[Build]:
+    """The suite's builds (--format so, in `tmp`), one at a time, in suite order."""
+    from ..codegen.build import compile_model
+    from ..models.zoo import export_onnx
+
+    for name, model, x in suite(count):
+        path = export_onnx(model, x, tmp / f"{name}.onnx")
+        yield compile_model(path, target, tmp / name, fmt="so")
+
+
+def _measured(build: Build, device: Device, runs: int, warmup: int, threads: int | None) -> dict:
+    """measure_entry, tried ATTEMPTS times; then one error that names the build and what went wrong."""
+    errors: list[str] = []
+    for _ in range(ATTEMPTS):
+        try:
+            return measure_entry(build, device, runs, warmup, threads)
+        except UserError as e:
+            errors.append(str(e))
+    # The first error is usually the cause; a retry that failed differently (e.g. the board is gone now) is added.
+    detail = errors[0] if len(set(errors)) == 1 else f"{errors[0]}; then: {errors[-1]}"
+    raise UserError(f"calibration stopped: measuring {Path(build.directory).name} on {device.uri} failed "
+                    f"{ATTEMPTS} times: {detail}")
+
+
+def _measure_on_boards(builds: list[Build], device: RpcDevice, workers: int, runs: int, warmup: int,
+                       threads: int | None, progress: Callable[[str], None]) -> list[dict]:
+    """Every build measured, `workers` at a time; entries in suite order whatever order they finish in."""
+    entries: list[dict] = [{}] * len(builds)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="calibrate")
+    try:
+        futures = {pool.submit(_measured, b, device, runs, warmup, threads): i for i, b in enumerate(builds)}
+        for done, future in enumerate(as_completed(futures), 1):
+            i = futures[future]
+            entries[i] = future.result()  # the first build that fails for good ends the run, before any writing
+            progress(f"[{done}/{len(builds)}] {entries[i]['name']}: {entries[i]['ms']:.3f} ms")
+    finally:
+        # Builds not started are dropped; running ones end within the device's own bound (wait + timeout + grace).
+        pool.shutdown(wait=True, cancel_futures=True)
+    return entries

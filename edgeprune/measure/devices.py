@@ -2,6 +2,7 @@
 
     local                   this machine, in this process
     rpc://HOST:PORT/KEY     a board from a TVM RPC tracker: the build is uploaded, run and timed there
+                            (?wait=S&timeout=S: see RpcDevice)
     qemu://TARGET           a C package under qemu-user: exact numerics, and times that are NOT the device's
     serial://PATH?baud=N    a board running the edgeprune agent for a C package (serial_device.py)
 
@@ -12,9 +13,13 @@ from __future__ import annotations
 
 import gc
 import re
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import parse_qs
 
 import numpy as np
 
@@ -23,7 +28,9 @@ from ..errors import UserError
 from . import package
 
 NO_SUCH_KEY = -2
-RPC_URI = re.compile(r"^rpc://(?P<host>[^:/]+):(?P<port>\d+)/(?P<key>[\w.\-]+)$")
+T = TypeVar("T")
+RPC_URI = re.compile(r"^rpc://(?P<host>[^:/]+):(?P<port>\d+)/(?P<key>[\w.\-]+)(?:\?(?P<query>.*))?$")
+CONNECT_GRACE = 5.0  # seconds, beyond wait + session timeout, for the tracker request, connection and teardown
 
 
 class Device:
@@ -79,6 +86,15 @@ def _package_measurement(build: Build, device: str, runs: int, warmup: int, real
 
 @dataclass
 class RpcDevice(Device):
+    """A board from a TVM RPC tracker, by rpc://HOST:PORT/KEY[?wait=S&timeout=S].
+
+    wait     seconds to wait for a free board under KEY before 'no free board' (default 10): a board just
+             released takes a moment to re-register, and parallel calibration keeps every board busy
+    timeout  seconds a session may last (default 60): the server ends longer sessions, and this side gives up on
+             a board that has not answered within wait + timeout + CONNECT_GRACE (a stopped or hung rpc_server
+             would otherwise block forever: TVM's client has no timeout of its own)
+    """
+
     host: str
     port: int
     key: str
@@ -89,25 +105,46 @@ class RpcDevice(Device):
     def uri(self) -> str:
         return f"rpc://{self.host}:{self.port}/{self.key}"
 
-    def _session(self):
-        """A board from the tracker; a tracker that does not answer, or has no free board, is a clear error."""
+    def _tracker(self):
         import socket
 
         import tvm.rpc
 
         try:  # TVM's client retries a dead tracker for a minute: find out in a few seconds instead
             socket.create_connection((self.host, self.port), timeout=5).close()
-            tracker = tvm.rpc.connect_tracker(self.host, self.port)
+            return tvm.rpc.connect_tracker(self.host, self.port)
         except Exception as e:  # noqa: BLE001 - socket errors of all kinds
             raise UserError(f"cannot reach the RPC tracker at {self.host}:{self.port} ({_line(e)}); "
                             "check that it runs and the address") from None
+
+    def boards(self) -> int:
+        """Boards registered under the key, free or in use (at least 1); an unknown key is a clear error."""
+        tracker = self._tracker()
+        try:
+            summary = tracker.summary()
+        except Exception:  # noqa: BLE001 - a tracker that does not summarize: assume one board
+            return 1
+        finally:
+            tracker.close()
+        if self.key not in summary.get("queue_info", {}):
+            raise self._no_such_key()
+        # server_info lists every server connected to the tracker, busy ones too; queue_info only the free ones.
+        registered = sum(1 for s in summary.get("server_info", []) if s.get("key") == f"server:{self.key}")
+        return max(1, registered, int(summary["queue_info"][self.key].get("free", 0)))
+
+    def _no_such_key(self) -> UserError:
+        return UserError(f"no board is registered under key '{self.key}' at the tracker {self.host}:{self.port}; "
+                         "check the key, or start an rpc_server with it")
+
+    def _session(self):
+        """A board from the tracker; a tracker that does not answer, or has no free board, is a clear error."""
+        tracker = self._tracker()
         # A board just released takes a moment to re-register: wait, bounded, before calling it busy.
         deadline = time.monotonic() + self.wait_free
         while (free := _free_boards(tracker, self.key)) == 0 and time.monotonic() < deadline:
             time.sleep(0.5)
         if free == NO_SUCH_KEY:
-            raise UserError(f"no board is registered under key '{self.key}' at the tracker {self.host}:{self.port}; "
-                            "check the key, or start an rpc_server with it")
+            raise self._no_such_key()
         if free == 0:
             raise UserError(f"the tracker at {self.host}:{self.port} has no free board under key '{self.key}' "
                             f"(waited {self.wait_free:g} s); start an rpc_server with that key or retry later")
@@ -116,6 +153,33 @@ class RpcDevice(Device):
         except Exception as e:  # noqa: BLE001
             raise UserError(f"no board under key '{self.key}' answered the tracker at {self.host}:{self.port} "
                             f"({_line(e)})") from None
+
+    def _bounded(self, work: Callable[[], T]) -> T:
+        """`work` (a whole session: request, upload, run) in a daemon thread, given up after the bound.
+
+        A board that accepted the connection but never answers blocks TVM's C++ client forever and nothing can
+        interrupt it; the thread is left behind (daemon: it does not keep the process alive) and ends when the
+        socket does.
+        """
+        limit = self.wait_free + self.timeout + CONNECT_GRACE
+        box: dict = {}
+
+        def target() -> None:
+            try:
+                box["value"] = work()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                box["error"] = e
+
+        thread = threading.Thread(target=target, name=f"rpc-{self.key}", daemon=True)
+        thread.start()
+        thread.join(limit)
+        if thread.is_alive():
+            raise UserError(f"the board under '{self.key}' at the tracker {self.host}:{self.port} did not answer "
+                            f"within {limit:g} s; is its rpc_server stopped or hung? (longer sessions: "
+                            "?timeout=S in the device URI)")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def _load(self, build: Build):
         from tvm import relax
@@ -139,6 +203,9 @@ class RpcDevice(Device):
         return [tvm.runtime.tensor(np.ascontiguousarray(a), remote.cpu()) for a in inputs]
 
     def run(self, build, inputs):
+        return self._bounded(lambda: self._run(build, inputs))
+
+    def _run(self, build: Build, inputs: list[np.ndarray]) -> list[np.ndarray]:
         remote, vm = self._load(build)
         try:
             res = vm["main"](*self._args(remote, build, inputs))
@@ -149,6 +216,9 @@ class RpcDevice(Device):
             gc.collect()  # closes the session: the board goes back to the tracker now, not at exit
 
     def measure(self, build, runs, warmup, threads=None, layers=True):
+        return self._bounded(lambda: self._measure(build, runs, warmup, threads))
+
+    def _measure(self, build: Build, runs: int, warmup: int, threads: int | None) -> Measurement:
         from .local import random_inputs
 
         remote, vm = self._load(build)
@@ -164,6 +234,26 @@ class RpcDevice(Device):
             gc.collect()
         return Measurement(device=self.uri, target=build.target, runs_ms=[t * 1e3 for t in result.results],
                            threads=threads or 0)
+
+
+def parse_rpc_uri(uri: str) -> RpcDevice | None:
+    """rpc://HOST:PORT/KEY[?wait=S&timeout=S] as an RpcDevice; None when `uri` is not an rpc:// URI at all."""
+    m = RPC_URI.match(uri)
+    if not m:
+        return None
+    usage = "use rpc://HOST:PORT/KEY[?wait=S&timeout=S]"
+    params = parse_qs(m["query"] or "", keep_blank_values=True)
+    unknown = sorted(set(params) - {"wait", "timeout"})
+    if unknown:
+        raise UserError(f"RPC device '{uri}' has unknown parameter(s) {', '.join(unknown)}; {usage}")
+    try:
+        wait = float(params.get("wait", [RpcDevice.wait_free])[-1])
+        timeout = float(params.get("timeout", [RpcDevice.timeout])[-1])
+    except ValueError:
+        raise UserError(f"RPC device '{uri}': wait and timeout are numbers of seconds; {usage}") from None
+    if not (wait >= 0 and timeout > 0):
+        raise UserError(f"RPC device '{uri}': wait must be >= 0 and timeout > 0; {usage}")
+    return RpcDevice(m["host"], int(m["port"]), m["key"], timeout=timeout, wait_free=wait)
 
 
 def _free_boards(tracker, key: str) -> int:
@@ -193,9 +283,9 @@ def get_device(uri: str) -> Device:
         name = uri[len(package.QEMU_PREFIX):]
         get_target(name)  # an unknown target is named with the known ones
         return QemuDevice(name)
-    m = RPC_URI.match(uri)
-    if m:
-        return RpcDevice(m["host"], int(m["port"]), m["key"])
+    rpc = parse_rpc_uri(uri)
+    if rpc:
+        return rpc
     if uri.startswith("serial://"):
         from .serial_device import parse_uri
 
