@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgeprune-installed
 PYTHON ?= python3
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-search supernet system clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,19 +13,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/edgeprune targets
-	$(BIN)/edgeprune compile builtin:mobilenetv2-0.5-128 --target host -o out/demo
-	$(BIN)/edgeprune measure out/demo --runs 200
+# Cross compilers, qemu-user, arm-none-eabi and cmake from Debian, when missing.
+system:
+	./tools/system-packages.sh
 
-test: $(STAMP)
+# The product on its defaults: search the shipped supernet for a Cortex-A7 board, 50 ms, and compile the choice.
+demo: $(STAMP) system
+	$(BIN)/edgeprune build --target cortex-a7 --latency 50ms -o out/demo
+
+test: $(STAMP) system
 	$(BIN)/python -m pytest -q -ra
+
+# How the shipped supernet was made (deterministic on CPU for a given torch build; ~15 min on 2 cores).
+supernet: $(STAMP)
+	$(BIN)/edgeprune train-supernet --steps 600 --seed 0 -o edgeprune/search/assets/supernet-digit-scenes.pt
 
 lint: $(STAMP)
 	$(BIN)/ruff check edgeprune tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/dense.py
+
+bench-search: $(STAMP) system
+	$(BIN)/python bench/search.py
 
 clean:
 	rm -rf out .pytest_cache

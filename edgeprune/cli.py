@@ -1,4 +1,4 @@
-"""edgeprune's command line: targets · compile · run · measure · check.
+"""edgeprune's command line: build · train-supernet · targets · compile · run · measure · check · calibrate · predict.
 
 Every user mistake becomes one line on stderr and exit code 2; nothing is written half-way.
 """
@@ -18,6 +18,7 @@ from . import __version__
 from .errors import UserError
 
 BUILTIN_PREFIX = "builtin:"
+DEVICES = "local, rpc://HOST:PORT/KEY, serial://PATH?baud=N or qemu://TARGET (default: local)"
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -165,7 +166,7 @@ def cmd_run(args) -> int:
 
     device = get_device(args.device)
     build = Build.load(args.build)
-    if build.format == "c" or isinstance(device, QemuDevice):
+    if isinstance(device, QemuDevice) or (build.format == "c" and isinstance(device, LocalDevice)):
         package.command_for(build, args.device)  # a wrong device fails before inputs are read
     elif isinstance(device, LocalDevice):
         _check_runs_here(build)
@@ -314,10 +315,101 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    from .pipeline import SUPERNET, BudgetError, Request, run
+
+    req = Request(target=args.target, budget_ms=args.latency, out=Path(args.output or f"out/build-{args.target}"),
+                  device=args.device, data=args.data, supernet=Path(args.supernet or SUPERNET),
+                  table=Path(args.table) if args.table else None, rounds=args.rounds, fmt=args.format,
+                  runs=args.runs, statistic="median" if args.median else "p90", seed=args.seed,
+                  quiet=args.quiet or args.json)
+    try:
+        report = run(req)
+    except BudgetError as e:
+        print(f"edgeprune: {e}", file=sys.stderr)
+        return 1
+    lat, acc = report["latency"], report["accuracy"]
+    if args.json:
+        print(json.dumps(report))
+    else:
+        how = (f"measured {report['statistic']} {lat['measured_ms']:.3f} ms on {report['device']}"
+               if lat["measured_ms"] is not None else
+               f"predicted {lat['predicted_ms']:.3f} ms from the {lat['predicted_source']} model (no device attached: "
+               "not measured)")
+        print(f"{req.out}: {how}; budget {report['budget_ms']:g} ms {'met' if report['met'] else 'MISSED'}")
+        print(f"  test accuracy {acc['test']:.1%} (unpruned {acc['unpruned_test']:.1%}), "
+              f"{report['macs'] / 1e6:.1f}M MACs, {report['parameters'] / 1e6:.2f}M parameters, "
+              f"{report['architecture']['resolution']} px")
+        print(f"  report: {req.out / 'report.html'}")
+    if not report["met"]:
+        print(f"edgeprune: the budget was missed; the smallest latency reached is {report.get('smallest_ms') or 0:.3f} "
+              "ms", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _resolutions(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of resolutions; write it like 64,80,96") from None
+    if not values or values[0] < 32 or values[-1] > 224 or any(v % 16 for v in values):
+        raise argparse.ArgumentTypeError(f"resolutions must be multiples of 16 between 32 and 224, got '{text}'")
+    return values
+
+
+def cmd_train_supernet(args) -> int:
+    from . import data
+    from .pipeline import latency_function, progress_bar
+    from .search.train import TrainConfig, save, train
+
+    ds = data.load(args.data, seed=args.seed)
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, seed=args.seed, target=args.target,
+                      resolutions=args.resolutions or TrainConfig.resolutions)
+    with progress_bar(args.steps, "train supernet", quiet=args.quiet) as bar:
+        ckpt = train(ds, cfg, latency_function(args.target), bar)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save(ckpt, Path(args.output))
+        if not args.quiet:
+            best = max((p["val_accuracy"] for p in ckpt["pools"]), default=0.0)
+            print(f"wrote {args.output}: largest subnet {ckpt['largest']['val_accuracy']:.1%} on validation, "
+                  f"{len(ckpt['pools'])} pool subnets (best {best:.1%})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeprune", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"edgeprune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("build", help="search, compile and measure a network that meets a latency budget")
+    s.add_argument("--target", "-t", required=True, help="device target (edgeprune targets lists them)")
+    s.add_argument("--latency", type=_duration_ms, required=True, help="the budget, e.g. 50ms, 0.05s, 1500us")
+    s.add_argument("--device", help="measure on it: " + DEVICES.replace(" (default: local)", "") +
+                   " (default: none, the latency is predicted)")
+    s.add_argument("--data", help="ImageFolder directory or .npz (default: the built-in digit scenes)")
+    s.add_argument("--output", "-o", help="output directory (default: out/build-TARGET)")
+    s.add_argument("--supernet", help="checkpoint from edgeprune train-supernet (default: the shipped one)")
+    s.add_argument("--table", help="the device's latency table (default: calibrate/<device>.json if present)")
+    s.add_argument("--rounds", type=_at_least(1), default=3, help="search-measure rounds at most (default: 3)")
+    s.add_argument("--format", choices=("so", "c"), help="output format (default: the target's)")
+    s.add_argument("--runs", type=_at_least(3), default=50, help="timed runs per measurement (default: 50)")
+    s.add_argument("--median", action="store_true", help="judge the median instead of the p90")
+    s.add_argument("--seed", type=int, default=0, help="data split seed")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("train-supernet", help="train the elastic supernet the search draws subnets from")
+    s.add_argument("--data", help="ImageFolder directory or .npz (default: the built-in digit scenes)")
+    s.add_argument("--output", "-o", default="supernet.pt", help="checkpoint to write (default: supernet.pt)")
+    s.add_argument("--steps", type=_at_least(4), default=600, help="optimizer steps over all phases (default: 600)")
+    s.add_argument("--batch", type=_at_least(2), default=32, help="images per step over all processes")
+    s.add_argument("--resolutions", type=_resolutions, help="training resolutions (default: 64,80,96)")
+    s.add_argument("--target", "-t", default="cortex-a7", help="target whose latency buckets the pools")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_train_supernet)
 
     s = sub.add_parser("targets", help="list the device targets")
     s.add_argument("--json", action="store_true", help="print them as JSON")
@@ -353,7 +445,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("measure", help="latency of a build: median, p10, p90 and a per-layer profile")
     s.add_argument("build", help="build directory")
-    s.add_argument("--device", default="local", help="local, rpc://HOST:PORT/KEY or qemu://TARGET (default: local)")
+    s.add_argument("--device", default="local", help=DEVICES)
     s.add_argument("--runs", type=_at_least(1), default=100)
     s.add_argument("--warmup", type=_at_least(0), default=10)
     s.add_argument("--threads", type=_at_least(1), help="CPU threads (default: all)")
@@ -363,7 +455,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check", help="exit 1 when a build misses its latency budget on a device (for CI)")
     s.add_argument("build", help="build directory")
-    s.add_argument("--device", default="local", help="local or rpc://HOST:PORT/KEY (default: local)")
+    s.add_argument("--device", default="local", help=DEVICES)
     s.add_argument("--latency", type=_duration_ms, required=True, help="the budget, e.g. 50ms, 0.05s, 1500us")
     s.add_argument("--median", action="store_true", help="judge the median instead of the p90")
     s.add_argument("--runs", type=_at_least(1), default=100)
@@ -375,7 +467,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("calibrate", help="time a suite of small builds on a device; write its latency table")
     s.add_argument("--target", "-t", default="host", help="the device's target")
-    s.add_argument("--device", default="local", help="local or rpc://HOST:PORT/KEY (default: local)")
+    s.add_argument("--device", default="local", help=DEVICES)
     s.add_argument("--output", "-o", help="table to write (default: calibrate/<device>.json)")
     s.add_argument("--count", type=_at_least(3), default=36, help="builds in the suite (default: 36)")
     s.add_argument("--runs", type=_at_least(1), default=30)

@@ -31,6 +31,7 @@ KINDS = ("conv", "dwconv", "matmul", "pool", "reduce", "data")
 PRIOR_EFFICIENCY = {"conv": 0.5, "dwconv": 0.15, "matmul": 0.3, "pool": 0.1, "reduce": 0.1, "data": 0.05}
 PRIOR_OVERHEAD_MS = 0.005  # per kernel call: dispatch, parallel launch
 TABLE_VERSION = 1
+MIN_FIT_ENTRIES = 8  # fewer measured networks than this: scale the prior instead of fitting per kind
 
 
 def _peak_flops_per_ms(target: Target, threads: int | None = None) -> float:
@@ -72,6 +73,7 @@ class LatencyModel:
     threads: int | None = None
     coef: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # kind -> (a, b, c), fitted
     measured: dict[str, float] = field(default_factory=dict)  # layer key -> ms
+    scale: float = 1.0  # measured / prior, when there are too few entries to fit per kind
 
     def layer_ms(self, layer: dict) -> tuple[float, str]:
         key = layer_key(layer)
@@ -82,7 +84,8 @@ class LatencyModel:
             a, b, c = self.coef[layer["kind"]]
             return a * compute + b * memory + c, "fitted"
         eff = PRIOR_EFFICIENCY.get(layer["kind"], 0.05)
-        return max(compute / eff, memory) + PRIOR_OVERHEAD_MS, "prior"
+        prior = max(compute / eff, memory) + PRIOR_OVERHEAD_MS
+        return (prior, "prior") if self.scale == 1.0 else (prior * self.scale, "fitted")
 
     def predict(self, layers: list[dict]) -> Prediction:
         if not layers:
@@ -111,6 +114,11 @@ class LatencyModel:
             for layer, ms in zip(e["layers"], e.get("per_kernel_ms") or []):
                 self.measured[layer_key(layer)] = ms
         if not rows:
+            return self
+        if len(rows) < MIN_FIT_ENTRIES:  # a per-kind fit would be underdetermined: one factor on the prior
+            prior = LatencyModel(self.target, self.threads)
+            ratios = [e["ms"] / prior.predict(e["layers"]).ms for e in entries]
+            self.scale = float(np.median(ratios))
             return self
         a, t = np.array(rows), np.array(times)
         # Relative error is what matters (a 10% miss on 1 ms is as bad as on 100 ms): weight rows by 1/time.

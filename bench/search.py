@@ -1,0 +1,156 @@
+"""Search benchmark: edgeprune's choice against uniform width scaling and random search, at measured latency.
+
+Protocol, on this machine (device `local`, target `host`), the shipped supernet and the default data, in one run:
+  1. budgets: the largest subnet is compiled and measured; the budgets are fractions of its median latency;
+  2. for each budget, three methods pick a subnet, each compiled and measured (median of --runs) until it is within
+     budget (a miss adds the measurement to a latency table shared by all methods, refits, and picks again):
+       edgeprune  `edgeprune build` (pool subnets + knapsack, the measurement loop);
+       uniform    the largest subnet with every width scaled by one multiplier, the widest that is predicted to fit;
+       random     random subnets predicted to fit, as many scored on validation data as edgeprune scored; the best;
+  3. each method's test accuracy (BatchNorm recalibrated, held-out digits) and measured latency.
+
+Goals (issue 5): at every budget edgeprune's accuracy beats both baselines, and every method's measured latency is
+within budget. One GOAL line each; exits 1 when any is missed.
+
+    python bench/search.py [--fractions 0.3,0.5,0.75] [--runs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fractions", default="0.3,0.5,0.75", help="budgets as fractions of the largest subnet's latency")
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+
+    import torch
+
+    from edgeprune import data
+    from edgeprune.codegen.build import compile_model
+    from edgeprune.measure.calibrate import device_identity
+    from edgeprune.measure.devices import LocalDevice
+    from edgeprune.measure.latency import model_for, save_table
+    from edgeprune.models.zoo import export_onnx
+    from edgeprune.pipeline import SUPERNET, Request, priced_by, run
+    from edgeprune.search import space as S
+    from edgeprune.search.evaluate import accuracy, score, subnet
+    from edgeprune.search.train import load
+    from edgeprune.targets import get_target
+
+    target, device = get_target("host"), LocalDevice()
+    supernet, ckpt = load(SUPERNET)
+    ds = data.load(None, seed=args.seed)
+    resolutions = tuple(ckpt["space"]["resolutions"])
+    space = S.Space(resolutions=resolutions)
+    tmp = Path(tempfile.mkdtemp(prefix="edgeprune-bench-search-"))
+    table_path = tmp / "table.json"
+    table = {"device": device_identity(device, target), "entries": []}
+
+    def compile_measure(arch: S.Arch, name: str) -> tuple[float, object]:
+        net = subnet(supernet, arch, ds.train[0])
+        onnx = export_onnx(net, torch.zeros(1, 3, arch.resolution, arch.resolution), tmp / f"{name}.onnx")
+        build = compile_model(onnx, target, tmp / name)
+        ms = device.measure(build, runs=args.runs, warmup=5, layers=False).median_ms
+        table["entries"].append({"name": name, "layers": build.layers, "ms": ms})
+        save_table(table_path, table)
+        return ms, net
+
+    largest = space.largest(max(resolutions))
+    top_ms, _ = compile_measure(largest, "largest")
+    budgets = [round(top_ms * float(f), 3) for f in args.fractions.split(",")]
+    log(f"largest subnet: {top_ms:.3f} ms; budgets {budgets} ms")
+
+    def until_within(name: str, budget: float, pick) -> tuple[float, float, S.Arch]:
+        """pick(latency) -> arch; compile and measure, refit on a miss, at most --rounds times."""
+        best = None
+        for r in range(args.rounds):
+            latency = priced_by(model_for(target, table))
+            arch = pick(latency)
+            ms, net = compile_measure(arch, f"{name}-{budget:g}-{r}")
+            log(f"  {name}: {S.macs(arch) / 1e6:.1f}M MACs @{arch.resolution}px measured {ms:.3f} ms")
+            if ms <= budget:
+                return ms, accuracy(net, *ds.test, arch.resolution), arch
+            best = (ms, 0.0, arch) if best is None or ms < best[0] else best
+        return best
+
+    rows = []
+    for budget in budgets:
+        log(f"budget {budget:g} ms")
+        out = tmp / f"edgeprune-{budget:g}"
+        report = run(Request(target="host", budget_ms=budget, out=out, device="local", table=table_path,
+                             rounds=args.rounds, runs=args.runs, statistic="median", seed=args.seed, quiet=True))
+        table["entries"] = json.loads(table_path.read_text())["entries"]  # with what the loop measured
+        ours = (report["latency"]["measured_ms"], report["accuracy"]["test"] if report["met"] else 0.0)
+        evaluated = report["search"]["evaluated"]
+        log(f"  edgeprune: measured {ours[0]:.3f} ms, test {ours[1]:.1%} ({evaluated} subnets scored)")
+
+        def widest_uniform(latency, budget=budget):
+            for m in np.arange(1.0, 0.19, -0.05):
+                arch = scaled(largest, m, S)
+                if latency(arch) <= budget:
+                    return arch
+            return scaled(largest, 0.2, S)
+
+        uni = until_within("uniform", budget, widest_uniform)
+
+        def random_search(latency, budget=budget, evaluated=evaluated):
+            rng = np.random.default_rng([args.seed, int(budget * 1000)])
+            found = []
+            for _ in range(20000):
+                a = space.sample(rng)
+                if latency(a) <= budget:
+                    found.append(a)
+                    if len(found) == evaluated:
+                        break
+            if not found:
+                return space.smallest(min(resolutions))
+            return max(found, key=lambda a: score(supernet, a, ds))
+
+        rnd = until_within("random", budget, random_search)
+        rows.append((budget, ours, (uni[0], uni[1]), (rnd[0], rnd[1])))
+
+    print("| budget ms | edgeprune ms | acc | uniform ms | acc | random ms | acc |")
+    print("|---|---|---|---|---|---|---|")
+    for budget, o, u, r in rows:
+        print(f"| {budget:.3f} | {o[0]:.3f} | {o[1]:.1%} | {u[0]:.3f} | {u[1]:.1%} | {r[0]:.3f} | {r[1]:.1%} |")
+    ok = True
+    for budget, o, u, r in rows:
+        for name, base in (("uniform", u), ("random", r)):
+            met = o[1] > base[1]
+            ok &= met
+            print(f"GOAL beats-{name}@{budget:g}ms: {o[1] - base[1]:+.1%} accuracy (goal > 0) "
+                  f"{'met' if met else 'missed'}")
+        within = all(x[0] <= budget for x in (o, u, r))
+        ok &= within
+        print(f"GOAL within-budget@{budget:g}ms: max {max(o[0], u[0], r[0]) / budget:.3f} of budget (goal <= 1) "
+              f"{'met' if within else 'missed'}")
+    return 0 if ok else 1
+
+
+def scaled(arch, mult: float, S):
+    """Every width of `arch` times `mult`, in channel groups."""
+    return arch.replace(stem=S.channels(arch.stem, mult), first=S.channels(arch.first, mult),
+                        widths=[S.channels(w, mult) for w in arch.widths],
+                        mids=[[S.channels(m, mult) for m in ms] for ms in arch.mids],
+                        last=S.channels(arch.last, mult))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""`edgeprune build`: the search-compile-measure loop end to end, its report, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import assert_close, assert_one_line_error
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def host_build(tmp_path_factory):
+    from edgeprune.cli import main
+
+    out = tmp_path_factory.mktemp("b") / "out"
+    rc = main(["build", "--target", "host", "--latency", "20ms", "--device", "local", "-o", str(out), "--runs", "10",
+               "--median", "--quiet", "--table", str(_table(out.parent))])
+    return rc, out
+
+
+def _table(directory):
+    """An empty latency table for this machine, so the test does not write into the project's calibrate/."""
+    from edgeprune.measure.calibrate import device_identity
+    from edgeprune.measure.devices import LocalDevice
+    from edgeprune.measure.latency import save_table
+    from edgeprune.targets import get_target
+
+    path = directory / "table.json"
+    save_table(path, {"device": device_identity(LocalDevice(), get_target("host")), "entries": []})
+    return path
+
+
+def test_build_meets_a_host_budget_measured(host_build):
+    rc, out = host_build
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["met"] and report["device"] == "local" and report["latency"]["used"] == "measured"
+    assert 0 < report["latency"]["measured_ms"] <= 20
+    assert report["accuracy"]["test"] > 0.3  # ten classes: well above chance
+    assert report["accuracy"]["unpruned_test"] > 0.3
+    assert report["macs"] > 0 and report["parameters"] > 0
+    for name in ("build/build.json", "model.onnx", "weights.pt", "report.html", "pools.png"):
+        assert (out / name).is_file(), name
+    assert "pools.png" in (out / "report.html").read_text()
+
+
+def test_built_library_matches_onnxruntime(host_build):
+    import onnxruntime as ort
+
+    from edgeprune.artifacts import Build
+    from edgeprune.measure.devices import LocalDevice
+
+    _, out = host_build
+    build = Build.load(out / "build")
+    x = np.random.default_rng(0).standard_normal(build.inputs[0].shape).astype(np.float32)
+    ref = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    assert_close(LocalDevice().run(build, [x])[0], ref[0])
+
+
+def test_no_device_is_predicted_and_says_so(cli, tmp_path):
+    rc, out, err = cli("build", "--target", "cortex-a7", "--latency", "50ms", "-o", tmp_path / "a7", "--quiet")
+    assert rc == 0, err
+    assert "predicted" in out and "not measured" in out
+    report = json.loads((tmp_path / "a7" / "report.json").read_text())
+    assert report["latency"]["used"] == "predicted" and report["latency"]["measured_ms"] is None
+    assert report["latency"]["predicted_source"] == "prior" and report["latency"]["predicted_ms"] <= 50
+    assert report["target"] == "cortex-a7"
+
+
+def test_unreachable_budget_exits_1_naming_the_smallest_latency(cli, tmp_path):
+    rc, _, err = cli("build", "--target", "cortex-a7", "--latency", "10us", "-o", tmp_path / "x", "--quiet")
+    assert rc == 1
+    assert "smallest latency reached is" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_bad_inputs_are_one_line_errors(cli, tmp_path):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_text("not a checkpoint")
+    rc, _, err = cli("build", "-t", "host", "--latency", "5ms", "--supernet", bogus, "-o", tmp_path / "o")
+    assert rc == 2
+    assert_one_line_error(err, "not a supernet checkpoint")
+    np.savez(tmp_path / "three.npz", x=np.zeros((60, 16, 16, 3), np.uint8), y=np.arange(60) % 3)
+    rc, _, err = cli("build", "-t", "host", "--latency", "5ms", "--data", tmp_path / "three.npz", "-o", tmp_path / "o")
+    assert rc == 2
+    assert_one_line_error(err, "train-supernet")
+    rc, _, err = cli("build", "-t", "nope", "--latency", "5ms", "-o", tmp_path / "o")
+    assert rc == 2
+    assert_one_line_error(err, "nope")
+    assert not (tmp_path / "o").exists()
