@@ -10,6 +10,7 @@ from pathlib import Path
 def plot(path: Path, report: dict, pools: list[tuple[float, float]]) -> None:
     """PNG: each pool subnet at its predicted latency on the target and its validation accuracy; the choice."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -21,8 +22,13 @@ def plot(path: Path, report: dict, pools: list[tuple[float, float]]) -> None:
     x = lat["measured_ms"] if lat["measured_ms"] is not None else lat["predicted_ms"]
     ax.scatter([x], [report["accuracy"]["val"]], s=60, c="#d64545", marker="*", zorder=3,
                label=f"chosen ({lat['used']})")
+    ax.scatter([report["accuracy"]["unpruned_ms"]] if report["accuracy"].get("unpruned_ms") else [],
+               [report["accuracy"]["unpruned_val"]] if report["accuracy"].get("unpruned_ms") else [], s=30, c="#3b6fb6",
+               marker="s", label="unpruned supernet (predicted)")
     ax.axvline(report["budget_ms"], color="#333", linestyle="--", linewidth=1, label="budget")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log-scale minor labels collide
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel(f"latency on {report['target']} (ms)")
     ax.set_ylabel("validation accuracy")
     ax.legend(loc="lower right", fontsize=8)

@@ -81,7 +81,7 @@ def _check_shape(shape, name: str, override) -> tuple[int, ...]:
 
 
 @contextlib.contextmanager
-def _quiet_frontend():
+def quiet_native():
     """TVM's frontends print conversion failures to stdout and C++ warnings to stderr; we report errors ourselves."""
     import gc
 
@@ -175,7 +175,7 @@ def _onnx(path: Path, input_shape):
         shape_dict[gi.name] = list(shape)
     model = _fold_shape_arithmetic(model, shape_dict)
     try:
-        with _onnx_clip_as_ops(), _quiet_frontend():
+        with _onnx_clip_as_ops(), quiet_native():
             mod = from_onnx(model, shape_dict=shape_dict, dtype_dict={s.name: s.dtype for s in specs},
                             keep_params_in_input=False)
     except UserError:
@@ -252,7 +252,7 @@ def _pt2(path: Path, input_shape):
             shape = _check_shape([int(d) if str(d).isdigit() else str(d) for d in val.shape], node.name, None)
             specs.append(TensorSpec(node.name, shape, str(val.dtype).removeprefix("torch.")))
     try:
-        with _quiet_frontend():
+        with quiet_native():
             mod = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True,
                                     run_ep_decomposition=False)
     except Exception as e:  # noqa: BLE001
@@ -308,7 +308,7 @@ def _tflite(path: Path, input_shape):
         specs.append(TensorSpec(name, shape, dtype))
         shape_dict[name], dtype_dict[name] = list(shape), dtype
     try:
-        with _quiet_frontend():
+        with quiet_native():
             mod = from_tflite(model, shape_dict=shape_dict, dtype_dict=dtype_dict)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: the TFLite importer failed ({_first_line(e)})") from None

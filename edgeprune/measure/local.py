@@ -21,6 +21,25 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+_LOADED: dict[str, tuple[int, int]] = {}  # path -> (inode, mtime) of what this process dlopen()ed there
+
+
+def _loadable(lib: Path) -> str:
+    """A path to dlopen `lib` from. dlopen returns the library already loaded under the same name, so a build
+    rewritten in place (a second compile to the same directory) would run the old code: load a copy instead."""
+    import shutil
+    import tempfile
+
+    st = lib.stat()
+    key, ident = str(lib.resolve()), (st.st_ino, st.st_mtime_ns)
+    if _LOADED.setdefault(key, ident) == ident:
+        return str(lib)
+    fd, copy = tempfile.mkstemp(prefix=f"{lib.stem}-", suffix=lib.suffix)
+    os.close(fd)
+    shutil.copyfile(lib, copy)
+    return copy
+
+
 class Session:
     """A build loaded into a Relax VM on the CPU."""
 
@@ -34,11 +53,15 @@ class Session:
         lib = Path(build.directory) / build.library
         if not lib.is_file():
             raise UserError(f"{lib} is missing; recompile the model")
+        path = _loadable(lib)
         try:
-            self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
+            self.vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{lib} could not be loaded ({str(e).splitlines()[0][:160]}); recompile the model") \
                 from None
+        finally:
+            if path != str(lib):
+                os.unlink(path)  # loaded: the copy is not needed on disk
         self.build = build
         self.dev = tvm.cpu()
 

@@ -123,11 +123,14 @@ def multiple_choice(values: np.ndarray, costs: np.ndarray, owner: np.ndarray, ca
     <= capacity. Returns the chosen option indices, or None when no choice fits."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
+    from ..codegen.importers import quiet_native
+
     n_items = int(owner.max()) + 1
     one_each = np.zeros((n_items, len(values)))
     one_each[owner, np.arange(len(values))] = 1
-    res = milp(-values, integrality=np.ones(len(values)), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(costs[None], -np.inf, capacity)])
+    with quiet_native():  # HiGHS prints solver internals to stdout from C++
+        res = milp(-values, integrality=np.ones(len(values)), bounds=Bounds(0, 1),
+                   constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(costs[None], -np.inf, capacity)])
     return None if res.x is None else np.flatnonzero(res.x > 0.5)
 
 
