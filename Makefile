@@ -24,7 +24,7 @@ demo: $(STAMP) system
 test: $(STAMP) system
 	$(BIN)/python -m pytest -q -ra
 
-# How the shipped supernet was made (deterministic on CPU for a given torch build; ~15 min on 2 cores).
+# How the shipped supernet was made (~27 min on 2 cores; same seed, same data split and subnet draws).
 supernet: $(STAMP)
 	$(BIN)/edgeprune train-supernet --steps 600 --seed 0 -o edgeprune/search/assets/supernet-digit-scenes.pt
 

@@ -157,8 +157,10 @@ def train(ds: data.Dataset, cfg: TrainConfig, latency: Callable[[Arch], float],
                     s = torch.tensor([-float(F.cross_entropy(out.detach(), yb))])
                     _all_reduce_mean([s], world)
                     pools.update(bucket, genes, float(s))
-            grads = [p.grad for p in net.parameters()]
-            _all_reduce_mean(grads, world)
+            for p in net.parameters():  # untouched by every subnet so far: still None, but reduced everywhere
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            _all_reduce_mean([p.grad for p in net.parameters()], world)
             opt.step()
             history.append({"step": step, "phase": name, "loss": float(loss.detach())})
             if progress:
@@ -215,6 +217,7 @@ def save(ckpt: dict, path) -> None:
     os.close(fd)
     try:
         torch.save(ckpt, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is shared like any build output
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
