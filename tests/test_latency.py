@@ -50,6 +50,52 @@ def test_fit_recovers_a_linear_device():
     assert p.source == "fitted"
 
 
+def _conv(cin: int, cout: int, k: int, size: int, depthwise: bool = False) -> dict:
+    per_out = k * k * (1 if depthwise else cin)
+    return {"kernel": "c", "kind": "dwconv" if depthwise or per_out <= 49 else "conv",
+            "flops": 2 * size * size * cout * per_out, "act_bytes": 4 * size * size * cin,
+            "weight_bytes": 4 * cout * per_out, "out_bytes": 4 * size * size * cout,
+            "shapes": [[1, size, size, cin], [k, k, cin, cout], [1, size, size, cout]]}
+
+
+def test_layer_classes_read_what_a_convolution_does():
+    # A 1x1 with 16 input channels is labelled dwconv by its few MACs per output, but it is a pointwise GEMM.
+    assert latency.layer_class(_conv(16, 96, 1, 32)) == "pointwise"
+    assert latency.layer_class(_conv(96, 24, 1, 32)) == "pointwise"
+    assert latency.layer_class(_conv(96, 96, 5, 32, depthwise=True)) == "depthwise"
+    assert latency.layer_class(_conv(3, 32, 3, 64)) == "conv"
+    assert latency.layer_class(_layer("matmul", 1000, 100)) == "matmul"
+
+
+def test_per_kernel_fit_prices_each_class_by_its_own_rate():
+    """A device where pointwise runs at 4x the FLOP rate of depthwise, timed per kernel: the fit recovers both rates
+    and prices unseen shapes within 1%; a whole-network fit could not tell the two apart within one kind."""
+    target = get_target("host")
+    rng = np.random.default_rng(1)
+
+    def true_ms(layer: dict) -> float:
+        compute, memory = latency._terms(layer, target, None)
+        rate = 1.0 if latency.layer_class(layer) == "pointwise" else 4.0
+        return rate * compute + 0.5 * memory + 0.003
+
+    entries = []
+    for _ in range(10):
+        layers = []
+        for _ in range(4):
+            cin, mid = int(rng.choice([8, 16, 24, 48, 96])), int(rng.choice([32, 96, 192]))
+            size, k = int(rng.choice([8, 16, 32])), int(rng.choice([3, 5, 7]))
+            layers += [_conv(cin, mid, 1, size), _conv(mid, mid, k, size, depthwise=True)]
+        entries.append({"layers": layers, "ms": sum(map(true_ms, layers)),
+                        "per_kernel_ms": [true_ms(x) for x in layers]})
+    model = LatencyModel(target).fit(entries)
+    assert set(model.coef) == {"pointwise", "depthwise"}
+    assert model.coef["pointwise"][0] == pytest.approx(1.0, rel=1e-3)
+    assert model.coef["depthwise"][0] == pytest.approx(4.0, rel=1e-3)
+    unseen = [_conv(40, 320, 1, 12), _conv(320, 320, 3, 12, True)]
+    model.measured.clear()  # price by the fit, not by lookup
+    assert model.predict(unseen).ms == pytest.approx(sum(map(true_ms, unseen)), rel=1e-2)
+
+
 def test_measured_kernels_are_looked_up():
     target = get_target("host")
     layer = _layer("conv", 1_000_000, 10_000)

@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..artifacts import Build
+from ..artifacts import Build, Measurement
 from ..errors import UserError
 from ..targets import Target
 from .devices import Device, LocalDevice, QemuDevice, RpcDevice
 from .latency import save_table
 
 CALIBRATE_DIR = Path(__file__).resolve().parent.parent.parent / "calibrate"
+ROUNDS = 10  # interleaved timing rounds on `local` (measure_suite)
 ATTEMPTS = 2  # per build: a board that drops one session (reboot, re-registration) gets a second chance
 
 
@@ -96,14 +97,47 @@ def default_table_path(device: Device, target: Target) -> Path:
 def measure_entry(build: Build, device: Device, runs: int, warmup: int, threads: int | None) -> dict:
     """One table entry: the build's kernels, its median time and (where the device profiles) each kernel's."""
     m = device.measure(build, runs=runs, warmup=warmup, threads=threads, layers=isinstance(device, LocalDevice))
+    return entry_of(build, m)
+
+
+def entry_of(build: Build, m: Measurement) -> dict:
+    """A table entry from a build and its measurement; with a per-kernel profile, each kernel's share of the median."""
     entry = {"name": Path(build.directory).name, "layers": build.layers, "ms": m.median_ms}
     if m.layers:
         by_name = {row["name"]: row["ms"] / max(1, row["calls"]) for row in m.layers}
-        complete = all(layer["kernel"] in by_name for layer in build.layers)
+        # A data-movement kernel the profile never saw was elided by the VM (a reshape becomes a view): it costs 0.
+        # A missing compute kernel means the profile is incomplete, and then no kernel's share is kept.
+        complete = all(layer["kernel"] in by_name or layer["kind"] == "data" for layer in build.layers)
         raw = [by_name.get(layer["kernel"], 0.0) for layer in build.layers]
-        scale = m.median_ms / sum(raw) if sum(raw) > 0 else 0.0  # remove the profiler's own overhead
-        entry["per_kernel_ms"] = [r * scale for r in raw] if complete and scale > 0 else None
+        calls = sum(1 for r in raw if r > 0)
+        # The profiler's hook adds a few microseconds to every call it times, and the VM's dispatch between calls
+        # is not timed at all: both are per call, so the difference to the whole run is shared per call, not in
+        # proportion to the kernels' times (which would misprice small kernels, many in a deep, narrow network).
+        per_call = (sum(raw) - m.median_ms) / calls if calls else 0.0
+        own = [max(r - per_call, 0.1 * r) if r > 0 else 0.0 for r in raw]
+        scale = m.median_ms / sum(own) if sum(own) > 0 else 0.0
+        entry["per_kernel_ms"] = [r * scale for r in own] if complete and scale > 0 else None
     return entry
+
+
+def measure_suite(builds: list[Build], device: Device, runs: int = 30, warmup: int = 5, threads: int | None = None,
+                  progress: Callable[[str], None] = print, workers: int | None = None) -> list[dict]:
+    """Table entries for `builds` on `device`, in order. On `local` they are timed in interleaved rounds (see
+    local.measure_interleaved: a drift of the machine's speed must not bias one entry against another); on an
+    rpc:// key spread over its boards; elsewhere one after the other."""
+    if isinstance(device, LocalDevice) and all(b.format != "c" for b in builds):
+        from .local import measure_interleaved
+
+        progress(f"timing {len(builds)} builds in {ROUNDS} interleaved rounds ...")
+        return [entry_of(b, m) for b, m in zip(builds, measure_interleaved(builds, runs, warmup, threads, ROUNDS))]
+    if isinstance(device, RpcDevice):
+        workers = workers or min(device.boards(), len(builds))
+        return _measure_on_boards(builds, device, workers, runs, warmup, threads, progress)
+    entries = []
+    for i, build in enumerate(builds):
+        entries.append(_measured(build, device, runs, warmup, threads))
+        progress(f"[{i + 1}/{len(builds)}] {entries[-1]['name']}: {entries[-1]['ms']:.3f} ms")
+    return entries
 
 
 def calibrate(target: Target, device: Device, out: Path | None = None, count: int = 36, runs: int = 30,
@@ -117,18 +151,11 @@ def calibrate(target: Target, device: Device, out: Path | None = None, count: in
     workers = min(device.boards(), count) if isinstance(device, RpcDevice) else 1
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        builds = _compiled(target, count, Path(tmp))
-        if isinstance(device, RpcDevice):
-            built = []
-            for i, build in enumerate(builds):
-                built.append(build)
-                progress(f"[{i + 1}/{count}] {Path(build.directory).name}: compiled")
-            entries = _measure_on_boards(built, device, workers, runs, warmup, threads, progress)
-        else:  # one device here: measuring while the next build compiles would skew its times
-            entries = []
-            for i, build in enumerate(builds):
-                entries.append(_measured(build, device, runs, warmup, threads))
-                progress(f"[{i + 1}/{count}] {entries[-1]['name']}: {entries[-1]['ms']:.3f} ms")
+        builds = []  # all compiled before any is timed: compiling beside a measurement would skew it
+        for i, build in enumerate(compile_suite(target, count, Path(tmp))):
+            builds.append(build)
+            progress(f"[{i + 1}/{count}] {Path(build.directory).name}: compiled")
+        entries = measure_suite(builds, device, runs, warmup, threads, progress, workers)
     out = out or default_table_path(device, target)
     save_table(out, {
         "device": device_identity(device, target, boards=workers),
@@ -140,7 +167,7 @@ def calibrate(target: Target, device: Device, out: Path | None = None, count: in
     return out
 
 
-def _compiled(target: Target, count: int, tmp: Path) -> Iterator[Build]:
+def compile_suite(target: Target, count: int, tmp: Path) -> Iterator[Build]:
     """The suite's builds (--format so, in `tmp`), one at a time, in suite order."""
     from ..codegen.build import compile_model
     from ..models.zoo import export_onnx

@@ -2,10 +2,16 @@
 
 Three sources, best first, and every prediction says which it used:
   measured  the kernel (same kind and shapes) was timed on this device during calibration;
-  fitted    a per-kind linear model fitted on the device's calibration table:
-            t = a_kind * compute + b_kind * memory + c_kind, with compute = FLOPs / peak and memory = bytes / bandwidth;
+  fitted    a per-class linear model fitted on the device's calibration table:
+            t = a * compute + b * memory + c, with compute = FLOPs / peak and memory = bytes / bandwidth.
+            Where the table has per-kernel times (calibrated on `local`, from the profile) each class is fitted on
+            its kernels' own times; otherwise on whole-network times, each the sum of its kernels'.
   prior     no table: a roofline from the target's clock, cores, SIMD width and memory bandwidth,
             max(compute / efficiency_kind, memory) + a per-kernel overhead. Marked predicted, not measured.
+
+Classes split the compiled table's kinds by what the kernel does, read from its shapes and FLOPs (so a compiled
+build's rows and the search's analytic rows fall in the same class): a 1x1 convolution, even one with few input
+channels, runs at several times the FLOP rate of a depthwise one, and one line cannot fit both.
 
 Constants of the prior: peak = cores * clock * fp32 FLOP/cycle (targets/*.toml; a Cortex-A7 core does one fp32 MAC
 per cycle, ../shared/docs/arm-targets.md); efficiencies are the fractions of peak that tuned runtimes reach on
@@ -27,11 +33,13 @@ import numpy as np
 from ..errors import UserError
 from ..targets import Target
 
-KINDS = ("conv", "dwconv", "matmul", "pool", "reduce", "data")
+KINDS = ("conv", "dwconv", "matmul", "pool", "reduce", "data")  # as compiled builds label their kernels
+CLASSES = ("pointwise", "conv", "depthwise", "matmul", "pool", "reduce", "data")  # what the fit distinguishes
 PRIOR_EFFICIENCY = {"conv": 0.5, "dwconv": 0.15, "matmul": 0.3, "pool": 0.1, "reduce": 0.1, "data": 0.05}
 PRIOR_OVERHEAD_MS = 0.005  # per kernel call: dispatch, parallel launch
 TABLE_VERSION = 1
-MIN_FIT_ENTRIES = 8  # fewer measured networks than this: scale the prior instead of fitting per kind
+MIN_FIT_ENTRIES = 8  # fewer measured networks than this: scale the prior instead of fitting per class
+MIN_CLASS_KERNELS = 4  # per-kernel fit: a class with fewer timed kernels is priced by the scaled prior
 
 
 def _peak_flops_per_ms(target: Target, threads: int | None = None) -> float:
@@ -45,6 +53,22 @@ def _bytes_per_ms(target: Target) -> float:
 
 def layer_key(layer: dict) -> str:
     return f"{layer['kind']}:{json.dumps(layer['shapes'])}"
+
+
+def layer_class(layer: dict) -> str:
+    """pointwise, conv (dense k x k), depthwise, or the kernel's kind. A convolution's reduction length per output,
+    FLOPs / (2 * outputs), is cin for 1x1, k*k*cin for a dense k x k and k*k for a depthwise one."""
+    kind = layer["kind"]
+    if kind not in ("conv", "dwconv"):
+        return kind if kind in CLASSES else "data"
+    cin, cout = layer["shapes"][0][-1], layer["shapes"][-1][-1]
+    outputs = max(1, int(np.prod(layer["shapes"][-1])))
+    red = layer["flops"] / (2 * outputs)
+    if abs(red - cin) < 0.5:
+        return "pointwise"
+    if cin == cout and abs(red - round(red ** 0.5) ** 2) < 0.5:
+        return "depthwise"
+    return "conv"
 
 
 def _terms(layer: dict, target: Target, threads: int | None) -> tuple[float, float]:
@@ -71,21 +95,22 @@ class Prediction:
 class LatencyModel:
     target: Target
     threads: int | None = None
-    coef: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # kind -> (a, b, c), fitted
+    coef: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # class -> (a, b, c), fitted
     measured: dict[str, float] = field(default_factory=dict)  # layer key -> ms
-    scale: float = 1.0  # measured / prior, when there are too few entries to fit per kind
+    scale: float | None = None  # measured / prior over the table's networks (None: no table): prices what no fit does
 
     def layer_ms(self, layer: dict) -> tuple[float, str]:
         key = layer_key(layer)
         if key in self.measured:
             return self.measured[key], "measured"
         compute, memory = _terms(layer, self.target, self.threads)
-        if layer["kind"] in self.coef:
-            a, b, c = self.coef[layer["kind"]]
+        cls = layer_class(layer)
+        if cls in self.coef:
+            a, b, c = self.coef[cls]
             return a * compute + b * memory + c, "fitted"
         eff = PRIOR_EFFICIENCY.get(layer["kind"], 0.05)
         prior = max(compute / eff, memory) + PRIOR_OVERHEAD_MS
-        return (prior, "prior") if self.scale == 1.0 else (prior * self.scale, "fitted")
+        return (prior, "prior") if self.scale is None else (prior * self.scale, "fitted")
 
     def predict(self, layers: list[dict]) -> Prediction:
         if not layers:
@@ -99,35 +124,54 @@ class LatencyModel:
         return Prediction(float(sum(per)), sources, per)
 
     def fit(self, entries: list[dict]) -> LatencyModel:
-        """Least squares, non-negative, over whole-network times: each entry's time is the sum of its kernels'."""
-        from scipy.optimize import nnls
-
-        rows, times = [], []
+        """Non-negative least squares on relative error (a 10% miss on 1 ms is as bad as on 100 ms): per class on
+        per-kernel times where the table has them, else on whole-network times (each the sum of its kernels')."""
         for e in entries:
-            x = np.zeros(3 * len(KINDS))
-            for layer in e["layers"]:
-                k = KINDS.index(layer["kind"]) if layer["kind"] in KINDS else KINDS.index("data")
-                compute, memory = _terms(layer, self.target, self.threads)
-                x[3 * k: 3 * k + 3] += (compute, memory, 1.0)
-            rows.append(x)
-            times.append(e["ms"])
             for layer, ms in zip(e["layers"], e.get("per_kernel_ms") or []):
                 self.measured[layer_key(layer)] = ms
-        if not rows:
+        if not entries:
             return self
-        if len(rows) < MIN_FIT_ENTRIES:  # a per-kind fit would be underdetermined: one factor on the prior
-            prior = LatencyModel(self.target, self.threads)
-            ratios = [e["ms"] / prior.predict(e["layers"]).ms for e in entries]
-            self.scale = float(np.median(ratios))
-            return self
-        a, t = np.array(rows), np.array(times)
-        # Relative error is what matters (a 10% miss on 1 ms is as bad as on 100 ms): weight rows by 1/time.
-        w = 1.0 / np.maximum(t, 1e-6)
-        sol, _ = nnls(a * w[:, None], t * w)
-        present = a.reshape(len(rows), len(KINDS), 3)[:, :, 2].sum(axis=0) > 0
-        self.coef = {kind: tuple(float(v) for v in sol[3 * i: 3 * i + 3])
-                     for i, kind in enumerate(KINDS) if present[i]}
+        prior = LatencyModel(self.target, self.threads)
+        # Classes the fit leaves out (too few kernels timed) keep the prior, scaled to this device.
+        self.scale = float(np.median([e["ms"] / prior.predict(e["layers"]).ms for e in entries]))
+        profiled = [e for e in entries if e.get("per_kernel_ms")]
+        if len(profiled) >= MIN_FIT_ENTRIES:
+            self.coef = self._fit_kernels(profiled)
+        elif len(entries) >= MIN_FIT_ENTRIES:
+            self.coef = self._fit_networks(entries)
         return self
+
+    def _features(self, layer: dict) -> np.ndarray:
+        compute, memory = _terms(layer, self.target, self.threads)
+        return np.array([compute, memory, 1.0])
+
+    def _fit_kernels(self, entries: list[dict]) -> dict[str, tuple[float, float, float]]:
+        from scipy.optimize import nnls
+
+        by_class: dict[str, list[tuple[np.ndarray, float]]] = {}
+        for e in entries:
+            for layer, ms in zip(e["layers"], e["per_kernel_ms"]):
+                if ms > 0:  # 0: elided by the VM, nothing to learn from
+                    by_class.setdefault(layer_class(layer), []).append((self._features(layer), ms))
+        coef = {}
+        for cls, rows in by_class.items():
+            if len(rows) >= MIN_CLASS_KERNELS:
+                a, t = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+                sol, _ = nnls(a / t[:, None], np.ones(len(t)))
+                coef[cls] = tuple(float(v) for v in sol)
+        return coef
+
+    def _fit_networks(self, entries: list[dict]) -> dict[str, tuple[float, float, float]]:
+        from scipy.optimize import nnls
+
+        rows = np.zeros((len(entries), len(CLASSES), 3))
+        for i, e in enumerate(entries):
+            for layer in e["layers"]:
+                rows[i, CLASSES.index(layer_class(layer))] += self._features(layer)
+        t = np.array([e["ms"] for e in entries])
+        sol, _ = nnls(rows.reshape(len(entries), -1) / t[:, None], np.ones(len(t)))
+        present = rows[:, :, 2].sum(axis=0) > 0
+        return {cls: tuple(float(v) for v in sol[3 * i: 3 * i + 3]) for i, cls in enumerate(CLASSES) if present[i]}
 
 
 def load_table(path: str | Path) -> dict:

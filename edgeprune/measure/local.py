@@ -138,3 +138,29 @@ def measure(build: Build, runs: int = 100, warmup: int = 10, threads: int | None
     times = sess.time_runs(inputs, runs, warmup)
     prof = sess.profile_layers(inputs, runs=max(3, min(runs, 20))) if layers else []
     return Measurement(device="local", target=build.target, runs_ms=times, threads=n, layers=prof)
+
+
+def measure_interleaved(builds: list[Build], runs: int = 30, warmup: int = 5, threads: int | None = None,
+                        rounds: int = 10, layers: bool = True) -> list[Measurement]:
+    """Time several builds in `rounds` interleaved rounds: each round runs every build `runs / rounds` times.
+
+    A machine's speed drifts: on a shared 2-core host the same build's median over 30 back-to-back runs moved by
+    1.45x from one minute to the next, while the ratios between builds timed in interleaved rounds held to ~3%.
+    Timed one after the other, builds measured in a slow spell look slower than they are; interleaved, every build
+    sees the same mix of spells, so their times stay comparable (a calibration table, a benchmark's baseline).
+    """
+    n = set_threads(threads)
+    sessions = [Session(b) for b in builds]
+    inputs = [random_inputs(b) for b in builds]
+    per_round = max(1, -(-runs // max(1, rounds)))
+    times: list[list[float]] = [[] for _ in builds]
+    for sess, x in zip(sessions, inputs):
+        sess.time_runs(x, 0, warmup)
+    for _ in range(max(1, rounds)):
+        for sess, x, ts in zip(sessions, inputs, times):
+            ts += sess.time_runs(x, per_round, 1)  # one warm-up: the previous build left other data in cache
+    profiles = [sess.profile_layers(x, runs=max(3, min(runs, 20))) if layers else []
+                for sess, x in zip(sessions, inputs)]
+    return [Measurement(device="local", target=b.target, runs_ms=ts, threads=n, layers=prof)
+            for b, ts, prof in zip(builds, times, profiles)]
+
