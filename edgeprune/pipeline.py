@@ -203,6 +203,7 @@ def run(req: Request) -> dict:
     evaluated = 0
     aim = req.budget_ms * (MARGIN if device is not None else 1.0)
     try:
+        from .measure.calibrate import entry_of
         from .measure.latency import model_for
 
         for r in range(req.rounds):
@@ -237,8 +238,8 @@ def run(req: Request) -> dict:
             _log(req, f"  measured {req.statistic} {value:.3f} ms on {device.uri} "
                       f"(predicted {best.predicted_ms:.3f} ms)")
             # Every measurement teaches the latency model: this round's (on a miss) and the next builds'.
-            table["entries"].append({"name": f"build-{S.macs(best.arch) // 1000}k-{best.arch.resolution}px",
-                                     "layers": build.layers, "ms": m.median_ms})
+            table["entries"].append(entry_of(build, m) |  # with each kernel's time where the device profiles
+                                    {"name": f"build-{S.macs(best.arch) // 1000}k-{best.arch.resolution}px"})
             if table_path is not None and table.get("device"):
                 save_table(table_path, table)
             if value <= req.budget_ms:

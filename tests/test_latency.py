@@ -146,6 +146,9 @@ def test_calibrate_writes_a_table_with_identity_and_predict_uses_it(cli, tmp_pat
     assert data["device"]["uri"] == "local" and data["device"]["target"] == "host"
     assert data["tool_version"] and data["date"] and len(data["entries"]) == 3
     assert all(e["ms"] > 0 and e["layers"] for e in data["entries"])
+    # Timed on local: every kernel's share of the run, from the profile.
+    assert all(sum(e["per_kernel_ms"]) == pytest.approx(e["ms"], rel=1e-6) for e in data["entries"])
+    assert len(data["entries"][2]["layers"]) > 20  # every third build is a whole subnet of the search space
 
     import torch
     from torch import nn
@@ -160,3 +163,20 @@ def test_calibrate_writes_a_table_with_identity_and_predict_uses_it(cli, tmp_pat
     assert json.loads(out)["source"] == "prior"
     rc, out, _ = cli("predict", tmp_path / "b", "--table", table, "--json")
     assert json.loads(out)["source"] in ("fitted", "measured")
+
+
+def test_table_entries_keep_each_kernels_share_and_price_elided_kernels_at_zero():
+    from types import SimpleNamespace
+
+    from edgeprune.artifacts import Measurement
+    from edgeprune.measure.calibrate import entry_of
+
+    layers = [dict(_conv(16, 96, 1, 8), kernel="pw"), dict(_layer("data", 0, 384), kernel="view"),
+              dict(_conv(96, 96, 3, 8, depthwise=True), kernel="dw")]
+    build = SimpleNamespace(directory="/x/cal007", layers=layers)
+    profile = [{"name": "pw", "ms": 0.3, "calls": 1}, {"name": "dw", "ms": 0.1, "calls": 1}]  # "view" never ran
+    entry = entry_of(build, Measurement("local", "host", [0.8, 0.8, 0.8], 2, layers=profile))
+    assert entry["name"] == "cal007" and entry["ms"] == pytest.approx(0.8)
+    assert entry["per_kernel_ms"] == pytest.approx([0.6, 0.0, 0.2])  # shares of the whole run, summing to it
+    profile = [{"name": "pw", "ms": 0.3, "calls": 1}]  # a compute kernel missing: no per-kernel times at all
+    assert entry_of(build, Measurement("local", "host", [0.8], 2, layers=profile))["per_kernel_ms"] is None

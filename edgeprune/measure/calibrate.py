@@ -2,9 +2,10 @@
 device's latency table (calibrate/<device>.json) that the latency model fits.
 
 The suite is MobileNetV2-style pieces (stem convolutions, pointwise expansions, depthwise 3/5/7, projections with
-residual adds, pooling and classifier heads) at widths and resolutions from the search space, drawn with a fixed
-seed so every device is timed on the same suite. On `local` each kernel's share comes from the per-layer profile,
-which lets the model look up kernels it has seen; elsewhere only whole-build times are kept and fitted.
+residual adds, pooling and classifier heads) at widths and resolutions from the search space, and whole subnets
+of the search space, drawn with a fixed seed so every device is timed on the same suite. On `local` the suite is
+timed in interleaved rounds and each kernel's share comes from the per-layer profile, which lets the model fit
+each class of kernel on its own times; elsewhere only whole-build times are kept and fitted.
 
 On rpc://HOST:PORT/KEY the suite is compiled first (here, one build at a time: compiling is CPU bound) and then
 measured on every board registered under KEY at once, one worker per board: each measurement asks the tracker for
@@ -37,15 +38,26 @@ ATTEMPTS = 2  # per build: a board that drops one session (reboot, re-registrati
 
 
 def suite(count: int, seed: int = 1234) -> list:
-    """`count` small networks with their inputs, drawn from the search space (widths 8-320, 32-160 px, k 3/5/7)."""
+    """`count` networks with their inputs, spanning the search space: two in three are small MobileNetV2-style
+    pieces (widths 8-320, 32-160 px, k 3/5/7), which cover wide shapes cheaply; every third is a whole subnet drawn
+    from the search space (edgeprune.search.space), which brings what only deep subnets have: 2x2 to 7x7 feature
+    maps with up to 1280 channels, and dozens of small kernels in a row."""
     import torch
     from torch import nn
 
     from ..models.reference import InvertedResidual, conv_bn, randomize_bn
+    from ..search.space import Space
+    from ..search.supernet import Subnet
 
-    rng = np.random.default_rng(seed)
+    rng, space_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     nets = []
     for i in range(count):
+        torch.manual_seed(seed + i)
+        if i % 3 == 2:
+            arch = Space().sample(space_rng)
+            model = randomize_bn(Subnet(arch), seed + i)
+            nets.append((f"cal{i:03d}", model, torch.randn(1, 3, arch.resolution, arch.resolution)))
+            continue
         res = int(rng.choice([32, 48, 64, 96, 112, 128, 160]))
         c = int(rng.choice([8, 16, 24, 32, 48, 64, 96]))
         k = int(rng.choice([3, 5, 7]))
@@ -64,7 +76,6 @@ def suite(count: int, seed: int = 1234) -> list:
             layers.append(block)
             cin = cout
         head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, int(rng.choice([10, 100, 1000])))]
-        torch.manual_seed(seed + i)
         model = randomize_bn(nn.Sequential(*layers, *head), seed + i)
         nets.append((f"cal{i:03d}", model, torch.randn(1, 3, res, res)))
     return nets
@@ -109,14 +120,8 @@ def entry_of(build: Build, m: Measurement) -> dict:
         # A missing compute kernel means the profile is incomplete, and then no kernel's share is kept.
         complete = all(layer["kernel"] in by_name or layer["kind"] == "data" for layer in build.layers)
         raw = [by_name.get(layer["kernel"], 0.0) for layer in build.layers]
-        calls = sum(1 for r in raw if r > 0)
-        # The profiler's hook adds a few microseconds to every call it times, and the VM's dispatch between calls
-        # is not timed at all: both are per call, so the difference to the whole run is shared per call, not in
-        # proportion to the kernels' times (which would misprice small kernels, many in a deep, narrow network).
-        per_call = (sum(raw) - m.median_ms) / calls if calls else 0.0
-        own = [max(r - per_call, 0.1 * r) if r > 0 else 0.0 for r in raw]
-        scale = m.median_ms / sum(own) if sum(own) > 0 else 0.0
-        entry["per_kernel_ms"] = [r * scale for r in own] if complete and scale > 0 else None
+        scale = m.median_ms / sum(raw) if sum(raw) > 0 else 0.0  # to this measurement's speed (see local.py)
+        entry["per_kernel_ms"] = [r * scale for r in raw] if complete and scale > 0 else None
     return entry
 
 

@@ -105,14 +105,16 @@ def layers(arch: Arch, num_classes: int = 10) -> list[dict]:
     latency model prices. Convolutions carry their BatchNorm, activation and residual add, as TVM fuses them."""
     rows = []
 
-    def conv(cin: int, cout: int, k: int, stride: int, size: int, depthwise: bool = False) -> int:
+    def conv(cin: int, cout: int, k: int, stride: int, size: int, depthwise: bool = False,
+             residual: bool = False) -> int:
         osize = (size + stride - 1) // stride
         per_out = k * k * (1 if depthwise else cin)
-        # As the compiled layer table does (edgeprune.codegen.build): few MACs per output is a window reduction.
+        # As the compiled layer table does (edgeprune.codegen.build): few MACs per output is a window reduction,
+        # and a residual add fused into the projection reads the block's input too.
         rows.append({
             "kind": "dwconv" if depthwise or per_out <= 49 else "conv",
             "flops": 2 * osize * osize * cout * per_out,
-            "act_bytes": 4 * size * size * cin,
+            "act_bytes": 4 * size * size * cin + (4 * osize * osize * cout if residual else 0),
             "weight_bytes": 4 * (cout * per_out + cout),
             "out_bytes": 4 * osize * osize * cout,
             "shapes": [[1, size, size, cin], [k, k, 1 if depthwise else cin, cout], [1, osize, osize, cout]],
@@ -127,10 +129,11 @@ def layers(arch: Arch, num_classes: int = 10) -> list[dict]:
         if b.stage >= 0:
             conv(b.cin, b.mid, 1, 1, b.size)
         osize = conv(b.mid, b.mid, b.kernel, b.stride, b.size, depthwise=True)
-        conv(b.mid, b.cout, 1, 1, osize)
+        conv(b.mid, b.cout, 1, 1, osize, residual=b.residual)
         size = osize
     conv(arch.widths[-1], arch.last, 1, 1, size)
-    rows.append({"kind": "reduce", "flops": size * size * arch.last, "act_bytes": 4 * size * size * arch.last,
+    # The mean counts 2 FLOP per input, as TVM's count does (add, then scale).
+    rows.append({"kind": "reduce", "flops": 2 * size * size * arch.last, "act_bytes": 4 * size * size * arch.last,
                  "weight_bytes": 0, "out_bytes": 4 * arch.last, "shapes": [[1, size, size, arch.last], [1, arch.last]]})
     rows.append({"kind": "matmul", "flops": 2 * arch.last * num_classes, "act_bytes": 4 * arch.last,
                  "weight_bytes": 4 * (arch.last + 1) * num_classes, "out_bytes": 4 * num_classes,
