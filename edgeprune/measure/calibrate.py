@@ -134,7 +134,8 @@ def measure_suite(builds: list[Build], device: Device, runs: int = 30, warmup: i
         from .local import measure_interleaved
 
         progress(f"timing {len(builds)} builds in {ROUNDS} interleaved rounds ...")
-        return [entry_of(b, m) for b, m in zip(builds, measure_interleaved(builds, runs, warmup, threads, ROUNDS))]
+        measured = measure_interleaved(builds, runs, warmup, threads, ROUNDS, progress=progress)
+        return [entry_of(b, m) for b, m in zip(builds, measured)]
     if isinstance(device, RpcDevice):
         workers = workers or min(device.boards(), len(builds))
         return _measure_on_boards(builds, device, workers, runs, warmup, threads, progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,8 @@ def measure(build: Build, runs: int = 100, warmup: int = 10, threads: int | None
 
 
 def measure_interleaved(builds: list[Build], runs: int = 30, warmup: int = 5, threads: int | None = None,
-                        rounds: int = 10, layers: bool = True) -> list[Measurement]:
+                        rounds: int = 10, layers: bool = True,
+                        progress: Callable[[str], None] | None = None) -> list[Measurement]:
     """Time several builds in `rounds` interleaved rounds: each round runs every build `runs / rounds` times.
 
     A machine's speed drifts: on a shared 2-core host the same build's median over 30 back-to-back runs moved by
@@ -168,9 +170,11 @@ def measure_interleaved(builds: list[Build], runs: int = 30, warmup: int = 5, th
     times: list[list[float]] = [[] for _ in builds]
     for sess, x in zip(sessions, inputs):
         sess.time_runs(x, 0, warmup)
-    for _ in range(max(1, rounds)):
+    for r in range(max(1, rounds)):
         for sess, x, ts in zip(sessions, inputs, times):
             ts += sess.time_runs(x, per_round, 1)  # one warm-up: the previous build left other data in cache
+        if progress:
+            progress(f"round {r + 1}/{rounds} timed")
     profiles = [sess.profile_layers(x, runs=max(3, min(runs, 20))) if layers else []
                 for sess, x in zip(sessions, inputs)]
     return [Measurement(device="local", target=b.target, runs_ms=ts, threads=n, layers=prof)
