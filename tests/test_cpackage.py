@@ -15,7 +15,7 @@ import pytest
 from helpers import assert_close, assert_one_line_error
 
 from edgeprune.codegen.build import compile_model
-from edgeprune.codegen.cpackage import Plan, Step, Tensor, _plan_memory
+from edgeprune.codegen.cpackage import Plan, Step, Tensor, plan_memory
 from edgeprune.measure import package
 from edgeprune.models import zoo
 
@@ -69,7 +69,7 @@ def test_memory_plan_reuses_dead_tensors():
         t[n].first = i
     steps = [Step("k", ["x", "a"]), Step("k", ["a", "b"]), Step("k", ["b", "c"]), Step("k", ["c", "d"])]
     plan = Plan(steps, t, ["x"], ["d"])
-    _plan_memory(plan)
+    plan_memory(plan)
     assert plan.intermediate_bytes == 4 * 4096
     assert plan.arena_bytes <= 3 * 4096  # input plus two alternating buffers
     live = [(t[n].offset, t[n].first, t[n].last) for n in "abcd"]

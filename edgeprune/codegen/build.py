@@ -53,7 +53,7 @@ def layer_table(scheduled, flops: dict[str, int]) -> list[dict]:
     """One row per kernel call, in order: what the latency model needs to price it."""
     import numpy as np
 
-    from .cpackage import _root, extract_plan
+    from .cpackage import extract_plan, root_tensor
 
     try:
         plan = extract_plan(scheduled)
@@ -72,8 +72,8 @@ def layer_table(scheduled, flops: dict[str, int]) -> list[dict]:
             "kernel": step.kernel,
             "kind": kind,
             "flops": flops.get(step.kernel, 0),
-            "act_bytes": sum(t.nbytes for t in ins if _root(plan, t.name).kind != "const"),
-            "weight_bytes": sum(t.nbytes for t in ins if _root(plan, t.name).kind == "const"),
+            "act_bytes": sum(t.nbytes for t in ins if root_tensor(plan, t.name).kind != "const"),
+            "weight_bytes": sum(t.nbytes for t in ins if root_tensor(plan, t.name).kind == "const"),
             "out_bytes": sum(t.nbytes for t in outs),
             "shapes": [list(t.shape) for t in tensors],
         })

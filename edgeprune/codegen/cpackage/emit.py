@@ -1,10 +1,13 @@
-"""The C package (`--format c`): kernels as an object file for the target, a generated ``model.c`` that calls them
-in order over one static arena, the weights as a binary blob linked in read-only, and a small header.
+"""Writes the C package (`--format c`) to disk: the kernels as an object file for the target, a generated ``model.c``
+that calls them in order over one static arena, the weights as a binary blob linked in read-only, and a small header.
 
-TVM 0.27 has no AOT executor, so the executor is ours: the scheduled Relax module's main function is a straight
-line of ``call_tir`` kernels; each intermediate tensor gets an offset in the arena from a lifetime-based memory
-plan, and each call becomes a DLTensor argument list and a direct call into the kernel. No malloc, no threads,
-no file I/O: the runtime symbols the kernels need come from ``codegen/runtime/edgeprune_rt.c``.
+TVM 0.27 has no AOT executor, so ``model.c`` is our executor: it binds one DLTensor per tensor of the program
+(`program.py`) to its offset in the arena or the weight blob (`memory.py`), and turns each step into a DLTensor
+argument list and a direct call into the kernel. No malloc, no threads, no file I/O: the runtime symbols the kernels
+need come from ``codegen/runtime/edgeprune_rt.c``, copied in beside it. Around that go ``<name>.h`` (the one-call
+API, shapes and sizes), a test program, a Makefile and a CMakeLists.txt, so the package builds on its own with the
+target's compiler. `build_id` hashes the kernels and weights: the header defines it and the test program prints it,
+so a device can say which build it runs.
 """
 
 from __future__ import annotations
@@ -12,204 +15,16 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..targets import Target
+from ...errors import UserError
+from ...targets import Target
+from .memory import align
+from .program import Plan, root_tensor
 
-RUNTIME_DIR = Path(__file__).resolve().parent.parent.parent / "codegen" / "runtime"
-ALIGN = 64  # LLVM's kernels assume 64-byte aligned tensors (aligned NEON loads fault otherwise)
-
-
-@dataclass
-class Tensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    kind: str  # "input", "const", "temp"
-    first: int = -1  # step that writes it (-1: before the first step)
-    last: int = -1  # last step that reads it
-    alias_of: str | None = None  # a reshape shares its source's storage
-    const_index: int = -1
-    offset: int = -1  # in the arena (temps) or the weight blob (consts)
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-
-@dataclass
-class Step:
-    kernel: str
-    args: list[str]  # tensor names: inputs..., then outputs
-    n_out: int = 1
-
-
-@dataclass
-class Plan:
-    steps: list[Step]
-    tensors: dict[str, Tensor]
-    inputs: list[str]
-    outputs: list[str]
-    constants: list[np.ndarray] = field(default_factory=list)
-    arena_bytes: int = 0
-    workspace_bytes: int = 0
-    intermediate_bytes: int = 0  # the sum of all intermediate tensors, without reuse
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(c.nbytes for c in self.constants)
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def _shape_dtype(ty) -> tuple[tuple[int, ...], str]:
-    return tuple(int(d) for d in ty.shape.values), str(ty.dtype)
-
-
-def extract_plan(scheduled) -> Plan:
-    """The straight-line program in a scheduled module's main function."""
-    from tvm import relax
-    from tvm.ir import Constant
-
-    main = scheduled["main"]
-    tensors: dict[str, Tensor] = {}
-    names: dict = {}  # relax var -> tensor name
-    inputs = []
-    for i, p in enumerate(main.params):
-        shape, dtype = _shape_dtype(p.ty)
-        tensors[f"in{i}"] = Tensor(f"in{i}", shape, dtype, "input")
-        names[p] = f"in{i}"
-        inputs.append(f"in{i}")
-    constants: list[np.ndarray] = []
-    const_names: dict = {}
-
-    def ref(expr) -> str:
-        if isinstance(expr, Constant):
-            key = expr  # the TVM object itself: Python wrappers come and go, so id() would collide
-            if key not in const_names:
-                arr = expr.value.numpy()
-                name = f"w{len(constants)}"
-                tensors[name] = Tensor(name, tuple(arr.shape), str(arr.dtype), "const", const_index=len(constants))
-                constants.append(np.ascontiguousarray(arr))
-                const_names[key] = name
-            return const_names[key]
-        if expr in names:
-            return names[expr]
-        raise UserError(f"the C package cannot express '{type(expr).__name__}' in the model; use --format so")
-
-    steps: list[Step] = []
-    body = main.body
-    for block in body.blocks:
-        for b in block.bindings:
-            v, var = b.value, b.var
-            if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.call_tir":
-                args = [ref(a) for a in v.args[1].fields]
-                outs = []
-                for ty in (list(var.ty.fields) if hasattr(var.ty, "fields") else [var.ty]):  # split: several
-                    shape, dtype = _shape_dtype(ty)
-                    name = f"t{len(tensors)}"  # Relax var names repeat across scopes; ours must not
-                    tensors[name] = Tensor(name, shape, dtype, "temp", first=len(steps))
-                    outs.append(name)
-                names[var] = tuple(outs) if hasattr(var.ty, "fields") else outs[0]
-                steps.append(Step(v.args[0].name_hint, [*args, *outs], len(outs)))
-            elif isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.reshape":
-                src = ref(v.args[0])
-                shape, dtype = _shape_dtype(var.ty)
-                name = f"t{len(tensors)}"
-                tensors[name] = Tensor(name, shape, dtype, tensors[src].kind, alias_of=src)
-                names[var] = name
-            elif isinstance(v, relax.Var | relax.DataflowVar):
-                names[var] = ref(v)
-            elif isinstance(v, relax.Tuple):
-                names[var] = tuple(ref(f) for f in v.fields)
-            elif isinstance(v, relax.TupleGetItem) and isinstance(names.get(v.tuple_value), tuple):
-                names[var] = names[v.tuple_value][v.index]
-            else:
-                raise UserError(f"the C package cannot express the step '{type(v).__name__}'; use --format so")
-    out = names[body.body] if body.body in names else ref(body.body)
-    outputs = list(out) if isinstance(out, tuple) else [out]
-    plan = Plan(steps, tensors, inputs, outputs, constants)
-    _plan_memory(plan)
-    return plan
-
-
-def _root(plan: Plan, name: str) -> Tensor:
-    t = plan.tensors[name]
-    while t.alias_of is not None:
-        t = plan.tensors[t.alias_of]
-    return t
-
-
-def _plan_memory(plan: Plan) -> None:
-    """Arena offsets from tensor lifetimes: largest first, each at the lowest offset that no tensor alive at the
-    same time overlaps (greedy by size, the usual heuristic for static memory planning)."""
-    n = len(plan.steps)
-    for name in plan.inputs:
-        plan.tensors[name].first = -1
-    for i, step in enumerate(plan.steps):
-        for a in step.args[: len(step.args) - step.n_out]:
-            r = _root(plan, a)
-            r.last = max(r.last, i)
-    for name in plan.outputs:  # outputs live until the caller copies them out
-        _root(plan, name).last = n
-    arena = [t for t in plan.tensors.values() if t.alias_of is None and t.kind in ("input", "temp")]
-    for t in arena:
-        if t.last < 0:
-            t.last = t.first  # written but never read: still needs room while it is written
-    plan.intermediate_bytes = sum(t.nbytes for t in arena if t.kind == "temp")
-    placed: list[Tensor] = []
-    for t in sorted(arena, key=lambda t: (-t.nbytes, t.first)):
-        busy = sorted((p.offset, p.offset + _align(p.nbytes)) for p in placed
-                      if not (p.last < t.first or t.last < p.first))
-        offset = 0
-        for lo, hi in busy:
-            if offset + _align(t.nbytes) <= lo:
-                break
-            offset = max(offset, hi)
-        t.offset = offset
-        placed.append(t)
-    plan.arena_bytes = max((t.offset + _align(t.nbytes) for t in placed), default=0)
-    offset = 0
-    for t in plan.tensors.values():
-        if t.kind == "const" and t.alias_of is None:
-            t.offset = offset
-            offset += _align(t.nbytes)
-
-
-def workspace_bytes(scheduled) -> int:
-    """Scratch the kernels may request at once: the largest sum of one kernel's own buffers (padded copies,
-    large tiles). Buffers that stay on the stack are counted too, which only over-provisions."""
-    from tvm import tirx
-
-    worst = 0
-    for _, f in scheduled.functions_items():
-        if isinstance(f, tirx.PrimFunc):
-            worst = max(worst, sum(_align(n) for n in _buffer_sizes(f.script())))
-    return worst
-
-
-def _buffer_sizes(script: str) -> list[int]:
-    """Byte sizes of the alloc_buffer((shape), dtype) calls in a TVMScript text."""
-    sizes = []
-    for m in re.finditer(r"alloc_buffer\(\(", script):
-        i, depth = m.end(), 1
-        while depth and i < len(script):
-            depth += {"(": 1, ")": -1}.get(script[i], 0)
-            i += 1
-        dims = script[m.end(): i - 1]
-        dtype = re.match(r'\s*,\s*"(\w+)"', script[i:])
-        count = 1
-        for d in re.findall(r"\d+", re.sub(r"T\.int(?:32|64)\((\d+)\)", r"\1", dims)):
-            count *= int(d)
-        sizes.append(count * np.dtype(dtype.group(1) if dtype else "float32").itemsize)
-    return sizes
-
+RUNTIME_DIR = Path(__file__).resolve().parents[3] / "codegen" / "runtime"  # the checkout's codegen/runtime
 
 _DTYPE_CODES = {"float": 2, "int": 0, "uint": 1}
 
@@ -233,7 +48,7 @@ def write_package(directory: Path, plan: Plan, kernels_object: Path, target: Tar
         raise UserError(f"the C package API takes one input and one output; this model has {len(plan.inputs)} and "
                         f"{len(plan.outputs)}; use --format so")
     prefix, upper = name, name.upper()
-    t_in, t_out = plan.tensors[plan.inputs[0]], _root(plan, plan.outputs[0])
+    t_in, t_out = plan.tensors[plan.inputs[0]], root_tensor(plan, plan.outputs[0])
     for t in (t_in, t_out):
         if t.dtype != "float32":
             raise UserError(f"the C package API is float32 in and out; this model's {t.name} is {t.dtype}")
@@ -253,8 +68,8 @@ def write_package(directory: Path, plan: Plan, kernels_object: Path, target: Tar
         f"  .global {prefix}_weights\n{prefix}_weights:\n  .incbin \"weights.bin\"\n"
         + ("  .section .note.GNU-stack,\"\",%progbits\n" if "none" not in target.triple else ""))
 
-    ws = _align(plan.workspace_bytes)
-    arena = _align(plan.arena_bytes) + ws
+    ws = align(plan.workspace_bytes)
+    arena = align(plan.arena_bytes) + ws
     lines = [f'/* Generated by edgeprune for target {target.name}: runs the network with no heap. */',
              f'#include "{prefix}.h"', '#include "edgeprune_rt.h"', '#include <string.h>', '',
              f'extern const uint8_t {prefix}_weights[];',
@@ -273,7 +88,7 @@ def write_package(directory: Path, plan: Plan, kernels_object: Path, target: Tar
         lines.append(f'static int64_t shape_{index[t.name]}[] = {{{", ".join(map(str, t.shape)) or "1"}}};')
     lines += ['', f'static ep_dl_tensor tensors[{len(order)}];', '', 'static void bind(void) {']
     for t in order:
-        root = _root(plan, t.name)
+        root = root_tensor(plan, t.name)
         base = (f"(void *)({prefix}_weights + {root.offset})" if root.kind == "const"
                 else f"arena + {root.offset}")
         code, bits = _dl_dtype(t.dtype)
@@ -283,7 +98,7 @@ def write_package(directory: Path, plan: Plan, kernels_object: Path, target: Tar
               f'int {prefix}_run(const float *in, float *out) {{',
               '  ep_ffi_any args[16], ret;',
               '  bind();',
-              f'  ep_rt_set_workspace(arena + {_align(plan.arena_bytes)}, {ws});',
+              f'  ep_rt_set_workspace(arena + {align(plan.arena_bytes)}, {ws});',
               f'  memcpy(arena + {t_in.offset}, in, {t_in.nbytes});']
     for i, s in enumerate(plan.steps):
         if len(s.args) > 16:
@@ -292,7 +107,7 @@ def write_package(directory: Path, plan: Plan, kernels_object: Path, target: Tar
             lines.append(f'  args[{j}] = (ep_ffi_any){{EP_FFI_DLTENSOR_PTR, 0, {{.v_ptr = &tensors[{index[a]}]}}}};')
         lines.append(f'  if (__tvm_ffi_{s.kernel}(NULL, args, {len(s.args)}, &ret) != 0) '
                      f'{{ last = "{s.kernel}"; return {i + 1}; }}')
-        out = _root(plan, s.args[-1])
+        out = root_tensor(plan, s.args[-1])
         lines.append(f'  EP_DEBUG_LAYER({i}, "{s.kernel}", arena + {out.offset}, {out.nbytes});')
     lines += [f'  memcpy(out, arena + {t_out.offset}, {t_out.nbytes});', '  return 0;', '}', '',
               f'const char *{prefix}_last_error(void) {{ return ep_rt_last_error()[0] ? ep_rt_last_error() : last; }}',
