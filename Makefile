@@ -22,6 +22,7 @@ demo: $(STAMP) system
 	$(BIN)/edgeprune build --target cortex-a7 --latency 50ms -o out/demo
 
 test: $(STAMP) system
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -ra
 
 # How the shipped supernet was made (~27 min on 2 cores; same seed, same data split and subnet draws).
@@ -30,6 +31,7 @@ supernet: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check edgeprune tests bench
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python bench/dense.py

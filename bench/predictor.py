@@ -38,61 +38,49 @@ def main() -> int:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
 
-    from edgeprune.measure.calibrate import compile_suite, device_identity, measure_suite
+    from edgeprune.artifacts import LatencyTable, LayerCost
+    from edgeprune.calibration import compile_all, measure_entries, suite
+    from edgeprune.cost import model_for, new_table
     from edgeprune.measure.devices import LocalDevice
-    from edgeprune.measure.latency import model_for
     from edgeprune.search import space as S
+    from edgeprune.search.select import architecture_network
     from edgeprune.targets import get_target
 
     target, device = get_target("host"), LocalDevice()
     if args.load:
         saved = json.loads(Path(args.load).read_text())
-        prior, fitted = model_for(target), model_for(target, saved["table"])
-        rows = [(s["name"], s["ms"], prior.predict(s["analytic"]).ms, *_after(fitted, s["analytic"]))
-                for s in saved["subnets"]]
+        prior, fitted = model_for(target), model_for(target, LatencyTable.from_json(saved["table"]))
+        rows = []
+        for s in saved["subnets"]:
+            analytic = [LayerCost.from_json(r) for r in s["analytic"]]
+            rows.append((s["name"], s["ms"], prior.predict(analytic).ms, *_after(fitted, analytic)))
         return report(rows, args.goal)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
         say(f"compiling {args.calibration} calibration builds and {args.subnets} held-out subnets ...")
-        cal = list(compile_suite(target, args.calibration, tmp))
-        held = list(_held_out(args.subnets, tmp))
+        # The held-out subnets: drawn from the search space (seed 98765), never in the calibration suite.
+        rng = np.random.default_rng(98765)
+        held = [architecture_network(S.Space().sample(rng), i, name=f"subnet{i:02d}") for i in range(args.subnets)]
+        builds = list(compile_all(suite(args.calibration) + held, target, tmp))
         # One interleaved session for both sets, as `edgeprune calibrate` times its suite: a drift of this machine's
         # speed between a calibration phase and a test phase would otherwise read as the model's error.
-        entries = measure_suite(cal + [b for _, _, b in held], device, args.runs, 5, None, say)
-        table = {"device": device_identity(device, target), "threads": None, "entries": entries[:len(cal)]}
+        entries = measure_entries(builds, device, args.runs, 5, None, say)
+        table = new_table(device.identity(target))
+        table.entries = entries[:args.calibration]
         prior, fitted = model_for(target), model_for(target, table)
 
         rows, saved_subnets = [], []
-        for (name, arch, build), entry in zip(held, entries[len(cal):]):
-            measured, analytic = entry["ms"], S.layers(arch)  # the rows the search prices a subnet by
+        for net, entry in zip(held, entries[args.calibration:]):
+            arch = S.Arch.from_dict(net.arch)
+            analytic = S.layers(arch)  # the rows the search prices a subnet by
             before, after = prior.predict(analytic), fitted.predict(analytic)
-            rows.append((name, measured, before.ms, after.ms, after.source))
-            saved_subnets.append({"name": name, "arch": arch.to_dict(), "ms": measured, "layers": build.layers,
-                                  "analytic": analytic, "per_kernel_ms": entry.get("per_kernel_ms")})
+            rows.append((net.name, entry.ms, before.ms, after.ms, after.source))
+            saved_subnets.append({"name": net.name, "arch": net.arch, "ms": entry.ms,
+                                  "analytic": [r.to_json() for r in analytic], **entry.to_json()})
     if args.save:
-        Path(args.save).write_text(json.dumps({"table": table, "subnets": saved_subnets}))
+        Path(args.save).write_text(json.dumps({"table": table.to_json(), "subnets": saved_subnets}))
     return report(rows, args.goal)
-
-
-def _held_out(count: int, tmp: Path):
-    """`count` subnets of the search space (seeded, not in the calibration suite), each compiled for the host."""
-    import torch
-
-    from edgeprune.codegen.build import compile_model
-    from edgeprune.models.zoo import export_onnx
-    from edgeprune.search import space as S
-    from edgeprune.search.supernet import Subnet
-
-    rng = np.random.default_rng(98765)
-    for i in range(count):
-        arch = S.Space().sample(rng)
-        torch.manual_seed(i)
-        net = Subnet(arch).eval()
-        x = torch.randn(1, 3, arch.resolution, arch.resolution)
-        name = f"subnet{i:02d}"
-        path = export_onnx(net, x, tmp / f"{name}.onnx")
-        yield name, arch, compile_model(path, "host", tmp / name)
 
 
 def _after(model, layers) -> tuple[float, str]:

@@ -18,7 +18,6 @@ within budget. One GOAL line each; exits 1 when any is missed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import warnings
@@ -40,17 +39,13 @@ def main() -> int:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
 
-    import torch
-
     from edgeprune import data
-    from edgeprune.codegen.build import compile_model
-    from edgeprune.measure.calibrate import device_identity
+    from edgeprune.cost import load_table, model_for, new_table, save_table
     from edgeprune.measure.devices import LocalDevice
-    from edgeprune.measure.latency import model_for, save_table
-    from edgeprune.models.zoo import export_onnx
-    from edgeprune.pipeline import SUPERNET, Request, priced_by, run
+    from edgeprune.pipeline import SUPERNET, Request, realize, run
     from edgeprune.search import space as S
-    from edgeprune.search.evaluate import accuracy, score, subnet
+    from edgeprune.search.evaluate import accuracy, score
+    from edgeprune.search.select import network_of, priced_by
     from edgeprune.search.train import load
     from edgeprune.targets import get_target
 
@@ -61,16 +56,14 @@ def main() -> int:
     space = S.Space(resolutions=resolutions)
     tmp = Path(tempfile.mkdtemp(prefix="edgeprune-bench-search-"))
     table_path = tmp / "table.json"
-    table = {"device": device_identity(device, target), "entries": []}
+    table = new_table(device.identity(target))
+    save_table(table_path, table)
 
     def compile_measure(arch: S.Arch, name: str) -> tuple[float, object]:
-        net = subnet(supernet, arch, ds.train[0])
-        onnx = export_onnx(net, torch.zeros(1, 3, arch.resolution, arch.resolution), tmp / f"{name}.onnx")
-        build = compile_model(onnx, target, tmp / name)
-        ms = device.measure(build, runs=args.runs, warmup=5, layers=False).median_ms
-        table["entries"].append({"name": name, "layers": build.layers, "ms": ms})
-        save_table(table_path, table)
-        return ms, net
+        """The pipeline's own compile -> measure -> learn, on one subnet of the supernet."""
+        net = network_of(supernet, arch, ds.train[0], name=name)
+        done = realize(net, target, tmp / name, device, table, table_path, args.runs, "median", layers=False)
+        return done.value_ms, net.module
 
     largest = space.largest(max(resolutions))
     top_ms, _ = compile_measure(largest, "largest")
@@ -96,7 +89,7 @@ def main() -> int:
         out = tmp / f"edgeprune-{budget:g}"
         report = run(Request(target="host", budget_ms=budget, out=out, device="local", table=table_path,
                              rounds=args.rounds, runs=args.runs, statistic="median", seed=args.seed, quiet=True))
-        table["entries"] = json.loads(table_path.read_text())["entries"]  # with what the loop measured
+        table.entries = load_table(table_path).entries  # with what the loop measured
         ours = (report["latency"]["measured_ms"], report["accuracy"]["test"] if report["met"] else 0.0)
         evaluated = report["search"]["evaluated"]
         log(f"  edgeprune: measured {ours[0]:.3f} ms, test {ours[1]:.1%} ({evaluated} subnets scored)")

@@ -1,16 +1,114 @@
-"""The typed artifacts that pass between the pipeline's stages (see ../shared/docs/architecture.md)."""
+"""The typed artifacts that pass between the pipeline's stages (see ../shared/docs/architecture.md).
+
+This is the bottom of the house: plain dataclasses and their JSON forms, no TVM and no torch import, so every stage
+can be run, tested and replaced alone.
+
+    search   -> Network (a module plus a per-layer plan; dense fp32 today)
+    compress -> Network with each layer's plan filled in (block-sparse, int8, binary as they land)
+    codegen  -> Build (a directory: library or C package, with one LayerCost row per kernel call)
+    measure  -> Measurement (runs, per-kernel profile)
+    learn    -> TableEntry in a LatencyTable (what the latency model fits)
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-from .codegen.importers import TensorSpec
 from .errors import UserError
 
 BUILD_JSON = "build.json"
-BUILD_FORMAT_VERSION = 1
+BUILD_FORMAT_VERSION = 2  # 2: layers are LayerCost rows (1 had untyped dicts)
+TABLE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @staticmethod
+    def from_json(d: dict) -> TensorSpec:
+        return TensorSpec(d["name"], tuple(d["shape"]), d["dtype"])
+
+
+# The classes the latency model prices apart: a 1x1 convolution runs at several times the FLOP rate of a depthwise
+# one, and one line cannot fit both.
+OP_CLASSES = ("pointwise", "conv", "depthwise", "matmul", "pool", "reduce", "data")
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One kernel call as the latency model sees it. Made by `edgeprune.cost.rows`, the same way for a compiled
+    build's kernels and for the search's analytic pricing of a subnet."""
+
+    op: str  # one of OP_CLASSES
+    shapes: tuple[tuple[int, ...], ...]  # input, weight (if any), output: NHWC / HWIO as compiled
+    macs: int  # multiply-accumulates actually executed (dense MACs x density)
+    act_bytes: int  # activations read (a fused residual add reads the block's input too)
+    weight_bytes: int
+    out_bytes: int
+    weight_bits: int = 32
+    act_bits: int = 32
+    density: float = 1.0  # kept fraction of weight blocks (1x N block sparsity); 1 is dense
+    block: int = 1  # N of the 1xN blocks
+    family: str = "dense"  # the codegen kernel family that runs it
+    kernel: str = ""  # the fused kernel's name in a build; "" for an analytic row
+    sources: tuple[str, ...] = ()  # the user's layer names it came from (ONNX nodes or module paths)
+
+    def key(self) -> str:
+        """Same key, same kernel: a measured time is looked up by it."""
+        return (f"{self.op}:{json.dumps([list(s) for s in self.shapes])}:w{self.weight_bits}a{self.act_bits}"
+                f":d{self.density:g}:b{self.block}")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["shapes"] = [list(s) for s in self.shapes]
+        d["sources"] = list(self.sources)
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> LayerCost:
+        known = {f.name for f in fields(LayerCost)}
+        d = {k: v for k, v in d.items() if k in known}
+        return LayerCost(**{**d, "shapes": tuple(tuple(s) for s in d["shapes"]),
+                            "sources": tuple(d.get("sources", ()))})
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer of a Network is to run. Compression fills these in; dense fp32 is the default."""
+
+    layer: str  # the module path (torch) or node name
+    scheme: str = "dense"  # dense | bsr | int8 | binary
+    weight_bits: int = 32
+    act_bits: int = 32
+    block: int = 1  # bsr: N of the 1xN blocks
+    density: float = 1.0  # bsr: kept fraction of blocks
+    params: dict = field(default_factory=dict, compare=False)  # scheme-specific: scales, masks' file, ...
+
+
+@dataclass
+class Network:
+    """An in-memory network on its way to codegen: a module (torch.nn.Module), an example input shape, and the
+    per-layer plan. It goes to codegen without a file in between (torch.export)."""
+
+    module: Any
+    input_shape: tuple[int, ...]
+    name: str = "model"
+    plan: dict[str, LayerPlan] = field(default_factory=dict)  # layer -> plan; absent layers are dense fp32
+    arch: dict | None = None  # the search-space architecture, when it came from the supernet
+    predicted_ms: float | None = None
+    accuracy: float | None = None  # validation accuracy, when known
+
+    def plan_of(self, layer: str) -> LayerPlan:
+        return self.plan.get(layer, LayerPlan(layer))
 
 
 @dataclass
@@ -19,7 +117,7 @@ class Build:
 
     directory: Path
     target: str
-    format: str  # "so": shared library with the Relax VM executable
+    format: str  # "so": shared library with the Relax VM executable; "c": a C package
     library: str  # file name inside directory
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -31,13 +129,14 @@ class Build:
     tool_version: str = ""
     compile_seconds: float = 0.0
     memory: dict = field(default_factory=dict)  # C package: arena, workspace, intermediate and weight bytes
-    layers: list[dict] = field(default_factory=list)  # per kernel call: kind, flops, bytes (the latency model's)
+    layers: list[LayerCost] = field(default_factory=list)  # per kernel call, in order: what the latency model prices
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["directory"] = str(self.directory)
         d["inputs"] = [t.to_json() for t in self.inputs]
         d["outputs"] = [t.to_json() for t in self.outputs]
+        d["layers"] = [row.to_json() for row in self.layers]
         d["format_version"] = BUILD_FORMAT_VERSION
         return d
 
@@ -64,7 +163,7 @@ class Build:
                 source=d["source"], source_sha256=d["source_sha256"], kernels=d.get("kernels", {}),
                 unscheduled=d.get("unscheduled", []), tuned=d.get("tuned", False),
                 tool_version=d.get("tool_version", ""), compile_seconds=d.get("compile_seconds", 0.0),
-                memory=d.get("memory", {}), layers=d.get("layers", []))
+                memory=d.get("memory", {}), layers=[LayerCost.from_json(r) for r in d.get("layers", [])])
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{meta} is damaged or from another edgeprune version ({e}); recompile the model") \
                 from None
@@ -79,7 +178,7 @@ class Measurement:
     runs_ms: list[float]
     threads: int
     real_time: bool = True  # False under emulation: the numbers are not the device's latency
-    layers: list[dict] = field(default_factory=list)  # {"name", "ms", "share", "gflops"} per kernel, slowest first
+    layers: list[dict] = field(default_factory=list)  # {"name", "ms", "share", "gflops", "calls", "sources"}
 
     def percentile(self, q: float) -> float:
         import numpy as np
@@ -97,3 +196,43 @@ class Measurement:
             "p90_ms": round(self.percentile(90), 4), "real_time": self.real_time,
             "layers": self.layers,
         }
+
+
+@dataclass
+class TableEntry:
+    """One measured network in a latency table: its kernels' rows, its median, and where the device profiles, each
+    kernel's share of that median (None: only the whole network's time is known)."""
+
+    name: str
+    layers: list[LayerCost]
+    ms: float
+    per_kernel_ms: list[float] | None = None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "layers": [r.to_json() for r in self.layers], "ms": self.ms,
+                "per_kernel_ms": self.per_kernel_ms}
+
+    @staticmethod
+    def from_json(d: dict) -> TableEntry:
+        return TableEntry(d["name"], [LayerCost.from_json(r) for r in d["layers"]], float(d["ms"]),
+                          d.get("per_kernel_ms"))
+
+
+@dataclass
+class LatencyTable:
+    """A device's measured networks, with who measured them (the device identity) and how."""
+
+    device: dict | None = None
+    tool_version: str = ""
+    date: str = ""
+    threads: int | None = None
+    entries: list[TableEntry] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"version": TABLE_VERSION, "device": self.device, "tool_version": self.tool_version,
+                "date": self.date, "threads": self.threads, "entries": [e.to_json() for e in self.entries]}
+
+    @staticmethod
+    def from_json(d: dict) -> LatencyTable:
+        return LatencyTable(d.get("device"), d.get("tool_version", ""), d.get("date", ""), d.get("threads"),
+                            [TableEntry.from_json(e) for e in d["entries"]])

@@ -14,10 +14,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from . import __version__
+from . import api
 from .errors import UserError
+from .version import __version__
 
-BUILTIN_PREFIX = "builtin:"
 DEVICES = "local, rpc://HOST:PORT/KEY, serial://PATH?baud=N or qemu://TARGET (default: local)"
 
 
@@ -46,33 +46,13 @@ def _at_least(minimum: int):
     return parse
 
 
-def _builtin_model(name: str, workdir: Path) -> Path:
-    """Export one of the reference networks to ONNX, so the demo needs no download and no user file."""
-    from .models.reference import BENCH_NETWORKS, build
-
-    if name not in BENCH_NETWORKS:
-        raise UserError(f"unknown built-in network '{name}'; known: {', '.join(BENCH_NETWORKS)}")
-    import torch
-
-    model, x = build(name)
-    path = workdir / f"{name}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), opset_version=17, dynamo=False, input_names=["input"],
-                          output_names=["logits"])
-    return path
-
-
 def cmd_targets(args) -> int:
-    from .targets import get_target, known_targets
-
-    names = known_targets()
+    found = api.targets()
     if args.json:
-        print(json.dumps([_target_json(get_target(n)) for n in names], indent=2))
+        print(json.dumps([_target_json(t) for t in found], indent=2))
         return 0
     print(f"{'name':<12} {'triple':<26} {'cpu':<14} {'SIMD':>5} {'cores':>5} {'MHz':>6}  description")
-    for n in names:
-        t = get_target(n)
+    for t in found:
         print(f"{t.name:<12} {t.triple:<26} {t.cpu:<14} {t.simd_bits:>5} {t.cores:>5} {t.clock_mhz:>6}  "
               f"{t.description}")
     return 0
@@ -83,16 +63,8 @@ def _target_json(t) -> dict:
 
 
 def cmd_compile(args) -> int:
-    from .codegen.build import compile_model
-    from .targets import get_target
-
-    target = get_target(args.target)  # fail on a bad target before any slow import work
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model.startswith(BUILTIN_PREFIX):
-            model = _builtin_model(model[len(BUILTIN_PREFIX):], Path(tmp))
-        build = compile_model(model, target, args.output, input_shape=args.input_shape, fmt=args.format,
-                              tune_trials=args.tune_trials, package_name=args.name)
+    build = api.compile(args.model, args.target, args.output, input_shape=args.input_shape, format=args.format,
+                        name=args.name, tune_trials=args.tune_trials)
     if args.json:
         print(json.dumps(build.to_json(), indent=2))
     else:
@@ -150,34 +122,15 @@ def _atomic_save(path: Path, arrays: list, names: list[str]) -> None:
         raise
 
 
-def _check_runs_here(build) -> None:
-    from .targets import get_target
-
-    if not get_target(build.target).is_host:
-        raise UserError(f"{build.directory} is built for {build.target}, not this machine; run it on that device, "
-                        "or compile with --target host")
-
-
 def cmd_run(args) -> int:
-    from .artifacts import Build
-    from .measure import package
-    from .measure.devices import LocalDevice, QemuDevice, get_device
-    from .measure.local import set_threads
-
-    device = get_device(args.device)
-    build = Build.load(args.build)
-    if isinstance(device, QemuDevice) or (build.format == "c" and isinstance(device, LocalDevice)):
-        package.command_for(build, args.device)  # a wrong device fails before inputs are read
-    elif isinstance(device, LocalDevice):
-        _check_runs_here(build)
+    build = api.load(args.build)
     out = Path(args.output)
     if out.suffix not in (".npy", ".npz"):
         raise UserError(f"output {out} must end in .npy (one output) or .npz (all outputs by name)")
     if out.suffix == ".npy" and len(build.outputs) > 1:
         raise UserError(f"the model has {len(build.outputs)} outputs; write them with -o FILE.npz")
     inputs = _load_inputs(args.input, build)
-    set_threads(args.threads)
-    results = device.run(build, inputs)
+    results = api.run(build, inputs, args.device, args.threads)
     _atomic_save(out, results, [s.name for s in build.outputs])
     print(f"wrote {out} ({', '.join(str(list(r.shape)) for r in results)})")
     if args.debug_layers:
@@ -206,12 +159,9 @@ def _debug_layers(build, inputs, args) -> int:
 
 
 def cmd_measure(args) -> int:
-    from .artifacts import Build
-    from .measure.devices import get_device
-
-    device = get_device(args.device)
-    build = Build.load(args.build)
-    m = device.measure(build, runs=args.runs, warmup=args.warmup, threads=args.threads, layers=not args.no_layers)
+    build = api.load(args.build)
+    m = api.measure(build, args.device, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                    layers=not args.no_layers)
     s = m.summary()
     if args.json:
         print(json.dumps(s))
@@ -222,9 +172,11 @@ def cmd_measure(args) -> int:
     if not m.real_time:
         print("  note: emulated runs; these times are not the device's latency")
     if m.layers:
-        print(f"  {'kernel':<64} {'ms':>8} {'share':>6} {'GFLOP/s':>8}")
+        print(f"  {'layer (kernel where the model has no name for it)':<64} {'ms':>8} {'share':>6} {'GFLOP/s':>8}")
         for row in m.layers:
-            print(f"  {row['name'][:64]:<64} {row['ms']:>8.4f} {row['share'] * 100:>5.1f}% {row['gflops']:>8.1f}")
+            names = row.get("sources") or [row["name"]]
+            label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} alike)"
+            print(f"  {label[:64]:<64} {row['ms']:>8.4f} {row['share'] * 100:>5.1f}% {row['gflops']:>8.1f}")
     return 0
 
 
@@ -240,18 +192,10 @@ def _duration_ms(text: str) -> float:
 
 def cmd_check(args) -> int:
     """Exit 1 when the build misses its latency budget on the device (p90 by default)."""
-    from .artifacts import Build
-    from .measure.devices import get_device
-
-    device = get_device(args.device)
-    build = Build.load(args.build)
-    m = device.measure(build, runs=args.runs, warmup=args.warmup, threads=args.threads, layers=False)
-    if not m.real_time:
-        raise UserError(f"{args.device} runs under emulation and its times are not latency; check on local or an "
-                        "rpc:// board")
-    stat = "median" if args.median else "p90"
-    value = m.median_ms if args.median else m.percentile(90)
-    ok = value <= args.latency
+    build = api.load(args.build)
+    result = api.check(build, args.latency, args.device, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                       statistic="median" if args.median else "p90")
+    m, stat, value, ok = result.measurement, result.statistic, result.value_ms, result.met
     verdict = "within" if ok else "misses"
     line = (f"{build.directory} on {m.device}: {stat} {value:.3f} ms {verdict} the budget of {args.latency:g} ms "
             f"({len(m.runs_ms)} runs)")
@@ -284,7 +228,7 @@ def _write_junit(path: Path, build, m, stat: str, value: float, budget: float, o
 
 
 def cmd_calibrate(args) -> int:
-    from .measure.calibrate import calibrate
+    from .calibration import calibrate
     from .measure.devices import get_device
     from .targets import get_target
 
@@ -298,11 +242,10 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .artifacts import Build
-    from .measure.latency import load_table, model_for
+    from .cost import load_table, model_for
     from .targets import get_target
 
-    build = Build.load(args.build)
+    build = api.load(args.build)
     table = load_table(args.table) if args.table else None
     p = model_for(get_target(build.target), table).predict(build.layers)
     report = {"predicted_ms": round(p.ms, 4), "source": p.source, "kernels_by_source": p.sources,
@@ -316,15 +259,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from .pipeline import SUPERNET, BudgetError, Request, run
+    from .search.select import BudgetError
 
-    req = Request(target=args.target, budget_ms=args.latency, out=Path(args.output or f"out/build-{args.target}"),
-                  device=args.device, data=args.data, supernet=Path(args.supernet or SUPERNET),
-                  table=Path(args.table) if args.table else None, rounds=args.rounds, fmt=args.format,
-                  runs=args.runs, statistic="median" if args.median else "p90", seed=args.seed,
-                  quiet=args.quiet or args.json)
+    out = Path(args.output or f"out/build-{args.target}")
     try:
-        report = run(req)
+        report = api.build(args.target, args.latency, out, device=args.device, data=args.data,
+                           supernet=args.supernet, table=args.table, rounds=args.rounds, format=args.format,
+                           runs=args.runs, statistic="median" if args.median else "p90", seed=args.seed,
+                           quiet=args.quiet or args.json)
     except BudgetError as e:
         print(f"edgeprune: {e}", file=sys.stderr)
         return 1
@@ -336,11 +278,11 @@ def cmd_build(args) -> int:
                if lat["measured_ms"] is not None else
                f"predicted {lat['predicted_ms']:.3f} ms from the {lat['predicted_source']} model (no device attached: "
                "not measured)")
-        print(f"{req.out}: {how}; budget {report['budget_ms']:g} ms {'met' if report['met'] else 'MISSED'}")
+        print(f"{out}: {how}; budget {report['budget_ms']:g} ms {'met' if report['met'] else 'MISSED'}")
         print(f"  test accuracy {acc['test']:.1%} (unpruned {acc['unpruned_test']:.1%}), "
               f"{report['macs'] / 1e6:.1f}M MACs, {report['parameters'] / 1e6:.2f}M parameters, "
               f"{report['architecture']['resolution']} px")
-        print(f"  report: {req.out / 'report.html'}")
+        print(f"  report: {out / 'report.html'}")
     if not report["met"]:
         print(f"edgeprune: the budget was missed; the smallest latency reached is {report.get('smallest_ms') or 0:.3f} "
               "ms", file=sys.stderr)
@@ -361,19 +303,33 @@ def _resolutions(text: str) -> tuple[int, ...]:
 def cmd_train_supernet(args) -> int:
     from . import data
     from .pipeline import latency_function, progress_bar
-    from .search.train import TrainConfig, save, train
+    from .search.train import TrainConfig, load_state, save, train
 
-    ds = data.load(args.data, seed=args.seed)
-    cfg = TrainConfig(steps=args.steps, batch=args.batch, seed=args.seed, target=args.target,
-                      resolutions=args.resolutions or TrainConfig.resolutions)
-    with progress_bar(args.steps, "train supernet", quiet=args.quiet) as bar:
-        ckpt = train(ds, cfg, latency_function(args.target), bar)
+    out = Path(args.output)
+    ckpt_path = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".state")
+    state = None
+    if args.resume:
+        state = load_state(ckpt_path if args.resume is True else Path(args.resume))
+        # A resumed run is the same run: its data, steps, seed and subnet draws come from the checkpoint.
+        cfg = TrainConfig.from_dict(state["config"])
+        ds = data.load(state["dataset"], seed=cfg.seed)
+    else:
+        ds = data.load(args.data, seed=args.seed)
+        cfg = TrainConfig(steps=args.steps, batch=args.batch, seed=args.seed, target=args.target,
+                          resolutions=args.resolutions or TrainConfig.resolutions)
+        if args.progressive:
+            cfg.phases = {"full": 0.25, "kernel": 0.15, "depth": 0.15, "width": 0.45}
+    with progress_bar(cfg.steps, "train supernet", quiet=args.quiet) as bar:
+        if state is not None:
+            bar(int(state["step"]), cfg.steps, "resumed", float("nan"))
+        ckpt = train(ds, cfg, latency_function(cfg.target), bar, resume=state,
+                     checkpoint=lambda s: save(s, ckpt_path), every_s=60 * args.checkpoint_minutes)
     if int(os.environ.get("RANK", "0")) == 0:
-        save(ckpt, Path(args.output))
+        save(ckpt, out)
         if not args.quiet:
             best = max((p["val_accuracy"] for p in ckpt["pools"]), default=0.0)
-            print(f"wrote {args.output}: largest subnet {ckpt['largest']['val_accuracy']:.1%} on validation, "
-                  f"{len(ckpt['pools'])} pool subnets (best {best:.1%})")
+            print(f"wrote {out}: largest subnet {ckpt['largest']['val_accuracy']:.1%} on validation, "
+                  f"{len(ckpt['pools'])} pool subnets (best {best:.1%}); training state in {ckpt_path}")
     return 0
 
 
@@ -408,6 +364,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--resolutions", type=_resolutions, help="training resolutions (default: 64,80,96)")
     s.add_argument("--target", "-t", default="cortex-a7", help="target whose latency buckets the pools")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--progressive", action="store_true",
+                   help="progressive shrinking: the full network, then elastic kernel, depth and width (default: "
+                        "every subnet size from the first step)")
+    s.add_argument("--checkpoint", help="training state written every few minutes (default: OUTPUT.state)")
+    s.add_argument("--checkpoint-minutes", type=float, default=5.0, help="minutes between checkpoints (default: 5)")
+    s.add_argument("--resume", nargs="?", const=True, metavar="STATE",
+                   help="continue the run whose state is STATE (default: the --checkpoint path); its data, steps, "
+                        "seed and resolutions are the checkpoint's")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train_supernet)
 
@@ -416,7 +380,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_targets)
 
     s = sub.add_parser("compile", help="compile a .onnx, .pt2 or .tflite model for a target")
-    s.add_argument("model", help=f"model file, or {BUILTIN_PREFIX}NAME for a built-in reference network")
+    s.add_argument("model", help=f"model file, or {api.BUILTIN_PREFIX}NAME for a built-in reference network")
     s.add_argument("--target", "-t", default="host", help="device target (see 'edgeprune targets')")
     s.add_argument("--output", "-o", required=True, help="build directory to write")
     s.add_argument("--input-shape", type=_shape, help="fixed input shape for a model with dynamic dimensions")

@@ -1,11 +1,13 @@
-"""The loop `edgeprune build` runs: search -> codegen -> measure, with measured latency fed back to the search.
+"""The loop `edgeprune build` runs: search -> compress -> compile -> measure -> learn, and search again on a miss.
 
-search   the supernet's pool subnets are priced on the target's latency model; the most accurate ones within budget
-         are scored on validation data, and the best is refined to the exact budget by the knapsack;
-codegen  the chosen subnet (BatchNorm recalibrated) is exported to ONNX and compiled for the target;
-measure  on the device when one is attached. A miss adds the measurement to the device's latency table, the model
-         is refitted and the search runs again (bounded rounds). With no device, the predicted latency stands and the
-         report says so.
+Each stage is a function over the typed artifacts (edgeprune.artifacts); this module only sequences them:
+  search    search.select: pool subnets priced on the target's latency model, the best refined by the knapsack;
+            returns a Network (BatchNorm recalibrated);
+  compress  compress.compress: every layer's plan (dense fp32 in this version);
+  compile   codegen.compile_model: the Network, in memory, to a Build for the target;
+  measure   on the device when one is attached; with none, the predicted latency stands and the report says so;
+  learn     cost.learn: the measurement enters the device's latency table, the model is refitted, and a miss
+            searches again (bounded rounds).
 """
 
 from __future__ import annotations
@@ -20,26 +22,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .artifacts import Build, LatencyTable, Measurement, Network
 from .errors import UserError
 from .search import space as S
+from .search.select import BudgetError, Candidate, latency_function, priced_by  # noqa: F401 - the pipeline's API
+from .targets import Target
 
 SUPERNET = Path(__file__).parent / "search" / "assets" / "supernet-digit-scenes.pt"
-CANDIDATES = 3  # pool subnets scored on validation data per round
 # With a device, aim below the budget: predictions are off by 10-20% and measurements jitter. After a miss the model
 # is refitted on the measurement, and the aim comes down a little more.
 MARGIN = 0.9
-
-
-def latency_function(target: str, table: dict | None = None) -> Callable[[S.Arch], float]:
-    """Predicted ms of a subnet on `target`, from its analytic kernel rows and the device's latency model."""
-    from .measure.latency import model_for
-    from .targets import get_target
-
-    return priced_by(model_for(get_target(target), table))
-
-
-def priced_by(model) -> Callable[[S.Arch], float]:
-    return lambda arch: model.predict(S.layers(arch)).ms
 
 
 @contextlib.contextmanager
@@ -77,14 +69,6 @@ class Request:
 
 
 @dataclass
-class Candidate:
-    arch: S.Arch
-    origin: str  # "pool" or "knapsack"
-    predicted_ms: float
-    val_accuracy: float
-
-
-@dataclass
 class Round:
     candidate: Candidate
     predicted_source: str
@@ -97,64 +81,49 @@ def _log(req: Request, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def search(supernet, ckpt: dict, ds, latency: Callable[[S.Arch], float], budget_ms: float,
-           resolutions: tuple[int, ...], log: Callable[[str], None] = lambda m: None) -> tuple[Candidate, dict]:
-    """The most accurate subnet predicted within budget.
-
-    Candidates: the pool subnets within budget with the best validation accuracy, then the knapsack's refinement to
-    the exact budget of the best of them and of the largest subnet at each resolution (the knapsack picks every
-    layer's width, which a uniform width multiplier cannot). Every candidate is scored on validation data."""
-    from .search import knapsack
-    from .search.evaluate import score
-
-    stats = {"evaluated": 0}
-    pool = [S.Arch.from_dict(p["arch"]) for p in ckpt["pools"]]
-    stored = {a.key(): p["val_accuracy"] for a, p in zip(pool, ckpt["pools"])}
-    fits = sorted((a for a in pool if latency(a) <= budget_ms), key=lambda a: -stored[a.key()])
-    space = S.Space(resolutions=resolutions)
-    if not fits and latency(space.smallest(min(resolutions))) > budget_ms:
-        raise BudgetError(latency(space.smallest(min(resolutions))), "predicted")
-    scored: list[Candidate] = []
-
-    def consider(arch: S.Arch, origin: str) -> None:
-        if any(c.arch == arch for c in scored):
-            return
-        scored.append(Candidate(arch, origin, latency(arch), score(supernet, arch, ds)))
-        stats["evaluated"] += 1
-        log(f"  {origin} subnet {S.macs(arch) / 1e6:.1f}M MACs @{arch.resolution}px: predicted "
-            f"{scored[-1].predicted_ms:.2f} ms, val accuracy {scored[-1].val_accuracy:.1%}")
-
-    for arch in fits[:CANDIDATES]:
-        consider(arch, "pool")
-    parents = [max(scored, key=lambda c: c.val_accuracy).arch] if scored else []
-    parents += [space.largest(r) for r in sorted(resolutions, reverse=True)]
-    for parent in parents:
-        choice = knapsack.solve(parent, knapsack.taylor_importance(supernet, parent, ds), latency, budget_ms)
-        if choice is not None:
-            consider(choice.arch, "knapsack")
-    if not scored:
-        raise BudgetError(latency(space.smallest(min(resolutions))), "predicted")
-    return max(scored, key=lambda c: c.val_accuracy), stats
+@dataclass
+class Realized:
+    build: Build
+    measurement: Measurement | None = None
+    value_ms: float | None = None  # the measured statistic (p90 or median); None when nothing was measured
 
 
-class BudgetError(UserError):
-    def __init__(self, smallest_ms: float, how: str):
-        self.smallest_ms = smallest_ms
-        super().__init__(f"no subnet meets the budget: the smallest latency reached is {smallest_ms:.2f} ms "
-                         f"({how}); raise --latency or choose a faster target")
+def realize(network: Network, target: Target, out_dir: Path, device=None, table: LatencyTable | None = None,
+            table_path: Path | None = None, runs: int = 50, statistic: str = "p90", fmt: str | None = None,
+            layers: bool = True) -> Realized:
+    """One turn of the build loop after search: compress -> compile -> measure -> learn.
+
+    With no device it stops after compiling. A measurement enters `table` (written to `table_path` when the table
+    knows its device), so the next model_for(target, table) has learned from it."""
+    from .codegen import compile_model
+    from .compress import compress
+    from .cost import entry_of, learn
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    build = compile_model(compress(network), target, out_dir, fmt=fmt)
+    if device is None:
+        return Realized(build)
+    m = device.measure(build, runs=runs, warmup=max(3, runs // 10), layers=layers)
+    value = m.median_ms if statistic == "median" else m.percentile(90)
+    if table is not None:
+        arch = network.arch
+        name = f"build-{network.name}" if arch is None else \
+            f"build-{S.macs(S.Arch.from_dict(arch)) // 1000}k-{arch['resolution']}px"
+        learn(table, [entry_of(build, m, name)], table_path)
+    return Realized(build, m, value)
 
 
-def _table_for(req: Request, device) -> tuple[Path | None, dict | None]:
-    from .measure.calibrate import default_table_path
-    from .measure.latency import load_table
-    from .targets import get_target
+def _table_for(req: Request, device, target) -> tuple[Path | None, LatencyTable]:
+    from .cost import load_table, new_table, table_path
 
     path = req.table
     if path is None and device is not None:
-        path = default_table_path(device, get_target(req.target))
+        path = table_path(device.table_name(target))
     if path is not None and Path(path).exists():
         return Path(path), load_table(path)
-    return path, None  # a new table, written when the device measures something
+    # A new table, written when the device measures something.
+    return path, new_table(device.identity(target) if device else None)
 
 
 def _prepare_out(out: Path) -> Path:
@@ -169,11 +138,11 @@ def run(req: Request) -> dict:
     import torch
 
     from . import data
-    from .codegen.build import _replace_dir, compile_model
+    from .codegen.build import _replace_dir
+    from .cost import model_for
     from .measure.devices import get_device
-    from .measure.latency import save_table
-    from .models.zoo import export_onnx
     from .search.evaluate import accuracy, subnet
+    from .search.select import network_of, search
     from .search.train import load
     from .targets import get_target
 
@@ -184,33 +153,24 @@ def run(req: Request) -> dict:
     if device is not None and getattr(device, "uri", "").startswith("qemu://"):
         raise UserError("qemu times are not latency; build against a real device (local, rpc://, serial://) "
                         "or none (predicted)")
-    table_path, table = _table_for(req, device)
+    table_path, table = _table_for(req, device, target)
     supernet, ckpt = load(req.supernet)
     ds = data.load(req.data, seed=req.seed)
     if len(ds.classes) != ckpt["num_classes"]:
         raise UserError(f"the supernet was trained on {ckpt['dataset']} ({ckpt['num_classes']} classes), the data "
                         f"has {len(ds.classes)}; train one on it: edgeprune train-supernet --data ... -o FILE")
     resolutions = tuple(ckpt["space"]["resolutions"])
-    if table is None:
-        from . import __version__
-        from .measure.calibrate import device_identity
-
-        table = {"device": device_identity(device, target) if device else None, "tool_version": __version__,
-                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": None, "entries": []}
     times["load"] = time.perf_counter() - t0
     stage = _prepare_out(req.out)
     rounds: list[Round] = []
     evaluated = 0
     aim = req.budget_ms * (MARGIN if device is not None else 1.0)
     try:
-        from .measure.calibrate import entry_of
-        from .measure.latency import model_for
-
         for r in range(req.rounds):
             t = time.perf_counter()
-            model = model_for(target, table if table["entries"] else None)
+            model = model_for(target, table)
             latency = priced_by(model)
-            known = len(table["entries"])
+            known = len(table.entries)
             _log(req, f"round {r + 1}: search on {target.name} for {req.budget_ms:g} ms, aiming at {aim:.3g} ms "
                       f"({f'{known} measured networks' if known else 'no measurements: the prior'})")
             best, stats = search(supernet, ckpt, ds, latency, aim, resolutions, lambda m: _log(req, m))
@@ -219,29 +179,18 @@ def run(req: Request) -> dict:
             source = model.predict(S.layers(best.arch)).source
             rounds.append(Round(best, source))
             t = time.perf_counter()
-            net = subnet(supernet, best.arch, ds.train[0])
-            x = torch.zeros(1, 3, best.arch.resolution, best.arch.resolution)
-            build_dir = stage / "build"
-            if build_dir.exists():
-                shutil.rmtree(build_dir)
-            onnx_path = export_onnx(net, x, stage / "model.onnx")
-            build = compile_model(onnx_path, target, build_dir, fmt=req.fmt)
+            network = network_of(supernet, best.arch, ds.train[0], predicted_ms=best.predicted_ms,
+                                 accuracy=best.val_accuracy)
+            done = realize(network, target, stage / "build", device, table, table_path, req.runs, req.statistic,
+                           req.fmt)
             times[f"compile_{r + 1}"] = time.perf_counter() - t
             if device is None:
                 break
-            t = time.perf_counter()
-            m = device.measure(build, runs=req.runs, warmup=max(3, req.runs // 10))
-            times[f"measure_{r + 1}"] = time.perf_counter() - t
-            value = m.median_ms if req.statistic == "median" else m.percentile(90)
+            m, value = done.measurement, done.value_ms
             rounds[-1].measured_ms = value
             rounds[-1].measurement = m.summary() | {"layers": m.layers[:10]}
             _log(req, f"  measured {req.statistic} {value:.3f} ms on {device.uri} "
                       f"(predicted {best.predicted_ms:.3f} ms)")
-            # Every measurement teaches the latency model: this round's (on a miss) and the next builds'.
-            table["entries"].append(entry_of(build, m) |  # with each kernel's time where the device profiles
-                                    {"name": f"build-{S.macs(best.arch) // 1000}k-{best.arch.resolution}px"})
-            if table_path is not None and table.get("device"):
-                save_table(table_path, table)
             if value <= req.budget_ms:
                 break
             aim *= 0.95  # the refitted model carries the correction; a little more room for jitter
@@ -249,7 +198,8 @@ def run(req: Request) -> dict:
         met = final.measured_ms <= req.budget_ms if final.measured_ms is not None else \
             final.candidate.predicted_ms <= req.budget_ms
         t = time.perf_counter()
-        net = subnet(supernet, final.candidate.arch, ds.train[0])
+        net = network.module
+        shutil.copy2(stage / "build" / "model.onnx", stage / "model.onnx")
         torch.save(net.state_dict(), stage / "weights.pt")
         largest = S.Space(resolutions=resolutions).largest(max(resolutions))
         big = subnet(supernet, largest, ds.train[0])
@@ -262,7 +212,7 @@ def run(req: Request) -> dict:
                 "predicted_ms": round(final.candidate.predicted_ms, 4),
                 "predicted_source": final.predicted_source,
                 "used": "measured" if final.measured_ms is not None else "predicted",
-                "table": str(table_path) if table["entries"] else None,
+                "table": str(table_path) if table.entries else None,
             },
             "accuracy": {
                 "test": accuracy(net, *ds.test, final.candidate.arch.resolution),

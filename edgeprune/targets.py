@@ -1,7 +1,8 @@
 """Device targets: one TOML file per device under the repository's ``targets/`` folder.
 
 A Target says what code to generate (LLVM triple, cpu, features), how to link and run it off this machine
-(cross compiler, emulator) and what the latency prior needs (clock, cores, SIMD width, memory bandwidth).
+(cross compiler, emulator) and what the latency prior needs (clock, cores, SIMD width, memory bandwidth, and the
+throughput per cycle of fp32, int8 and binary arithmetic).
 ``host`` is special: fields set to "detect" are read off this machine when the file is loaded.
 """
 
@@ -34,6 +35,9 @@ class Target:
     mem_bandwidth_gbs: float
     fp32_flop_per_cycle: int
     cross_compiler: str
+    # Per core, for the latency prior of quantized and binary layers (operations: a MAC counts two).
+    int8_op_per_cycle: float = 0.0  # 0: twice the fp32 rate (widening multiply-accumulate, no dot product)
+    binary_op_per_cycle: float = 0.0  # xnor/and + popcount over bits; 0: 16x the fp32 rate
     cflags: tuple[str, ...] = ()
     emulator: str = ""
     float_abi: str = ""
@@ -52,6 +56,12 @@ class Target:
     def simd_lanes(self) -> int:
         """fp32 lanes of one vector register: 16 with AVX-512, 8 with AVX2, 4 with NEON."""
         return self.simd_bits // 32
+
+    def __post_init__(self) -> None:
+        if not self.int8_op_per_cycle:
+            object.__setattr__(self, "int8_op_per_cycle", 2.0 * self.fp32_flop_per_cycle)
+        if not self.binary_op_per_cycle:
+            object.__setattr__(self, "binary_op_per_cycle", 16.0 * self.fp32_flop_per_cycle)
 
     def tvm_target(self):
         """The TVM 0.27 target (a JSON-dict target) for the kernels."""
@@ -98,6 +108,11 @@ def _detect_host() -> dict:
         pass
     mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
     fma_units = 2  # both AVX2 and AVX-512 server cores issue two FMAs per cycle
+    fp32 = 2 * fma_units * simd_bits // 32
+    # int8: VNNI's dot product does 4 MACs per 32-bit lane where fp32 does 1 (vpmaddubsw + vpmaddwd without it: 2).
+    vnni = "avx512_vnni" in flags or "avx_vnni" in flags
+    # binary: one popcount per 64 bits per cycle in scalar code; VPOPCNTDQ counts a whole vector (Zen 4, Ice Lake).
+    popcnt_bits = simd_bits if "avx512_vpopcntdq" in flags else 64
     return {
         "triple": triple,
         "cpu": cpu,
@@ -106,7 +121,9 @@ def _detect_host() -> dict:
         "cores": len(os.sched_getaffinity(0)),
         "clock_mhz": clock or 2000,
         "memory_mb": mem_mb,
-        "fp32_flop_per_cycle": 2 * fma_units * simd_bits // 32,
+        "fp32_flop_per_cycle": fp32,
+        "int8_op_per_cycle": fp32 * (4 if vnni else 2),
+        "binary_op_per_cycle": 2 * popcnt_bits * (2 if popcnt_bits > 64 else 1),  # xnor + popcount per bit
     }
 
 

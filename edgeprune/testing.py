@@ -48,10 +48,9 @@ class LatencyResult:
 
 def latency(build: str | Path, device: str = "local", runs: int = 50, warmup: int = 5) -> LatencyResult:
     """Measure a build directory on a device URI (local, rpc://HOST:PORT/KEY, qemu://TARGET)."""
-    from .artifacts import Build
-    from .measure.devices import get_device
+    from .api import measure
 
-    m = get_device(device).measure(Build.load(build), runs=runs, warmup=warmup, layers=False)
+    m = measure(build, device, runs=runs, warmup=warmup, layers=False)
     return LatencyResult(m.device, m.runs_ms, m.real_time)
 
 

@@ -23,13 +23,12 @@ def host_build(tmp_path_factory):
 
 def _table(directory):
     """An empty latency table for this machine, so the test does not write into the project's calibrate/."""
-    from edgeprune.measure.calibrate import device_identity
+    from edgeprune.cost import new_table, save_table
     from edgeprune.measure.devices import LocalDevice
-    from edgeprune.measure.latency import save_table
     from edgeprune.targets import get_target
 
     path = directory / "table.json"
-    save_table(path, {"device": device_identity(LocalDevice(), get_target("host")), "entries": []})
+    save_table(path, new_table(LocalDevice().identity(get_target("host"))))
     return path
 
 

@@ -9,14 +9,21 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error
 
-from edgeprune.measure import latency
-from edgeprune.measure.latency import LatencyModel, load_table, model_for, save_table
+from edgeprune.artifacts import LatencyTable, LayerCost, LayerPlan, TableEntry
+from edgeprune.cost import model as latency
+from edgeprune.cost import rows, table
+from edgeprune.cost.model import LatencyModel, model_for
+from edgeprune.cost.table import load_table, save_table
 from edgeprune.targets import get_target
 
 
-def _layer(kind: str, flops: int, nbytes: int, shape=(1, 8, 8, 16)) -> dict:
-    return {"kernel": kind, "kind": kind, "flops": flops, "act_bytes": nbytes, "weight_bytes": 0,
-            "out_bytes": nbytes, "shapes": [list(shape), list(shape)]}
+def _layer(op: str, flops: int, nbytes: int, shape=(1, 8, 8, 16), kernel: str = "") -> LayerCost:
+    return LayerCost(op=op, shapes=(shape, shape), macs=flops // 2, act_bytes=nbytes, weight_bytes=0,
+                     out_bytes=nbytes, kernel=kernel or op)
+
+
+def _entries(*entries) -> LatencyTable:
+    return LatencyTable(device={"uri": "local"}, entries=[TableEntry(f"n{i}", *e) for i, e in enumerate(entries)])
 
 
 def test_prior_uses_the_targets_roofline():
@@ -28,6 +35,11 @@ def test_prior_uses_the_targets_roofline():
     assert p7.ms > 2 * p53.ms
     # 1e8 FLOP on 4 cores x 1 GHz x 2 FLOP/cycle at the conv efficiency: 25 ms / efficiency, plus dispatch.
     expected = 1e8 / (4 * 1e9 * 2) * 1e3 / latency.PRIOR_EFFICIENCY["conv"] + latency.PRIOR_OVERHEAD_MS
+    # The same layer in int8 is priced at the target's int8 rate, in binary at its popcount rate.
+    int8 = LayerCost(**{**conv[0].__dict__, "weight_bits": 8, "act_bits": 8})
+    binary = LayerCost(**{**conv[0].__dict__, "weight_bits": 1, "act_bits": 1})
+    m7 = model_for(a7)
+    assert m7.predict(conv).ms > m7.predict([int8]).ms > m7.predict([binary]).ms
     assert p7.ms == pytest.approx(expected, rel=1e-6)
 
 
@@ -40,9 +52,9 @@ def test_fit_recovers_a_linear_device():
         layers = [_layer("conv", int(rng.integers(1e6, 1e8)), int(rng.integers(1e4, 1e6))) for _ in range(3)]
         ms = 0.0
         for layer in layers:
-            compute, memory = latency._terms(layer, target, None)
+            compute, memory = latency.terms(layer, target, None)
             ms += 3 * compute + 2 * memory + 0.01
-        entries.append({"layers": layers, "ms": ms})
+        entries.append(TableEntry("n", layers, ms))
     model = LatencyModel(target).fit(entries)
     a, b, c = model.coef["conv"]
     assert a == pytest.approx(3, rel=1e-3) and b == pytest.approx(2, rel=1e-2) and c == pytest.approx(0.01, rel=1e-2)
@@ -50,21 +62,32 @@ def test_fit_recovers_a_linear_device():
     assert p.source == "fitted"
 
 
-def _conv(cin: int, cout: int, k: int, size: int, depthwise: bool = False) -> dict:
-    per_out = k * k * (1 if depthwise else cin)
-    return {"kernel": "c", "kind": "dwconv" if depthwise or per_out <= 49 else "conv",
-            "flops": 2 * size * size * cout * per_out, "act_bytes": 4 * size * size * cin,
-            "weight_bytes": 4 * cout * per_out, "out_bytes": 4 * size * size * cout,
-            "shapes": [[1, size, size, cin], [k, k, cin, cout], [1, size, size, cout]]}
+def _conv(cin: int, cout: int, k: int, size: int, depthwise: bool = False) -> LayerCost:
+    return rows.conv(cin, cout, k, 1, size, depthwise=depthwise)
 
 
-def test_layer_classes_read_what_a_convolution_does():
-    # A 1x1 with 16 input channels is labelled dwconv by its few MACs per output, but it is a pointwise GEMM.
-    assert latency.layer_class(_conv(16, 96, 1, 32)) == "pointwise"
-    assert latency.layer_class(_conv(96, 24, 1, 32)) == "pointwise"
-    assert latency.layer_class(_conv(96, 96, 5, 32, depthwise=True)) == "depthwise"
-    assert latency.layer_class(_conv(3, 32, 3, 64)) == "conv"
-    assert latency.layer_class(_layer("matmul", 1000, 100)) == "matmul"
+def test_rows_say_what_a_convolution_does():
+    """The class is explicit, not read back from FLOPs: a 1x1 over 16 channels is pointwise however few its MACs."""
+    assert _conv(16, 96, 1, 32).op == "pointwise" and _conv(16, 96, 1, 32).macs == 32 * 32 * 96 * 16
+    assert _conv(96, 96, 5, 32, depthwise=True).op == "depthwise"
+    assert _conv(96, 96, 5, 32, depthwise=True).macs == 32 * 32 * 96 * 25
+    assert _conv(3, 32, 3, 64).op == "conv"
+    assert rows.dense(1280, 10).op == "matmul" and rows.dense(1280, 10).macs == 12800
+
+
+def test_rows_carry_bits_density_and_blocks():
+    """A 1xN block-sparse int8 pointwise layer: MACs scale with density, weight bytes with bits (plus one index per
+    block), and its key differs from the dense layer's so a measured dense time is never used for it."""
+    dense = rows.conv(64, 128, 1, 1, 16)
+    sparse = rows.conv(64, 128, 1, 1, 16, plan=LayerPlan("x", "bsr", weight_bits=8, act_bits=8, block=4,
+                                                            density=0.25))
+    assert sparse.macs == dense.macs // 4
+    kept = 64 * 128 // 4
+    assert sparse.weight_bytes == kept + 4 * (kept // 4) + 4 * 128  # int8 weights, block indices, fp32 bias
+    assert sparse.act_bytes == dense.act_bytes // 4
+    assert sparse.key() != dense.key()
+    with pytest.raises(ValueError, match="unknown operator class"):
+        rows.layer_cost("winograd", [(1, 8, 8, 8)], [], [(1, 8, 8, 8)])
 
 
 def test_per_kernel_fit_prices_each_class_by_its_own_rate():
@@ -73,9 +96,9 @@ def test_per_kernel_fit_prices_each_class_by_its_own_rate():
     target = get_target("host")
     rng = np.random.default_rng(1)
 
-    def true_ms(layer: dict) -> float:
-        compute, memory = latency._terms(layer, target, None)
-        rate = 1.0 if latency.layer_class(layer) == "pointwise" else 4.0
+    def true_ms(layer: LayerCost) -> float:
+        compute, memory = latency.terms(layer, target, None)
+        rate = 1.0 if layer.op == "pointwise" else 4.0
         return rate * compute + 0.5 * memory + 0.003
 
     entries = []
@@ -85,8 +108,7 @@ def test_per_kernel_fit_prices_each_class_by_its_own_rate():
             cin, mid = int(rng.choice([8, 16, 24, 48, 96])), int(rng.choice([32, 96, 192]))
             size, k = int(rng.choice([8, 16, 32])), int(rng.choice([3, 5, 7]))
             layers += [_conv(cin, mid, 1, size), _conv(mid, mid, k, size, depthwise=True)]
-        entries.append({"layers": layers, "ms": sum(map(true_ms, layers)),
-                        "per_kernel_ms": [true_ms(x) for x in layers]})
+        entries.append(TableEntry("n", layers, sum(map(true_ms, layers)), [true_ms(x) for x in layers]))
     model = LatencyModel(target).fit(entries)
     assert set(model.coef) == {"pointwise", "depthwise"}
     assert model.coef["pointwise"][0] == pytest.approx(1.0, rel=1e-3)
@@ -99,22 +121,22 @@ def test_per_kernel_fit_prices_each_class_by_its_own_rate():
 def test_measured_kernels_are_looked_up():
     target = get_target("host")
     layer = _layer("conv", 1_000_000, 10_000)
-    model = LatencyModel(target).fit([{"layers": [layer], "ms": 0.5, "per_kernel_ms": [0.5]}])
+    model = LatencyModel(target).fit([TableEntry("n", [layer], 0.5, [0.5])])
     p = model.predict([layer])
     assert p.source == "measured" and p.ms == pytest.approx(0.5)
 
 
 def test_tables_are_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "dev.json"
-    save_table(path, {"device": {"uri": "local"}, "entries": []})
+    save_table(path, LatencyTable(device={"uri": "local"}))
     before = path.read_text()
 
     def boom(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(latency.json, "dump", boom)
+    monkeypatch.setattr(table.json, "dump", boom)
     with pytest.raises(KeyboardInterrupt):
-        save_table(path, {"device": {"uri": "local"}, "entries": [{"layers": [], "ms": 1.0}]})
+        save_table(path, _entries(([], 1.0)))
     assert path.read_text() == before  # the old table, whole
     assert [p.name for p in tmp_path.iterdir()] == ["dev.json"]  # no temporary left behind
 
@@ -166,17 +188,40 @@ def test_calibrate_writes_a_table_with_identity_and_predict_uses_it(cli, tmp_pat
 
 
 def test_table_entries_keep_each_kernels_share_and_price_elided_kernels_at_zero():
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from edgeprune.artifacts import Measurement
-    from edgeprune.measure.calibrate import entry_of
+    from edgeprune.cost import entry_of
 
-    layers = [dict(_conv(16, 96, 1, 8), kernel="pw"), dict(_layer("data", 0, 384), kernel="view"),
-              dict(_conv(96, 96, 3, 8, depthwise=True), kernel="dw")]
+    layers = [replace(_conv(16, 96, 1, 8), kernel="pw"), _layer("data", 0, 384, kernel="view"),
+              replace(_conv(96, 96, 3, 8, depthwise=True), kernel="dw")]
     build = SimpleNamespace(directory="/x/cal007", layers=layers)
     profile = [{"name": "pw", "ms": 0.3, "calls": 1}, {"name": "dw", "ms": 0.1, "calls": 1}]  # "view" never ran
     entry = entry_of(build, Measurement("local", "host", [0.8, 0.8, 0.8], 2, layers=profile))
-    assert entry["name"] == "cal007" and entry["ms"] == pytest.approx(0.8)
-    assert entry["per_kernel_ms"] == pytest.approx([0.6, 0.0, 0.2])  # shares of the whole run, summing to it
+    assert entry.name == "cal007" and entry.ms == pytest.approx(0.8)
+    assert entry.per_kernel_ms == pytest.approx([0.6, 0.0, 0.2])  # shares of the whole run, summing to it
     profile = [{"name": "pw", "ms": 0.3, "calls": 1}]  # a compute kernel missing: no per-kernel times at all
-    assert entry_of(build, Measurement("local", "host", [0.8], 2, layers=profile))["per_kernel_ms"] is None
+    assert entry_of(build, Measurement("local", "host", [0.8], 2, layers=profile)).per_kernel_ms is None
+
+
+def test_a_version_1_table_is_read_and_keeps_its_fit(tmp_path):
+    """A table calibrated by the previous version (untyped kernel dicts) still prices: its rows are converted, the
+    class read as version 1 read it, and a round trip through save keeps every figure."""
+    def v1(cin, cout, k, size, depthwise=False):
+        per_out = k * k * (1 if depthwise else cin)
+        return {"kernel": "c", "kind": "dwconv" if depthwise or per_out <= 49 else "conv",
+                "flops": 2 * size * size * cout * per_out, "act_bytes": 4 * size * size * cin,
+                "weight_bytes": 4 * cout * per_out, "out_bytes": 4 * size * size * cout,
+                "shapes": [[1, size, size, cin], [k, k, cin, cout], [1, size, size, cout]]}
+
+    layers = [v1(16, 96, 1, 8), v1(96, 96, 3, 8, depthwise=True), v1(3, 32, 3, 16)]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"version": 1, "device": {"uri": "local"}, "threads": None,
+                                "entries": [{"name": "a", "layers": layers, "ms": 1.0, "per_kernel_ms": None}]}))
+    t = load_table(path)
+    assert [r.op for r in t.entries[0].layers] == ["pointwise", "depthwise", "conv"]
+    assert t.entries[0].layers[0].macs == 8 * 8 * 96 * 16
+    save_table(tmp_path / "new.json", t)
+    again = load_table(tmp_path / "new.json")
+    assert again.entries == t.entries and json.loads((tmp_path / "new.json").read_text())["version"] == 2

@@ -14,13 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import __version__
-from ..artifacts import BUILD_JSON, Build
+from ..artifacts import BUILD_JSON, Build, LayerCost, Network
 from ..errors import UserError
 from ..targets import Target, get_target
-from .importers import ImportedModel, TensorSpec, import_model
+from ..version import __version__
+from .importers import ImportedModel, TensorSpec, import_model, import_network
 
 LIBRARY = "model.so"
+SOURCE = "model.onnx"  # an in-memory network's source, kept inside its build
 FORMATS = ("so", "c")
 
 
@@ -39,54 +40,42 @@ def kernel_table(mod) -> tuple[dict[str, int], list[str]]:
     """Fused TIR kernels with their FLOPs, and the kernels no schedule rule fit (they run unscheduled)."""
     from tvm import tirx
 
+    from .kernels.common import FLOPS, tag_of
+
     flops, raw = {}, []
     for gv, f in mod.functions_items():
         if isinstance(f, tirx.PrimFunc):
-            attrs = f.attrs or {}
-            flops[gv.name_hint] = int(attrs["edgeprune.flops"]) if "edgeprune.flops" in attrs else 0
-            if "tirx.is_scheduled" not in attrs:
+            flops[gv.name_hint] = int(tag_of(f, FLOPS, 0))
+            if "tirx.is_scheduled" not in (f.attrs or {}):
                 raw.append(gv.name_hint)
     return dict(sorted(flops.items())), sorted(raw)
 
 
-def layer_table(scheduled, flops: dict[str, int]) -> list[dict]:
-    """One row per kernel call, in order: what the latency model needs to price it."""
-    import numpy as np
-
+def layer_table(scheduled) -> list[LayerCost]:
+    """One cost row per kernel call, in order, each reported by the kernel's family from its tags and the call's
+    tensors (constants are weights). The user's layer names are added after (codegen/sources.py)."""
     from .cpackage import extract_plan, root_tensor
+    from .kernels import family
+    from .kernels.common import FAMILY, OP, REDUCTION, tag_of
 
     try:
         plan = extract_plan(scheduled)
     except UserError:
         return []
+    funcs = {gv.name_hint: f for gv, f in scheduled.functions_items()}
     rows = []
     for step in plan.steps:
+        func = funcs[step.kernel]
         tensors = [plan.tensors[a] for a in step.args]
         outs = tensors[len(tensors) - step.n_out:]
         ins = tensors[: len(tensors) - step.n_out]
-        kind = kernel_kind(step.kernel)
-        out_elems = sum(int(np.prod(t.shape)) for t in outs) or 1
-        if kind == "conv" and flops.get(step.kernel, 0) / out_elems <= 2 * 49:
-            kind = "dwconv"  # a window-only reduction: depthwise, memory-bound, priced apart
-        rows.append({
-            "kernel": step.kernel,
-            "kind": kind,
-            "flops": flops.get(step.kernel, 0),
-            "act_bytes": sum(t.nbytes for t in ins if root_tensor(plan, t.name).kind != "const"),
-            "weight_bytes": sum(t.nbytes for t in ins if root_tensor(plan, t.name).kind == "const"),
-            "out_bytes": sum(t.nbytes for t in outs),
-            "shapes": [list(t.shape) for t in tensors],
-        })
+        consts = [t for t in ins if root_tensor(plan, t.name).kind == "const"]
+        acts = [t for t in ins if root_tensor(plan, t.name).kind != "const"]
+        consts.sort(key=lambda t: -t.nbytes)  # the main weight first, then bias and folded BatchNorm terms
+        rows.append(family(str(tag_of(func, FAMILY, "dense"))).cost_row(
+            str(tag_of(func, OP, "data")), [t.shape for t in acts], [t.shape for t in consts],
+            [t.shape for t in outs], int(tag_of(func, REDUCTION, 0)), step.kernel))
     return rows
-
-
-def kernel_kind(name: str) -> str:
-    """conv, matmul, pool, reduce or data (movement and elementwise), from the fused kernel's name."""
-    for kind, marks in (("conv", ("conv2d",)), ("matmul", ("matmul", "dense")), ("pool", ("pool",)),
-                        ("reduce", ("mean", "sum", "max", "softmax"))):
-        if any(m in name for m in marks):
-            return kind
-    return "data"
 
 
 def _faster(a, b, inputs: list[TensorSpec], runs: int = 30) -> bool:
@@ -124,7 +113,7 @@ def _export(ex, target: Target, path: Path) -> None:
 
 
 def compile_model(
-    model: str | Path | ImportedModel,
+    model: str | Path | ImportedModel | Network,
     target: str | Target,
     out_dir: str | Path,
     *,
@@ -134,8 +123,6 @@ def compile_model(
     package_name: str | None = None,
     use_rules: bool = True,
 ) -> Build:
-    from .lower import compile_module, fused_module
-
     t0 = time.perf_counter()
     target = get_target(target) if isinstance(target, str) else target
     fmt = fmt or target.default_format
@@ -144,7 +131,26 @@ def compile_model(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / BUILD_JSON).exists())):
         raise UserError(f"{out_dir} exists and is not an edgeprune build; choose another -o directory")
-    imported = model if isinstance(model, ImportedModel) else import_model(model, input_shape)
+    scratch = None
+    if isinstance(model, Network):  # in memory: its ONNX form is kept in the build as the source
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.src-", dir=out_dir.parent))
+        imported = import_network(model, scratch / SOURCE)
+        imported.source = str(out_dir / SOURCE)
+        package_name = package_name or model.name
+    else:
+        imported = model if isinstance(model, ImportedModel) else import_model(model, input_shape)
+    try:
+        return _compile(imported, target, out_dir, fmt, tune_trials, package_name, use_rules, t0, scratch)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, tune_trials: int,
+             package_name: str | None, use_rules: bool, t0: float, scratch: Path | None) -> Build:
+    from .lower import compile_module, fused_module
+
     tvm_target = target.tvm_target()
 
     database = None
@@ -168,12 +174,18 @@ def compile_model(
         raise UserError(f"compiling {imported.source} for {target.name} failed ({line}); "
                         "please report it with the model attached") from None
     kernels, raw = kernel_table(scheduled)
-    layers = layer_table(scheduled, kernels)
+    layers = layer_table(scheduled)
+    if imported.format == "onnx" and layers:
+        from .sources import name_rows, onnx_layers
+
+        layers = name_rows(layers, onnx_layers(scratch / SOURCE if scratch is not None else imported.source))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         memory: dict = {}
+        if scratch is not None:
+            shutil.copy2(scratch / SOURCE, stage / SOURCE)
         if fmt == "so":
             _export(ex, target, stage / LIBRARY)
             library = LIBRARY

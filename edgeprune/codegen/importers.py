@@ -8,29 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifacts import Network, TensorSpec
 from ..errors import UserError
+from ..native import quiet_native
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".tflite": "tflite"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @staticmethod
-    def from_json(d: dict) -> TensorSpec:
-        return TensorSpec(d["name"], tuple(d["shape"]), d["dtype"])
 
 
 @dataclass
@@ -65,6 +51,28 @@ def import_model(path: str | Path, input_shape: tuple[int, ...] | None = None) -
     return ImportedModel(mod, inputs, str(path), fmt, sha256_of(path))
 
 
+def import_network(network: Network, onnx_path: str | Path) -> ImportedModel:
+    """An in-memory network: its module is written to `onnx_path` (opset 17, one input named ``input``), which
+    becomes the build's source (so --debug-layers can rebuild its reference), and imported like any ONNX file.
+
+    The per-layer plan travels beside the module in the Network; this version compiles dense fp32 layers only."""
+    import warnings
+
+    import torch
+
+    other = sorted({p.scheme for p in network.plan.values()} - {"dense"})
+    if other:
+        raise UserError(f"layers planned as {', '.join(other)} cannot be compiled by this version; "
+                        "plan them dense (the compression stage's kernels are not built yet)")
+    x = torch.zeros(*network.input_shape)
+    onnx_path = Path(onnx_path)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network.module.eval(), (x,), str(onnx_path), opset_version=17, dynamo=False,
+                          input_names=["input"])
+    return import_model(onnx_path)
+
+
 def _check_shape(shape, name: str, override) -> tuple[int, ...]:
     if override is not None:
         override = tuple(int(d) for d in override)
@@ -78,29 +86,6 @@ def _check_shape(shape, name: str, override) -> tuple[int, ...]:
         raise UserError(f"input '{name}' has a dynamic shape {list(shape)}; give a fixed one with --input-shape "
                         f"(for example --input-shape 1,3,224,224)")
     return tuple(shape)
-
-
-@contextlib.contextmanager
-def quiet_native():
-    """TVM's frontends print conversion failures to stdout and C++ warnings to stderr; we report errors ourselves."""
-    import gc
-
-    saved = [os.dup(1), os.dup(2)]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 1)
-        os.dup2(null.fileno(), 2)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                yield
-        finally:
-            gc.collect()  # a failed conversion's BlockBuilder warns when collected: let it happen here
-            sys.stdout.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
 
 
 # ---------------------------------------------------------------- ONNX

@@ -6,7 +6,8 @@ The passes are TVM's own; the order and the layout choice are ours:
   3. convert conv2d to NHWC activations and HWIO weights (output channels innermost and contiguous),
      fold the weight transposes into the constants;
   4. legalize to TIR and fuse each convolution with its elementwise tail (bias, activation, residual add);
-  5. schedule every fused function with our kernel library (schedules.py), or MetaSchedule records if tuned.
+  5. tag every fused function with its operator class and kernel family (kernels/common.py), then schedule it
+     with that family's rules (kernels/), or MetaSchedule records if tuned.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tvm.relax.dpl import is_op, wildcard
 from tvm.relax.dpl.rewrite import rewrite_call
 from tvm.s_tir import dlight as dl
 
-from .schedules import default_rules
+from .kernels import rules, tag_kernels
 
 
 @tvm.transform.module_pass(opt_level=0, name="ClipToMinMax")
@@ -62,32 +63,6 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         return tvm.transform.Sequential(cpu.legalize_passes(target))(mod)
 
 
-def kernel_flops(func: tvm.tirx.PrimFunc) -> int:
-    """2 x the iteration count of the kernel's reduction (multiply-accumulate) blocks; 0 for data movement."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-    total = 0
-    for b in sch.get_child_blocks(dl.analysis.get_root_block(sch)):
-        ivs = sch.get(b).iter_vars
-        if any(int(iv.iter_type) == 2 for iv in ivs):
-            n = 1
-            for iv in ivs:
-                n *= int(iv.dom.extent)
-            total += 2 * n
-    return total
-
-
-def annotate_flops(mod: tvm.IRModule) -> tvm.IRModule:
-    for gv, f in list(mod.functions_items()):
-        if isinstance(f, tvm.tirx.PrimFunc):
-            try:
-                mod[gv] = f.with_attr("edgeprune.flops", kernel_flops(f))
-            except (ValueError, TypeError):
-                pass
-    return mod
-
-
 def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None,
                     use_rules: bool = True) -> tvm.IRModule:
     """Fused module with every kernel scheduled: tuning records first, then our kernel library.
@@ -95,7 +70,7 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
     use_rules=False keeps TVM's plain legalized loops: slow, but an implementation independent of ours with the
     same kernel boundaries, which is what --debug-layers compares against.
     """
-    mod = annotate_flops(fused_module(mod, target))
+    mod = tag_kernels(fused_module(mod, target))
     if not use_rules:
         return mod
     with target:
@@ -104,7 +79,7 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
         mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
         if database_dir is not None:
             mod = relax.transform.MetaScheduleApplyDatabase(database_dir)(mod)
-        mod = dl.ApplyDefaultSchedule(*default_rules())(mod)
+        mod = dl.ApplyDefaultSchedule(*rules())(mod)
         return tvm.transform.Sequential([
             relax.transform.SplitLayoutRewritePreproc(),
             relax.transform.FoldConstant(),

@@ -24,7 +24,9 @@ from urllib.parse import parse_qs
 import numpy as np
 
 from ..artifacts import Build, Measurement
+from ..cost.identity import device_identity, host_details
 from ..errors import UserError
+from ..targets import Target
 from . import package
 
 NO_SUCH_KEY = -2
@@ -43,9 +45,23 @@ class Device:
                 layers: bool = True) -> Measurement:
         raise NotImplementedError
 
+    def identity(self, target: Target, boards: int | None = None) -> dict:
+        """Who measures: what a latency table records, so it is not used for another device."""
+        return device_identity(self.uri, target)
+
+    def table_name(self, target: Target) -> str:
+        """The file name (without .json) of this device's latency table under calibrate/."""
+        return target.name
+
 
 class LocalDevice(Device):
     uri = "local"
+
+    def identity(self, target, boards=None):
+        return device_identity(self.uri, target, **host_details(target))
+
+    def table_name(self, target):
+        return f"{target.name}-{target.cpu}"
 
     def run(self, build, inputs):
         if build.format == "c":
@@ -104,6 +120,12 @@ class RpcDevice(Device):
     @property
     def uri(self) -> str:
         return f"rpc://{self.host}:{self.port}/{self.key}"
+
+    def identity(self, target, boards=None):
+        return device_identity(self.uri, target, tracker=f"{self.host}:{self.port}", key=self.key, boards=boards or 1)
+
+    def table_name(self, target):
+        return self.key
 
     def _tracker(self):
         import socket

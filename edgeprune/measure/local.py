@@ -132,8 +132,13 @@ class Session:
         own = {n: max(t - overhead * per_run_calls[n], 0.1 * t) for n, t in timed.items()}
         whole = sum(own.values()) or 1.0
         rows = sorted(own.items(), key=lambda r: -r[1])
+        # The user's layers each kernel ran (a kernel shared by identical layers runs several).
+        sources: dict[str, list[str]] = {}
+        for row in self.build.layers:
+            sources.setdefault(row.kernel, []).extend(row.sources)
         return [{"name": n, "ms": round(t, 5), "share": round(t / whole, 4), "calls": per_run_calls[n],
-                 "gflops": round(flops[n] * per_run_calls[n] / (t * 1e6), 2) if t > 0 else 0.0}
+                 "gflops": round(flops[n] * per_run_calls[n] / (t * 1e6), 2) if t > 0 else 0.0,
+                 "sources": sources.get(n, [])}
                 for n, t in rows]
 
 

@@ -123,7 +123,7 @@ def multiple_choice(values: np.ndarray, costs: np.ndarray, owner: np.ndarray, ca
     <= capacity. Returns the chosen option indices, or None when no choice fits."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    from ..codegen.importers import quiet_native
+    from ..native import quiet_native
 
     n_items = int(owner.max()) + 1
     one_each = np.zeros((n_items, len(values)))

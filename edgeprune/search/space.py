@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..artifacts import LayerCost
+from ..cost import rows as rows_of
+
 GROUP = 8
 STEM, FIRST, LAST = 32, 16, 1280  # MobileNetV2's stem, expand-1 block and final 1x1 widths at width 1.0
 # (output channels at width 1.0, max depth, first stride) of the six expanding stages
@@ -97,47 +100,26 @@ def final_size(arch: Arch) -> int:
 
 
 def macs(arch: Arch, num_classes: int = 10) -> int:
-    return sum(row["flops"] // 2 for row in layers(arch, num_classes) if row["kind"] in ("conv", "dwconv", "matmul"))
+    return sum(row.macs for row in layers(arch, num_classes) if row.op in ("pointwise", "conv", "depthwise", "matmul"))
 
 
-def layers(arch: Arch, num_classes: int = 10) -> list[dict]:
-    """Analytic per-kernel rows in the layout of a compiled build's layer table (edgeprune.codegen.build): what the
-    latency model prices. Convolutions carry their BatchNorm, activation and residual add, as TVM fuses them."""
-    rows = []
-
-    def conv(cin: int, cout: int, k: int, stride: int, size: int, depthwise: bool = False,
-             residual: bool = False) -> int:
-        osize = (size + stride - 1) // stride
-        per_out = k * k * (1 if depthwise else cin)
-        # As the compiled layer table does (edgeprune.codegen.build): few MACs per output is a window reduction,
-        # and a residual add fused into the projection reads the block's input too.
-        rows.append({
-            "kind": "dwconv" if depthwise or per_out <= 49 else "conv",
-            "flops": 2 * osize * osize * cout * per_out,
-            "act_bytes": 4 * size * size * cin + (4 * osize * osize * cout if residual else 0),
-            "weight_bytes": 4 * (cout * per_out + cout),
-            "out_bytes": 4 * osize * osize * cout,
-            "shapes": [[1, size, size, cin], [k, k, 1 if depthwise else cin, cout], [1, osize, osize, cout]],
-        })
-        return osize
-
+def layers(arch: Arch, num_classes: int = 10) -> list[LayerCost]:
+    """The cost rows of a subnet's kernels, made by the same function a compiled build's kernels are
+    (edgeprune.cost.rows): what the latency model prices. Convolutions carry their BatchNorm, activation and
+    residual add, as TVM fuses them."""
     r = arch.resolution
-    rows.append({"kind": "data", "flops": 0, "act_bytes": 12 * r * r, "weight_bytes": 0, "out_bytes": 12 * r * r,
-                 "shapes": [[1, 3, r, r], [1, r, r, 3]]})  # the NCHW -> NHWC input transform
-    size = conv(3, arch.stem, 3, 2, r)
+    rows = [rows_of.data([(1, 3, r, r)], [(1, r, r, 3)])]  # the NCHW -> NHWC input transform
+    rows.append(rows_of.conv(3, arch.stem, 3, 2, r))
+    size = (r + 1) // 2
     for b in blocks(arch):
         if b.stage >= 0:
-            conv(b.cin, b.mid, 1, 1, b.size)
-        osize = conv(b.mid, b.mid, b.kernel, b.stride, b.size, depthwise=True)
-        conv(b.mid, b.cout, 1, 1, osize, residual=b.residual)
-        size = osize
-    conv(arch.widths[-1], arch.last, 1, 1, size)
-    # The mean counts 2 FLOP per input, as TVM's count does (add, then scale).
-    rows.append({"kind": "reduce", "flops": 2 * size * size * arch.last, "act_bytes": 4 * size * size * arch.last,
-                 "weight_bytes": 0, "out_bytes": 4 * arch.last, "shapes": [[1, size, size, arch.last], [1, arch.last]]})
-    rows.append({"kind": "matmul", "flops": 2 * arch.last * num_classes, "act_bytes": 4 * arch.last,
-                 "weight_bytes": 4 * (arch.last + 1) * num_classes, "out_bytes": 4 * num_classes,
-                 "shapes": [[1, arch.last], [arch.last, num_classes], [1, num_classes]]})
+            rows.append(rows_of.conv(b.cin, b.mid, 1, 1, b.size))
+        rows.append(rows_of.conv(b.mid, b.mid, b.kernel, b.stride, b.size, depthwise=True))
+        size = (b.size + b.stride - 1) // b.stride
+        rows.append(rows_of.conv(b.mid, b.cout, 1, 1, size, residual=b.residual))
+    rows.append(rows_of.conv(arch.widths[-1], arch.last, 1, 1, size))
+    rows.append(rows_of.global_mean(size, arch.last))
+    rows.append(rows_of.dense(arch.last, num_classes))
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Our CPU kernel library: schedule rules for the fused TIR functions a channels-last network lowers to.
+"""The dense fp32 kernel family: schedule rules for the fused TIR functions a channels-last network lowers to.
 
 TVM 0.27 applies no schedule on CPU, so a legalized convolution runs ~100x slower than a tiled one. After the
 network is converted to NHWC (weights HWIO) every heavy operator is the same loop nest,
@@ -11,59 +11,40 @@ One rule therefore covers them all: a register tile of ``tile_w`` output pixels 
 channels, accumulated over the whole reduction, then the fused epilogue (bias, folded BatchNorm, activation,
 residual add) applied to the tile while it is still in registers; the tile loops outside run in parallel.
 
-Rules follow dlight's ScheduleRule interface so they plug into ``dl.ApplyDefaultSchedule`` like TVM's own.
+Rules follow dlight's ScheduleRule interface so they plug into ``dl.ApplyDefaultSchedule`` like TVM's own. They
+take only functions lowering tagged with this family (kernels/common.py): an int8 or block-sparse nest is the
+same shape of loop nest and must not be scheduled as fp32.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-_REDUCE = 2  # tirx.IterVar.CommReduce
+from ...artifacts import LayerCost, LayerPlan
+from ...cost.rows import layer_cost
+from .common import FAMILY, OP, REDUCE, REDUCTION, CpuSpec, extent, is_reduction, tag_of
+
+NAME = "dense"
 log = logging.getLogger(__name__)
 _MAX_STACK_FLOATS = 1024 // 4  # runtime::kMaxStackAlloca
 _REDUCE_UNROLL = 8
+_WINDOW_ONLY = ("depthwise", "pool")  # reductions over a window of one channel: no weights to reuse
+# A convolution this short per output (a stem over 3 channels, a 1x1 over 16-48) has so few weights per channel
+# tile that it is scheduled like a window reduction: rows outermost, padding inlined (measured on MobileNetV2).
+_SHORT_REDUCTION = 49
 
 
-@dataclass(frozen=True)
-class CpuSpec:
-    """What the register tile is sized from."""
-
-    lanes: int  # fp32 lanes in one SIMD register
-    acc_regs: int  # SIMD registers we let the accumulator tile use
-
-    @staticmethod
-    def of(target: Target) -> CpuSpec:
-        triple = str(target.attrs.get("mtriple", ""))
-        attrs = [str(a) for a in target.attrs.get("mattr", [])]
-        cpu = str(target.attrs.get("mcpu", ""))
-        if triple.startswith("aarch64"):
-            return CpuSpec(4, 24)  # 32 NEON registers
-        if triple.startswith("thumb"):
-            return CpuSpec(1, 16)  # Cortex-M: scalar FPU, 32 single-precision registers
-        if triple.startswith("arm"):
-            return CpuSpec(4, 12)  # 16 q registers on armv7
-        wide = "+avx512f" in attrs or any(k in cpu for k in ("avx512", "skylake-avx512", "cascadelake", "icelake",
-                                                              "sapphirerapids", "znver4", "znver5", "cooperlake",
-                                                              "tigerlake", "rocketlake", "graniterapids"))
-        if wide:
-            return CpuSpec(16, 24)  # 32 zmm registers
-        if "+avx2" in attrs or cpu in ("haswell", "broadwell", "skylake", "znver1", "znver2", "znver3", "alderlake"):
-            return CpuSpec(8, 12)  # 16 ymm registers
-        return CpuSpec(4, 12)
+def _window_only(func: tirx.PrimFunc) -> bool:
+    return tag_of(func, OP) in _WINDOW_ONLY or int(tag_of(func, REDUCTION, 0)) <= _SHORT_REDUCTION
 
 
-def _extent(sch: s_tir.Schedule, loop) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext) if isinstance(ext, tirx.IntImm) else None
-
-
-def _is_reduction(sch: s_tir.Schedule, block) -> bool:
-    return any(int(iv.iter_type) == _REDUCE for iv in sch.get(block).iter_vars)
+def ours(func) -> bool:
+    return isinstance(func, tirx.PrimFunc) and tag_of(func, FAMILY, NAME) == NAME
 
 
 def _pick_vector(c: int, lanes: int) -> int:
@@ -132,7 +113,7 @@ def _schedule_injective(sch: s_tir.Schedule, block, lanes: int, parallel: bool =
     loops = sch.get_loops(block)
     if not loops:
         return
-    extents = [_extent(sch, lp) for lp in loops]
+    extents = [extent(sch, lp) for lp in loops]
     if any(e is None for e in extents):
         return
     inner = loops[-1]
@@ -150,17 +131,17 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
     """conv2d / depthwise / pointwise / dense / pooling / mean in NHWC, with a fused elementwise epilogue."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        if not ours(func) or target.kind.name != "llvm":
             return None
         try:
-            return self._schedule(s_tir.Schedule(func), CpuSpec.of(target))
+            return self._schedule(s_tir.Schedule(func), CpuSpec.of(target), _window_only(func))
         except (s_tir.ScheduleError, ValueError) as e:
             log.debug("ChannelsLastReduction does not fit: %s", str(e).splitlines()[0])
             return None
 
-    def _schedule(self, sch: s_tir.Schedule, spec: CpuSpec):
+    def _schedule(self, sch: s_tir.Schedule, spec: CpuSpec, window_only: bool):
         blocks = sch.get_child_blocks(dl.analysis.get_root_block(sch))
-        reds = [b for b in blocks if _is_reduction(sch, b)]
+        reds = [b for b in blocks if is_reduction(sch, b)]
         if len(reds) != 1:
             return None
         red = reds[0]
@@ -174,23 +155,23 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
             except Exception:  # noqa: BLE001 - a stage that cannot inline means this rule does not fit
                 return None
         epilogue = after[-1] if after else sch.cache_write(red, 0, "global")
-        if _is_reduction(sch, epilogue):
+        if is_reduction(sch, epilogue):
             return None
 
         loops = sch.get_loops(red)
         kinds = [int(iv.iter_type) for iv in sch.get(red).iter_vars]
-        if len(loops) != len(kinds) or any(_extent(sch, lp) is None for lp in loops):
+        if len(loops) != len(kinds) or any(extent(sch, lp) is None for lp in loops):
             return None
-        spatial = [lp for lp, k in zip(loops, kinds) if k != _REDUCE]
-        reduce = [lp for lp, k in zip(loops, kinds) if k == _REDUCE]
+        spatial = [lp for lp, k in zip(loops, kinds) if k != REDUCE]
+        reduce = [lp for lp, k in zip(loops, kinds) if k == REDUCE]
         if not spatial or kinds[: len(spatial)] != [0] * len(spatial):
             return None  # reduction loops interleaved with spatial ones: not the nest we know
 
         c_loop = spatial[-1]
         w_loop = spatial[-2] if len(spatial) >= 2 else None
         outer = spatial[:-2] if len(spatial) >= 2 else []
-        c = _extent(sch, c_loop)
-        w = _extent(sch, w_loop) if w_loop is not None else 1
+        c = extent(sch, c_loop)
+        w = extent(sch, w_loop) if w_loop is not None else 1
         vec = _pick_vector(c, spec.lanes)
         # TVM places a buffer on the stack (where LLVM keeps it in registers) only up to 1 KiB; a larger tile
         # becomes a heap workspace and every FMA is followed by a store.
@@ -203,10 +184,6 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
         # so the chunks a thread runs in a row share that slice in its cache. A window-only reduction
         # (depthwise, pooling) has next to no weights but reads each input pixel's channels once: rows
         # outermost, so a pixel's cache lines are used by all channel tiles while they are hot.
-        red_extent = 1
-        for lp in reduce:
-            red_extent *= _extent(sch, lp)
-        window_only = red_extent <= 49
         order = [*outer, co] if window_only else [co, *outer]
         par = order
         if w_loop is not None:
@@ -220,12 +197,12 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
         # Epilogue: computed per tile, right after the tile's reduction, while it is still hot.
         sch.reverse_compute_at(epilogue, tile_root, preserve_unit_loops=True)
         fused = sch.fuse(*par) if len(par) > 1 else par[0]
-        if (_extent(sch, fused) or 1) > 1:
+        if (extent(sch, fused) or 1) > 1:
             sch.parallel(fused)
 
         # Unroll the innermost reduction loop by 8: fewer loop branches between the tile's FMA bursts
         # (ResNet-18: 14% faster at its best, measured against the rolled loop in the same run).
-        if reduce and (_extent(sch, reduce[-1]) or 1) % _REDUCE_UNROLL == 0 and _extent(sch, reduce[-1]) > 8:
+        if reduce and (extent(sch, reduce[-1]) or 1) % _REDUCE_UNROLL == 0 and extent(sch, reduce[-1]) > 8:
             outer_r, inner = sch.split(reduce[-1], [None, _REDUCE_UNROLL])
             sch.unroll(inner)
             reduce = [*reduce[:-1], outer_r]
@@ -242,7 +219,7 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
 
         # The epilogue's own loops under the tile: vectorize its innermost when it divides.
         last = sch.get_loops(epilogue)[-1]
-        ext = _extent(sch, last)
+        ext = extent(sch, last)
         if ext and vec > 1 and ext % vec == 0:
             if ext > vec:
                 _, last = sch.split(last, [None, vec])
@@ -253,7 +230,7 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
         # copy is as large as the work, so inline; over input channels too the copy is cheap by comparison and
         # keeps tests out of the inner loop (2x on ResNet's 3x3 convolutions, measured).
         for b in reversed(before):
-            if _is_reduction(sch, b):
+            if is_reduction(sch, b):
                 return None
             if window_only:
                 try:
@@ -269,7 +246,7 @@ class Injective(dl.base.ScheduleRule):
     """Elementwise, broadcast, transpose, concat, padding: one parallel, vectorized pass per output."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        if not ours(func) or target.kind.name != "llvm":
             return None
         spec = CpuSpec.of(target)
         sch = s_tir.Schedule(func)
@@ -277,7 +254,7 @@ class Injective(dl.base.ScheduleRule):
             blocks = sch.get_child_blocks(dl.analysis.get_root_block(sch))
         except ValueError:
             return None
-        if any(_is_reduction(sch, b) for b in blocks):
+        if any(is_reduction(sch, b) for b in blocks):
             return None
         for b in blocks[:-1]:
             try:
@@ -287,10 +264,16 @@ class Injective(dl.base.ScheduleRule):
         for b in sch.get_child_blocks(dl.analysis.get_root_block(sch)):
             size = 1
             for lp in sch.get_loops(b):
-                size *= _extent(sch, lp) or 1
+                size *= extent(sch, lp) or 1
             _schedule_injective(sch, b, spec.lanes, parallel=size >= 4096)
         return sch
 
 
-def default_rules() -> list[dl.base.ScheduleRule]:
-    return [ChannelsLastReduction(), Injective()]
+RULES: list[dl.base.ScheduleRule] = [ChannelsLastReduction(), Injective()]
+
+
+def cost_row(op: str, inputs: Sequence[Sequence[int]], weights: Sequence[Sequence[int]],
+             outputs: Sequence[Sequence[int]], reduction: int, kernel: str, sources: Sequence[str] = ()) -> LayerCost:
+    """The row a dense fp32 kernel reports: every weight kept, 32 bits everywhere."""
+    return layer_cost(op, inputs, weights, outputs, reduction=reduction, plan=LayerPlan(kernel), family=NAME,
+                      kernel=kernel, sources=sources)

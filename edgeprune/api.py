@@ -1,0 +1,147 @@
+"""The Python API: what the command line does, as typed functions (re-exported by `edgeprune`).
+
+    import edgeprune
+
+    build = edgeprune.compile("model.onnx", target="host", out="build/")   # or a torch.nn.Module with input_shape
+    y, = edgeprune.run(build, x)
+    m = edgeprune.measure(build, device="local", runs=100)
+    ok = edgeprune.check(build, budget_ms=5.0).met
+    report = edgeprune.build(target="cortex-a7", budget_ms=50, out="out/demo")
+
+Errors in what is passed are `edgeprune.UserError`, with a one-line message that says what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .artifacts import Build, Measurement, Network
+from .errors import UserError
+from .targets import Target
+
+__all__ = ["CheckResult", "build", "check", "compile", "load", "measure", "run", "targets"]
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def targets() -> list[Target]:
+    """The device targets edgeprune knows (targets/*.toml), `host` read off this machine."""
+    from .targets import get_target, known_targets
+
+    return [get_target(n) for n in known_targets()]
+
+
+def compile(model: str | Path | Network | Any, target: str | Target = "host", out: str | Path = "build", *,
+            input_shape: tuple[int, ...] | None = None, format: str | None = None, name: str | None = None,
+            tune_trials: int = 0) -> Build:
+    """Compile a model for `target` into the directory `out` (written atomically) and return the Build.
+
+    model: an ONNX, torch.export (.pt2) or .tflite file; "builtin:NAME", one of the reference networks; a Network;
+    or a torch.nn.Module, with input_shape (for example (1, 3, 224, 224)).
+    format: "so" (a shared library for Linux boards) or "c" (a C package for firmware); the target's default
+    when None. tune_trials: refine the kernels with that many MetaSchedule trials (host only)."""
+    from .codegen import compile_model
+    from .targets import get_target
+
+    target = get_target(target) if isinstance(target, str) else target  # a bad target fails before slow work
+    if isinstance(model, str) and model.startswith(BUILTIN_PREFIX):
+        model = _builtin(model[len(BUILTIN_PREFIX):])
+    elif not isinstance(model, (str, Path, Network)):
+        if input_shape is None:
+            raise UserError("compiling a torch module needs input_shape, for example (1, 3, 224, 224)")
+        model = Network(model, tuple(input_shape), name=name or type(model).__name__.lower())
+        input_shape = None
+    if isinstance(model, Network) and input_shape is not None:
+        raise UserError("input_shape does not apply to a Network: it carries its own")
+    return compile_model(model, target, out, input_shape=input_shape, fmt=format, tune_trials=tune_trials,
+                         package_name=name)
+
+
+def _builtin(name: str) -> Network:
+    """One of the reference networks, so a demo needs no download and no user file."""
+    from .models.reference import BENCH_NETWORKS
+    from .models.reference import build as reference
+
+    if name not in BENCH_NETWORKS:
+        raise UserError(f"unknown built-in network '{name}'; known: {', '.join(BENCH_NETWORKS)}")
+    module, x = reference(name)
+    return Network(module, tuple(x.shape), name=name.replace("-", "_"))
+
+
+def load(directory: str | Path) -> Build:
+    """A build directory written by `compile`."""
+    return Build.load(directory)
+
+
+def _build(build: Build | str | Path) -> Build:
+    return build if isinstance(build, Build) else Build.load(build)
+
+
+def run(build: Build | str | Path, inputs: Any, device: str = "local", threads: int | None = None) -> list:
+    """The build's outputs (numpy arrays) for `inputs` (one array or a list, in the build's input order), run on
+    `device`: local, qemu://TARGET (a C package under emulation), rpc://HOST:PORT/KEY or serial://PATH."""
+    import numpy as np
+
+    from .measure import package
+    from .measure.devices import LocalDevice, QemuDevice, get_device
+    from .measure.local import set_threads
+    from .targets import get_target
+
+    build = _build(build)
+    dev = get_device(device)
+    if isinstance(dev, QemuDevice) or (build.format == "c" and isinstance(dev, LocalDevice)):
+        package.command_for(build, device)  # a wrong device fails before anything runs
+    elif isinstance(dev, LocalDevice) and not get_target(build.target).is_host:
+        raise UserError(f"{build.directory} is built for {build.target}, not this machine; run it on that device, "
+                        "or compile with --target host")
+    arrays = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)
+    set_threads(threads)
+    return dev.run(build, arrays)
+
+
+def measure(build: Build | str | Path, device: str = "local", runs: int = 100, warmup: int = 10,
+            threads: int | None = None, layers: bool = True) -> Measurement:
+    """Latency of the build on `device` over `runs` timed runs, with a per-kernel profile where the device gives one
+    (named by the user's layers where the build knows them)."""
+    from .measure.devices import get_device
+
+    return get_device(device).measure(_build(build), runs=runs, warmup=warmup, threads=threads, layers=layers)
+
+
+@dataclass
+class CheckResult:
+    met: bool
+    statistic: str  # "p90" or "median"
+    value_ms: float
+    budget_ms: float
+    measurement: Measurement
+
+
+def check(build: Build | str | Path, budget_ms: float, device: str = "local", runs: int = 100, warmup: int = 10,
+          threads: int | None = None, statistic: str = "p90") -> CheckResult:
+    """Whether the build meets `budget_ms` on `device` (its p90, or its median): the CI gate."""
+    if statistic not in ("p90", "median"):
+        raise UserError(f"statistic '{statistic}' is not one of p90, median")
+    m = measure(build, device, runs, warmup, threads, layers=False)
+    if not m.real_time:
+        raise UserError(f"{device} runs under emulation and its times are not latency; check on local or an "
+                        "rpc:// board")
+    value = m.median_ms if statistic == "median" else m.percentile(90)
+    return CheckResult(value <= budget_ms, statistic, value, budget_ms, m)
+
+
+def build(target: str, budget_ms: float, out: str | Path, *, device: str | None = None, data: str | None = None,
+          supernet: str | Path | None = None, table: str | Path | None = None, rounds: int = 3,
+          format: str | None = None, runs: int = 50, statistic: str = "p90", seed: int = 0,
+          quiet: bool = True) -> dict:
+    """Search, compress, compile and (with a device) measure a network that meets `budget_ms` on `target`;
+    writes `out` atomically and returns the report (report.json). Raises BudgetError when nothing fits."""
+    from .pipeline import SUPERNET, Request
+    from .pipeline import run as run_pipeline
+
+    req = Request(target=target, budget_ms=budget_ms, out=Path(out), device=device, data=data,
+                  supernet=Path(supernet) if supernet else SUPERNET, table=Path(table) if table else None,
+                  rounds=rounds, fmt=format, runs=runs, statistic=statistic, seed=seed, quiet=quiet)
+    return run_pipeline(req)

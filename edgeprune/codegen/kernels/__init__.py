@@ -1,0 +1,26 @@
+"""Kernel families: one file each. A family owns what it matches (the `edgeprune.family` tag lowering puts on a
+fused function, kernels/common.py), its schedule rules and the cost row it reports for each kernel call.
+
+    dense.py   fp32: conv, depthwise, pointwise, dense, pooling, means, and data movement
+    (int8.py, bsr.py, binary.py arrive with compression: adding a family is adding a file and a line below)
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import dense
+from .common import CpuSpec, tag_kernels
+
+FAMILIES: dict[str, ModuleType] = {dense.NAME: dense}
+
+__all__ = ["FAMILIES", "CpuSpec", "family", "rules", "tag_kernels"]
+
+
+def family(name: str) -> ModuleType:
+    return FAMILIES[name]
+
+
+def rules() -> list:
+    """Every family's schedule rules, for dlight's ApplyDefaultSchedule: each takes only its own tagged kernels."""
+    return [rule for fam in FAMILIES.values() for rule in fam.RULES]

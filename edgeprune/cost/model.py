@@ -1,0 +1,181 @@
+"""The latency model the search uses: a build's latency on a device, from its LayerCost rows.
+
+Three sources, best first, and every prediction says which it used:
+  measured  the kernel (same row key: class, shapes, bits, density, block) was timed on this device;
+  fitted    a per-class linear model fitted on the device's latency table:
+            t = a * compute + b * memory + c, with compute = operations / peak and memory = bytes / bandwidth.
+            Where the table has per-kernel times (calibrated on `local`, from the profile) each class is fitted on
+            its kernels' own times; otherwise on whole-network times, each the sum of its kernels'.
+  prior     no table: a roofline from the target's clock, cores, throughput per bit-width and memory bandwidth,
+            max(compute / efficiency_class, memory) + a per-kernel overhead. Marked predicted, not measured.
+
+The peak a row is priced against follows its bit-widths: fp32 FLOP, int8 operations or binary (popcount) operations
+per cycle, from the target's TOML. A row of another kernel family (block-sparse, int8, binary) is its own class in
+the fit: it runs other code at another rate.
+
+Constants of the prior: efficiencies are the fractions of peak that tuned runtimes reach on such layers (about
+0.6-0.8 of peak on 1x1/GEMM-heavy layers, lower on depthwise and data movement; multi-core A7 boards scale poorly,
+which the per-class efficiency absorbs; ../shared/docs/arm-targets.md). Boards of one core differ by ~1.5x, which is
+why a measured table replaces the prior as soon as there is one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..artifacts import OP_CLASSES, LatencyTable, LayerCost, TableEntry
+from ..errors import UserError
+from ..targets import Target
+
+PRIOR_EFFICIENCY = {"pointwise": 0.5, "conv": 0.5, "depthwise": 0.15, "matmul": 0.3, "pool": 0.1, "reduce": 0.1,
+                    "data": 0.05}
+PRIOR_OVERHEAD_MS = 0.005  # per kernel call: dispatch, parallel launch
+# A convolution with this few MACs per output (depthwise, a stem on 3 channels, a narrow 1x1) is bound by moving
+# activations, not by arithmetic: the prior prices it at the depthwise rate. Only the prior uses this cut-off; the
+# fit learns each class's rate from measurements.
+WINDOW_ONLY_MACS = 49
+MIN_FIT_ENTRIES = 8  # fewer measured networks than this: scale the prior instead of fitting per class
+MIN_CLASS_KERNELS = 4  # per-kernel fit: a class with fewer timed kernels is priced by the scaled prior
+
+
+def ops_per_cycle(target: Target, row: LayerCost) -> float:
+    """Per core: the target's throughput at the row's bit-widths."""
+    bits = max(row.weight_bits, row.act_bits)
+    if bits <= 1:
+        return target.binary_op_per_cycle
+    if bits <= 8:
+        return target.int8_op_per_cycle
+    return target.fp32_flop_per_cycle
+
+
+def fit_class(row: LayerCost) -> str:
+    """What the fit keeps apart: the operator class, and the family when it is not dense fp32."""
+    return row.op if row.family == "dense" else f"{row.op}/{row.family}"
+
+
+def terms(row: LayerCost, target: Target, threads: int | None = None) -> tuple[float, float]:
+    """(compute ms, memory ms) of a row at the target's peak and bandwidth."""
+    cores = threads or target.cores
+    peak_per_ms = cores * target.clock_mhz * 1e3 * ops_per_cycle(target, row)  # MHz * 1e6 / 1e3 per ms
+    compute = 2 * row.macs / peak_per_ms
+    memory = (row.act_bytes + row.weight_bytes + row.out_bytes) / (target.mem_bandwidth_gbs * 1e6)
+    return compute, memory
+
+
+@dataclass
+class Prediction:
+    ms: float
+    sources: dict[str, int]  # how many kernels each source priced
+    per_layer_ms: list[float] = field(default_factory=list)
+
+    @property
+    def source(self) -> str:
+        """'measured' only if every kernel was; 'prior' if any was priced by the prior; else 'fitted'."""
+        if self.sources.get("prior"):
+            return "prior"
+        return "measured" if set(self.sources) == {"measured"} else "fitted"
+
+
+@dataclass
+class LatencyModel:
+    target: Target
+    threads: int | None = None
+    coef: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # class -> (a, b, c), fitted
+    measured: dict[str, float] = field(default_factory=dict)  # row key -> ms
+    scale: float | None = None  # measured / prior over the table's networks (None: no table): prices what no fit does
+
+    def prior_ms(self, row: LayerCost) -> float:
+        compute, memory = terms(row, self.target, self.threads)
+        per_out = row.macs / max(1, np.prod(row.shapes[-1])) if row.shapes else 0
+        cls = "depthwise" if row.op in ("pointwise", "conv") and per_out <= WINDOW_ONLY_MACS else row.op
+        return max(compute / PRIOR_EFFICIENCY[cls], memory) + PRIOR_OVERHEAD_MS
+
+    def layer_ms(self, row: LayerCost) -> tuple[float, str]:
+        key = row.key()
+        if key in self.measured:
+            return self.measured[key], "measured"
+        cls = fit_class(row)
+        if cls in self.coef:
+            a, b, c = self.coef[cls]
+            compute, memory = terms(row, self.target, self.threads)
+            return a * compute + b * memory + c, "fitted"
+        prior = self.prior_ms(row)
+        return (prior, "prior") if self.scale is None else (prior * self.scale, "fitted")
+
+    def predict(self, rows: list[LayerCost]) -> Prediction:
+        if not rows:
+            raise UserError("this build has no per-kernel cost rows (compiled by an older edgeprune); recompile it")
+        sources: dict[str, int] = {}
+        per = []
+        for row in rows:
+            ms, src = self.layer_ms(row)
+            per.append(ms)
+            sources[src] = sources.get(src, 0) + 1
+        return Prediction(float(sum(per)), sources, per)
+
+    def fit(self, entries: list[TableEntry]) -> LatencyModel:
+        """Non-negative least squares on relative error (a 10% miss on 1 ms is as bad as on 100 ms): per class on
+        per-kernel times where the table has them, else on whole-network times (each the sum of its kernels')."""
+        for e in entries:
+            for row, ms in zip(e.layers, e.per_kernel_ms or []):
+                self.measured[row.key()] = ms
+        if not entries:
+            return self
+        prior = LatencyModel(self.target, self.threads)
+        # Classes the fit leaves out (too few kernels timed) keep the prior, scaled to this device.
+        self.scale = float(np.median([e.ms / prior.predict(e.layers).ms for e in entries]))
+        profiled = [e for e in entries if e.per_kernel_ms]
+        if len(profiled) >= MIN_FIT_ENTRIES:
+            self.coef = self._fit_kernels(profiled)
+        elif len(entries) >= MIN_FIT_ENTRIES:
+            self.coef = self._fit_networks(entries)
+        return self
+
+    def _features(self, row: LayerCost) -> np.ndarray:
+        compute, memory = terms(row, self.target, self.threads)
+        return np.array([compute, memory, 1.0])
+
+    def _fit_kernels(self, entries: list[TableEntry]) -> dict[str, tuple[float, float, float]]:
+        """Each kernel's error counts in units of its network's time: what matters is the network's latency, and
+        weighting each kernel by its own time instead lets the many small kernels pull every class's line below
+        the large ones (the networks came out ~20% fast; this way median network error on the table fell from
+        ~19% to ~9%, leave-one-out)."""
+        from scipy.optimize import nnls
+
+        by_class: dict[str, list[tuple[np.ndarray, float, float]]] = {}
+        for e in entries:
+            for row, ms in zip(e.layers, e.per_kernel_ms or []):
+                if ms > 0:  # 0: elided by the VM, nothing to learn from
+                    by_class.setdefault(fit_class(row), []).append((self._features(row), ms, 1.0 / e.ms))
+        coef = {}
+        for cls, rows in by_class.items():
+            if len(rows) >= MIN_CLASS_KERNELS:
+                a, t, w = (np.array([r[i] for r in rows]) for i in range(3))
+                sol, _ = nnls(a * w[:, None], t * w)
+                coef[cls] = tuple(float(v) for v in sol)
+        return coef
+
+    def _fit_networks(self, entries: list[TableEntry]) -> dict[str, tuple[float, float, float]]:
+        from scipy.optimize import nnls
+
+        classes = sorted({fit_class(r) for e in entries for r in e.layers}, key=_class_order)
+        rows = np.zeros((len(entries), len(classes), 3))
+        for i, e in enumerate(entries):
+            for row in e.layers:
+                rows[i, classes.index(fit_class(row))] += self._features(row)
+        t = np.array([e.ms for e in entries])
+        sol, _ = nnls(rows.reshape(len(entries), -1) / t[:, None], np.ones(len(t)))
+        return {cls: tuple(float(v) for v in sol[3 * i: 3 * i + 3]) for i, cls in enumerate(classes)}
+
+
+def _class_order(cls: str) -> tuple[int, str]:
+    op = cls.split("/")[0]
+    return (OP_CLASSES.index(op), cls)
+
+
+def model_for(target: Target, table: LatencyTable | None = None, threads: int | None = None) -> LatencyModel:
+    """The model of `target`: the prior, fitted to `table` when there is one with entries."""
+    model = LatencyModel(target, threads=threads if threads is not None else (table.threads if table else None))
+    return model.fit(table.entries) if table and table.entries else model

@@ -1,0 +1,102 @@
+"""The search stage: the most accurate subnet of the supernet predicted within a latency budget, as a Network.
+
+Candidates: the pool subnets within budget with the best validation accuracy, then the knapsack's refinement to the
+exact budget of the best of them and of the largest subnet at each resolution (the knapsack picks every layer's
+width, which a uniform width multiplier cannot). Every candidate is scored on validation data, BatchNorm
+recalibrated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..artifacts import Network
+from ..cost import LatencyModel, model_for
+from ..errors import UserError
+from ..targets import get_target
+from . import space as S
+
+CANDIDATES = 3  # pool subnets scored on validation data per search
+
+
+@dataclass
+class Candidate:
+    arch: S.Arch
+    origin: str  # "pool" or "knapsack"
+    predicted_ms: float
+    val_accuracy: float
+
+
+class BudgetError(UserError):
+    def __init__(self, smallest_ms: float, how: str):
+        self.smallest_ms = smallest_ms
+        super().__init__(f"no subnet meets the budget: the smallest latency reached is {smallest_ms:.2f} ms "
+                         f"({how}); raise --latency or choose a faster target")
+
+
+def priced_by(model: LatencyModel) -> Callable[[S.Arch], float]:
+    """Predicted ms of a subnet: its analytic cost rows priced by `model`."""
+    return lambda arch: model.predict(S.layers(arch)).ms
+
+
+def latency_function(target: str, table=None) -> Callable[[S.Arch], float]:
+    """Predicted ms of a subnet on `target`, from the device's latency model (the prior without a table)."""
+    return priced_by(model_for(get_target(target), table))
+
+
+def search(supernet, ckpt: dict, ds, latency: Callable[[S.Arch], float], budget_ms: float,
+           resolutions: tuple[int, ...], log: Callable[[str], None] = lambda m: None) -> tuple[Candidate, dict]:
+    """The most accurate subnet predicted within budget, and how many subnets were scored."""
+    from . import knapsack
+    from .evaluate import score
+
+    stats = {"evaluated": 0}
+    pool = [S.Arch.from_dict(p["arch"]) for p in ckpt["pools"]]
+    stored = {a.key(): p["val_accuracy"] for a, p in zip(pool, ckpt["pools"])}
+    fits = sorted((a for a in pool if latency(a) <= budget_ms), key=lambda a: -stored[a.key()])
+    space = S.Space(resolutions=resolutions)
+    if not fits and latency(space.smallest(min(resolutions))) > budget_ms:
+        raise BudgetError(latency(space.smallest(min(resolutions))), "predicted")
+    scored: list[Candidate] = []
+
+    def consider(arch: S.Arch, origin: str) -> None:
+        if any(c.arch == arch for c in scored):
+            return
+        scored.append(Candidate(arch, origin, latency(arch), score(supernet, arch, ds)))
+        stats["evaluated"] += 1
+        log(f"  {origin} subnet {S.macs(arch) / 1e6:.1f}M MACs @{arch.resolution}px: predicted "
+            f"{scored[-1].predicted_ms:.2f} ms, val accuracy {scored[-1].val_accuracy:.1%}")
+
+    for arch in fits[:CANDIDATES]:
+        consider(arch, "pool")
+    parents = [max(scored, key=lambda c: c.val_accuracy).arch] if scored else []
+    parents += [space.largest(r) for r in sorted(resolutions, reverse=True)]
+    for parent in parents:
+        choice = knapsack.solve(parent, knapsack.taylor_importance(supernet, parent, ds), latency, budget_ms)
+        if choice is not None:
+            consider(choice.arch, "knapsack")
+    if not scored:
+        raise BudgetError(latency(space.smallest(min(resolutions))), "predicted")
+    return max(scored, key=lambda c: c.val_accuracy), stats
+
+
+def network_of(supernet, arch: S.Arch, train_x, name: str = "model", predicted_ms: float | None = None,
+               accuracy: float | None = None) -> Network:
+    """The deployable Network of `arch`: sliced out of the supernet, BatchNorm recalibrated on `train_x`."""
+    from .evaluate import subnet
+
+    return Network(subnet(supernet, arch, train_x), (1, 3, arch.resolution, arch.resolution), name=name,
+                   arch=arch.to_dict(), predicted_ms=predicted_ms, accuracy=accuracy)
+
+
+def architecture_network(arch: S.Arch, seed: int = 0, name: str = "model") -> Network:
+    """A Network of `arch` with fresh weights (for timing: calibration suites, benchmarks)."""
+    import torch
+
+    from ..models.reference import randomize_bn
+    from .supernet import Subnet
+
+    torch.manual_seed(seed)
+    return Network(randomize_bn(Subnet(arch), seed).eval(), (1, 3, arch.resolution, arch.resolution), name=name,
+                   arch=arch.to_dict())
