@@ -27,7 +27,9 @@ BUILTIN_PREFIX = "builtin:"
 
 
 def targets() -> list[Target]:
-    """The device targets edgeprune knows (targets/*.toml), `host` read off this machine."""
+    """The device targets edgeprune knows by name: the shipped ones and yours ($EDGEPRUNE_HOME/targets, else the
+    platform's config dir; yours win on a shared name), `host` read off this machine. Wherever a target is taken,
+    the path of a board TOML works too."""
     from .targets import get_target, known_targets
 
     return [get_target(n) for n in known_targets()]

@@ -19,6 +19,7 @@ from .errors import UserError
 from .version import __version__
 
 DEVICES = "local, rpc://HOST:PORT/KEY, serial://PATH?baud=N or qemu://TARGET (default: local)"
+TARGET_HELP = "device target: a name (edgeprune targets lists them) or the path of a board TOML"
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -47,14 +48,27 @@ def _at_least(minimum: int):
 
 
 def cmd_targets(args) -> int:
-    found = api.targets()
-    if args.json:
-        print(json.dumps([_target_json(t) for t in found], indent=2))
+    from .resources import shipped
+    from .targets import target_files, template, user_targets_dir
+
+    if args.template:
+        sys.stdout.write(template(args.template))
         return 0
-    print(f"{'name':<12} {'triple':<26} {'cpu':<14} {'SIMD':>5} {'cores':>5} {'MHz':>6}  description")
+    files, found = target_files(), api.targets()
+    if args.json:
+        print(json.dumps([{**_target_json(t), "from": files[t.name].origin, "file": str(files[t.name].path)}
+                          for t in found], indent=2))
+        return 0
+    print(f"{'name':<12} {'triple':<26} {'cpu':<14} {'SIMD':>5} {'cores':>5} {'MHz':>6}  {'from':<8} description")
     for t in found:
         print(f"{t.name:<12} {t.triple:<26} {t.cpu:<14} {t.simd_bits:>5} {t.cores:>5} {t.clock_mhz:>6}  "
-              f"{t.description}")
+              f"{files[t.name].origin:<8} {t.description}")
+    print(f"\nshipped: {shipped('targets')}")
+    print(f"yours:   {user_targets_dir()} (a board TOML there is found by its file name; start one with "
+          f"edgeprune targets --template cortex-a7 > myboard.toml)")
+    replaced = [f.name for f in files.values() if f.replaces_shipped]
+    if replaced:
+        print(f"yours replace the shipped targets of the same name: {', '.join(replaced)}")
     return 0
 
 
@@ -303,7 +317,7 @@ def _resolutions(text: str) -> tuple[int, ...]:
 def cmd_train_supernet(args) -> int:
     from . import data
     from .pipeline import latency_function, progress_bar
-    from .search.train import TrainConfig, load_state, save, train
+    from .search.train import SANDWICH_ONLY, TrainConfig, load_state, save, train
 
     out = Path(args.output)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".state")
@@ -317,8 +331,8 @@ def cmd_train_supernet(args) -> int:
         ds = data.load(args.data, seed=args.seed)
         cfg = TrainConfig(steps=args.steps, batch=args.batch, seed=args.seed, target=args.target,
                           resolutions=args.resolutions or TrainConfig.resolutions)
-        if args.progressive:
-            cfg.phases = {"full": 0.25, "kernel": 0.15, "depth": 0.15, "width": 0.45}
+        if args.sandwich_only:
+            cfg.phases = dict(SANDWICH_ONLY)
     with progress_bar(cfg.steps, "train supernet", quiet=args.quiet) as bar:
         if state is not None:
             bar(int(state["step"]), cfg.steps, "resumed", float("nan"))
@@ -339,7 +353,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("build", help="search, compile and measure a network that meets a latency budget")
-    s.add_argument("--target", "-t", required=True, help="device target (edgeprune targets lists them)")
+    s.add_argument("--target", "-t", required=True, help=TARGET_HELP)
     s.add_argument("--latency", type=_duration_ms, required=True, help="the budget, e.g. 50ms, 0.05s, 1500us")
     s.add_argument("--device", help="measure on it: " + DEVICES.replace(" (default: local)", "") +
                    " (default: none, the latency is predicted)")
@@ -362,11 +376,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_at_least(4), default=600, help="optimizer steps over all phases (default: 600)")
     s.add_argument("--batch", type=_at_least(2), default=32, help="images per step over all processes")
     s.add_argument("--resolutions", type=_resolutions, help="training resolutions (default: 64,80,96)")
-    s.add_argument("--target", "-t", default="cortex-a7", help="target whose latency buckets the pools")
+    s.add_argument("--target", "-t", default="cortex-a7",
+                   help="target whose latency buckets the pools: a name or a board TOML's path")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--progressive", action="store_true",
-                   help="progressive shrinking: the full network, then elastic kernel, depth and width (default: "
-                        "every subnet size from the first step)")
+    s.add_argument("--sandwich-only", action="store_true",
+                   help="every subnet size from the first step, no progressive shrinking (the default shrinks: the "
+                        "full network, then elastic kernel, depth and width)")
     s.add_argument("--checkpoint", help="training state written every few minutes (default: OUTPUT.state)")
     s.add_argument("--checkpoint-minutes", type=float, default=5.0, help="minutes between checkpoints (default: 5)")
     s.add_argument("--resume", nargs="?", const=True, metavar="STATE",
@@ -375,13 +390,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train_supernet)
 
-    s = sub.add_parser("targets", help="list the device targets")
+    s = sub.add_parser("targets", help="list the device targets: shipped ones and yours")
     s.add_argument("--json", action="store_true", help="print them as JSON")
+    s.add_argument("--template", metavar="TARGET",
+                   help="print a commented board TOML to start your own from, e.g. --template cortex-a7 > my.toml")
     s.set_defaults(fn=cmd_targets)
 
     s = sub.add_parser("compile", help="compile a .onnx, .pt2 or .tflite model for a target")
     s.add_argument("model", help=f"model file, or {api.BUILTIN_PREFIX}NAME for a built-in reference network")
-    s.add_argument("--target", "-t", default="host", help="device target (see 'edgeprune targets')")
+    s.add_argument("--target", "-t", default="host", help=f"{TARGET_HELP} (default: host)")
     s.add_argument("--output", "-o", required=True, help="build directory to write")
     s.add_argument("--input-shape", type=_shape, help="fixed input shape for a model with dynamic dimensions")
     s.add_argument("--format", choices=["so", "c"],
@@ -430,9 +447,11 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_check)
 
     s = sub.add_parser("calibrate", help="time a suite of small builds on a device; write its latency table")
-    s.add_argument("--target", "-t", default="host", help="the device's target")
+    s.add_argument("--target", "-t", default="host", help="the device's target: a name or a board TOML's path")
     s.add_argument("--device", default="local", help=DEVICES)
-    s.add_argument("--output", "-o", help="table to write (default: calibrate/<device>.json)")
+    s.add_argument("--output", "-o",
+                   help="table to write (default: calibrate/<device>.json in your data directory, $EDGEPRUNE_HOME "
+                        "or the platform's)")
     s.add_argument("--count", type=_at_least(3), default=36, help="builds in the suite (default: 36)")
     s.add_argument("--runs", type=_at_least(1), default=30)
     s.add_argument("--warmup", type=_at_least(0), default=5)

@@ -115,11 +115,14 @@ def realize(network: Network, target: Target, out_dir: Path, device=None, table:
 
 
 def _table_for(req: Request, device, target) -> tuple[Path | None, LatencyTable]:
-    from .cost import load_table, new_table, table_path
+    from .cost import find_table, load_table, new_table, table_path
 
     path = req.table
     if path is None and device is not None:
-        path = table_path(device.table_name(target))
+        # Read yours or a shipped one; what is learned is written to yours, never into the installed package.
+        path, found = table_path(device.table_name(target)), find_table(device.table_name(target))
+        if found is not None:
+            return path, load_table(found)
     if path is not None and Path(path).exists():
         return Path(path), load_table(path)
     # A new table, written when the device measures something.

@@ -1,4 +1,6 @@
-"""Device targets: one TOML file per device under the repository's ``targets/`` folder.
+"""Device targets: one TOML file per device. Shipped ones (the repository's ``targets/``, carried inside a wheel; see
+resources.py), your own in ``$EDGEPRUNE_HOME/targets`` (else the platform's config dir), found by name, or any board
+file given by its path.
 
 A Target says what code to generate (LLVM triple, cpu, features), how to link and run it off this machine
 (cross compiler, emulator) and what the latency prior needs (clock, cores, SIMD width, memory bandwidth, and the
@@ -8,17 +10,20 @@ throughput per cycle of fp32, int8 and binary arithmetic).
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import platform
-from dataclasses import dataclass, field
+import re
+import typing
+from dataclasses import MISSING, dataclass, field
 from functools import cache
 from pathlib import Path
 
 import tomllib
 
 from .errors import UserError
-
-TARGETS_DIR = Path(os.environ.get("EDGEPRUNE_TARGETS", Path(__file__).resolve().parent.parent / "targets"))
+from .resources import shipped, user_config_dir
 
 
 @dataclass(frozen=True)
@@ -127,34 +132,220 @@ def _detect_host() -> dict:
     }
 
 
-def _load(path: Path) -> Target:
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"target file {path} is not valid TOML ({e}); fix or remove it") from None
-    if any(v == "detect" for v in raw.values()):
-        detected = _detect_host()
-        raw = {k: (detected[k] if v == "detect" else v) for k, v in raw.items()}
-    known = set(Target.__dataclass_fields__) - {"extra"}
-    missing = {"name", "triple", "cpu", "simd_bits", "cores", "cross_compiler"} - set(raw)
-    if missing:
-        raise UserError(f"target file {path} lacks {', '.join(sorted(missing))}; add them")
-    args = {k: v for k, v in raw.items() if k in known}
-    for k in ("features", "cflags"):
-        args[k] = tuple(args.get(k, ()))
-    args.setdefault("description", raw["name"])
-    for k, default in (("clock_mhz", 1000), ("memory_mb", 0), ("mem_bandwidth_gbs", 1.0), ("fp32_flop_per_cycle", 2)):
-        args.setdefault(k, default)
-    return Target(**args, extra={k: v for k, v in raw.items() if k not in known})
+# Defaults for fields a board file may leave out (the dataclass's own defaults cover the rest); `name` defaults to
+# the file's name and `description` to the name.
+_DEFAULTS: dict = {"features": [], "clock_mhz": 1000, "memory_mb": 0, "mem_bandwidth_gbs": 1.0,
+                   "fp32_flop_per_cycle": 2}
+_POSITIVE = ("simd_bits", "cores", "clock_mhz", "mem_bandwidth_gbs", "fp32_flop_per_cycle")
+_NOT_NEGATIVE = ("memory_mb", "int8_op_per_cycle", "binary_op_per_cycle")
+_FORMATS = ("so", "c")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_START = "cortex-a7"  # the board `--template` suggests starting from
+# Boards given by path in this process, by name: a build records its target's name, and looking that name up again
+# (to run or measure the build) must find the same file.
+_BY_PATH: dict[str, Path] = {}
+
+
+@dataclass(frozen=True)
+class TargetFile:
+    """Where a target named on the command line comes from."""
+
+    name: str
+    path: Path
+    origin: str  # "shipped" (with edgeprune), "yours" (your targets folder) or "path" (given by its path)
+    replaces_shipped: bool = False
+
+
+def user_targets_dir() -> Path:
+    """Your own boards, found by name beside the shipped ones: $EDGEPRUNE_HOME/targets, else the config dir's."""
+    return user_config_dir() / "targets"
+
+
+def target_files() -> dict[str, TargetFile]:
+    """Every target findable by name, sorted; a file in your folder wins over the shipped one of the same name."""
+    found = {p.stem: TargetFile(p.stem, p, "shipped") for p in shipped("targets").glob("*.toml")}
+    mine = user_targets_dir()
+    for p in mine.glob("*.toml") if mine.is_dir() else ():
+        found[p.stem] = TargetFile(p.stem, p, "yours", replaces_shipped=p.stem in found)
+    return dict(sorted(found.items()))
 
 
 def known_targets() -> list[str]:
-    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+    return list(target_files())
+
+
+def is_target_path(spec: str) -> bool:
+    """A target is given by path when it looks like one: it ends in .toml or has a folder in it."""
+    return spec.endswith(".toml") or "/" in spec or os.sep in spec
+
+
+def find_target(spec: str) -> TargetFile:
+    """The file of the target `spec`: a board TOML's path, or a name (a board given by path earlier in this process,
+    your folder, the shipped targets)."""
+    if is_target_path(spec):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UserError(f"board file {spec} does not exist; write one with: edgeprune targets --template "
+                            f"{_START} > {path.name if path.suffix == '.toml' else 'myboard.toml'}")
+        return TargetFile(_load(path.resolve()).name, path.resolve(), "path")
+    if spec in _BY_PATH:
+        return TargetFile(spec, _BY_PATH[spec], "path")
+    files = target_files()
+    if spec not in files:
+        raise UserError(f"unknown target '{spec}'; known targets: {', '.join(files)}; for a board of your own give "
+                        f"the path of its TOML, or put it in {user_targets_dir()} (edgeprune targets --template "
+                        f"{_START} > {spec}.toml starts one)")
+    return files[spec]
+
+
+def get_target(spec: str) -> Target:
+    """The target named `spec` (see `find_target`), or the board TOML at the path `spec`."""
+    found = find_target(spec)
+    target = _load(found.path)
+    if found.origin == "path":
+        _claim(target.name, found.path)
+    return target
+
+
+def _claim(name: str, path: Path) -> None:
+    """Remember a board given by path under its name, unless another file already answers to that name."""
+    other = _BY_PATH.get(name)
+    if other is None:
+        listed = target_files().get(name)
+        other = listed.path.resolve() if listed else None
+    if other is not None and other != path:
+        raise UserError(f"board file {path} is named '{name}', as {other} is; give it a name of its own "
+                        f"(name = \"...\" in the file, or rename the file)")
+    _BY_PATH[name] = path
+
+
+def _load(path: Path) -> Target:
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise UserError(f"cannot read target file {path} ({e.strerror}); check the path") from None
+    return _parse(path, stat.st_mtime_ns, stat.st_size)
 
 
 @cache
-def get_target(name: str) -> Target:
-    path = TARGETS_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise UserError(f"unknown target '{name}'; known targets: {', '.join(known_targets())}")
-    return _load(path)
+def _parse(path: Path, _mtime_ns: int, _size: int) -> Target:
+    """The Target of a board file, cached until the file changes; every mistake is one line naming file and field."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read target file {path} ({e}); check the file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"target file {path} is not valid TOML ({e}); fix or remove it") from None
+    kinds = _field_kinds()
+    unknown = sorted(set(raw) - set(kinds))
+    if unknown:
+        key = unknown[0]
+        near = difflib.get_close_matches(key, kinds, n=1)
+        hint = f"did you mean {near[0]}?" if near else f"the fields are {', '.join(kinds)}"
+        raise UserError(f"target file {path}: unknown field '{key}' ({hint}); fix or remove it")
+    detect = [k for k, v in raw.items() if v == "detect"]
+    if detect:
+        detected = _detect_host()
+        cannot = [k for k in detect if k not in detected]
+        if cannot:
+            raise UserError(f"target file {path}: field {cannot[0]} cannot be \"detect\" (only "
+                            f"{', '.join(detected)} can); give its value")
+        raw = {**raw, **{k: detected[k] for k in detect}}
+    raw.setdefault("name", path.stem)
+    missing = [k for k in _required() if k not in raw]
+    if missing:
+        raise UserError(f"target file {path} lacks field{'s' * (len(missing) > 1)} {', '.join(missing)}; add "
+                        f"{'them' if len(missing) > 1 else 'it'} (edgeprune targets --template {_START} shows each)")
+    for key, value in raw.items():
+        _check(path, key, value, kinds[key])
+    if not _NAME.fullmatch(raw["name"]) or raw["name"].endswith(".toml"):
+        raise UserError(f"target file {path}: name '{raw['name']}' must be letters, digits, '.', '_', '+' or '-'; "
+                        "fix it")
+    if raw["name"] != path.stem:  # a build records the name, and later runs find the board again by it
+        raise UserError(f"target file {path}: name '{raw['name']}' differs from the file's name; rename the file to "
+                        f"{raw['name']}.toml or remove the name field")
+    defaults = {k: v for k, v in _DEFAULTS.items() if k in kinds}
+    args = {**defaults, "description": raw["name"], **raw}
+    for k, kind in kinds.items():
+        if typing.get_origin(kind) is tuple and k in args:
+            args[k] = tuple(args[k])
+        elif kind is float and k in args:
+            args[k] = float(args[k])
+    return Target(**args)
+
+
+def _field_kinds() -> dict[str, object]:
+    """Every field a board file may set, with its type (the Target dataclass's)."""
+    hints = typing.get_type_hints(Target)
+    return {k: hints[k] for k in Target.__dataclass_fields__ if k != "extra"}
+
+
+def _required() -> list[str]:
+    """The fields a board file must set: the Target's fields without a default here or in the dataclass."""
+    return [k for k, f in Target.__dataclass_fields__.items()
+            if f.default is MISSING and f.default_factory is MISSING
+            and k not in _DEFAULTS and k not in ("name", "description", "extra")]
+
+
+def _check(path: Path, key: str, value, kind) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        ok, want = isinstance(value, str), "a string"
+    elif kind is int:
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif kind is float:
+        ok, want = number, "a number"
+    elif typing.get_origin(kind) is tuple:
+        ok, want = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), "a list of strings"
+    else:
+        ok, want = True, ""
+    if ok and key in _POSITIVE and value <= 0 or ok and key in _NOT_NEGATIVE and value < 0:
+        ok, want = False, "more than zero" if key in _POSITIVE else "zero or more"
+    if ok and key == "simd_bits" and value % 32:
+        ok, want = False, "a multiple of 32 (the vector register's bits: 128 for NEON, 32 without SIMD)"
+    if ok and key == "default_format" and value not in _FORMATS:
+        ok, want = False, f"one of {', '.join(_FORMATS)}"
+    if not ok:
+        raise UserError(f"target file {path}: field {key} must be {want}, got {value!r}; fix it")
+
+
+def template(spec: str = _START) -> str:
+    """A commented board TOML to start your own from: target `spec`'s file, with its name left to the new file's
+    and the optional fields it does not set listed with their defaults."""
+    found = find_target(spec)
+    text = found.path.read_text()
+    raw = tomllib.loads(text)
+    body = re.sub(r"(?m)^name\s*=.*$", lambda m: f"# {m.group(0)}   # default: this file's name, without .toml",
+                  text)
+    required = ", ".join(_required())
+    head = [
+        f"# A board of your own, starting from edgeprune's {found.name} ({found.origin}: {found.path}).",
+        "# Use it by path:  edgeprune compile MODEL --target path/to/myboard.toml",
+        f"# or save it as myboard.toml in {user_targets_dir()} to use it by name (edgeprune targets lists it).",
+        "# The target's name is the file's name. Required: " + required + "; the rest have defaults.",
+        '# "detect" reads a field off this machine (for a board that is the machine edgeprune runs on).',
+        "",
+    ]
+    optional = [f"# {k} = {_toml_value(v)}" for k, v in _optional_defaults().items() if k not in raw]
+    tail = ["", f"# Optional fields {found.name} leaves at their defaults:", *optional] if optional else []
+    return "\n".join(head) + body.rstrip("\n") + "\n" + "\n".join(tail) + ("\n" if tail else "")
+
+
+def _optional_defaults() -> dict:
+    out = {}
+    for k, f in Target.__dataclass_fields__.items():
+        if k == "extra" or k == "name":
+            continue
+        if k in _DEFAULTS:
+            out[k] = _DEFAULTS[k]
+        elif f.default is not MISSING:
+            out[k] = f.default
+        elif f.default_factory is not MISSING:
+            out[k] = f.default_factory()
+    return out
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v) if isinstance(v, str) else repr(v)

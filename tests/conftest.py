@@ -10,6 +10,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py, tflite_builder.py
 
 
+@pytest.fixture(autouse=True, scope="session")
+def edgeprune_home(tmp_path_factory):
+    """A scratch $EDGEPRUNE_HOME for the whole run: tables and tuning records the tests write stay out of your data
+    directory, and your own boards stay out of the tests."""
+    patch = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("edgeprune-home")
+    patch.setenv("EDGEPRUNE_HOME", str(home))
+    yield home
+    patch.undo()
+
+
 @pytest.fixture
 def cli(capfd):
     """Run ``edgeprune ARGS`` in this process; returns (exit code, stdout, stderr), read at the file descriptors so

@@ -68,8 +68,11 @@ def _onnx_with_node(path: Path, node: onnx.NodeProto, opsets: list, out_shape: l
 def test_targets_lists_the_devices(cli):
     rc, out, err = cli("targets")
     assert rc == 0 and err == ""
-    names = {line.split()[0] for line in out.splitlines()[1:]}
-    assert {"host", "cortex-a7", "cortex-a53"} <= names
+    table, _, folders = out.partition("\n\n")
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
+    assert {"host", "cortex-a7", "cortex-a53"} <= set(rows)
+    assert rows["cortex-a7"][6] == "shipped"
+    assert folders.startswith("shipped: ") and "yours: " in folders
 
 
 def test_targets_json(cli):

@@ -23,11 +23,11 @@ def small_onnx(tmp_path):
 
 @pytest.mark.slow
 def test_tuning_records_are_cached_and_the_build_stays_correct(small_onnx, tmp_path, monkeypatch, cli):
-    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDGEPRUNE_HOME", str(tmp_path / "home"))
     rc, out, err = cli("compile", small_onnx, "-o", tmp_path / "b", "--tune-trials", "4", "--json")
     assert rc == 0, err
     report = json.loads(out[out.index("{"):])
-    records = list((tmp_path / "cache" / "tuning").glob("host-*/*.json"))
+    records = list((tmp_path / "home" / "tuning").glob("host-*/*.json"))
     assert records, "no tuning records written"
     assert any(r.stat().st_size > 0 for r in records)
     assert isinstance(report["tuned"], bool)  # whichever build measured faster was kept

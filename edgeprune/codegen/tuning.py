@@ -1,8 +1,9 @@
 """Optional MetaSchedule tuning (`--tune-trials N`), with records cached per target.
 
 Our schedule rules are the fast default; tuning searches further and needs the target's CPU to time candidates,
-so it runs for the host target only. Records live in one directory per target and CPU
-(``$EDGEPRUNE_CACHE/tuning/<target>-<cpu>``, default ``~/.cache/edgeprune``) and grow with every tuning run.
+so it runs for the host target only. Records live in one directory per target and CPU under your data directory
+(``<data dir>/tuning/<target>-<cpu>``; $EDGEPRUNE_HOME, else the platform's, see resources.py) and grow with every
+tuning run.
 MetaSchedule's best record can still lose to our hand-written schedule after few trials, so the caller keeps
 whichever whole build measures faster (see build.compile_model).
 """
@@ -10,19 +11,15 @@ whichever whole build measures faster (see build.compile_model).
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..resources import user_data_dir
 from ..targets import Target
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("EDGEPRUNE_CACHE", Path.home() / ".cache" / "edgeprune"))
-
-
 def records_dir(target: Target) -> Path:
-    return cache_root() / "tuning" / f"{target.name}-{target.cpu}"
+    return user_data_dir() / "tuning" / f"{target.name}-{target.cpu}"
 
 
 def tune(fused_mod, target: Target, trials: int) -> str:

@@ -1,4 +1,8 @@
-"""Latency tables on disk: calibrate/<device>.json, written atomically, read back typed.
+"""Latency tables on disk: <data dir>/calibrate/<device>.json, written atomically, read back typed.
+
+Tables are written to your data directory ($EDGEPRUNE_HOME, else the platform's; see resources.py), never into the
+installed package. Tables shipped with edgeprune (the repository's calibrate/) are read-only defaults: a device's
+own table wins, and a shipped one that learns a measurement is written back as the device's own.
 
 A table written by an earlier edgeprune (version 1: untyped kernel dicts) is read and converted, so a device's
 calibration is not lost with an upgrade; it is written back in the current layout the next time it changes.
@@ -15,9 +19,8 @@ from pathlib import Path
 
 from ..artifacts import TABLE_VERSION, Build, LatencyTable, LayerCost, Measurement, TableEntry
 from ..errors import UserError
+from ..resources import shipped_root, user_data_dir
 from ..version import __version__
-
-CALIBRATE_DIR = Path(__file__).resolve().parent.parent.parent / "calibrate"
 
 
 def new_table(device: dict | None, threads: int | None = None) -> LatencyTable:
@@ -27,8 +30,16 @@ def new_table(device: dict | None, threads: int | None = None) -> LatencyTable:
 
 
 def table_path(name: str) -> Path:
-    """Where the table of the device called `name` lives by default."""
-    return CALIBRATE_DIR / f"{name}.json"
+    """Where the table of the device called `name` is written by default: your data directory's calibrate/."""
+    return user_data_dir() / "calibrate" / f"{name}.json"
+
+
+def find_table(name: str) -> Path | None:
+    """The table to read for the device called `name`: yours, else one shipped with edgeprune, else None."""
+    for path in (table_path(name), shipped_root() / "calibrate" / f"{name}.json"):  # none may be shipped
+        if path.is_file():
+            return path
+    return None
 
 
 def load_table(path: str | Path) -> LatencyTable:

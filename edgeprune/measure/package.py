@@ -51,8 +51,8 @@ def command_for(build: Build, device: str) -> list[str]:
     if not device.startswith(QEMU_PREFIX):
         raise UserError(f"unknown device '{device}'; use local or {QEMU_PREFIX}TARGET")
     name = device[len(QEMU_PREFIX):]
-    target = get_target(name)
-    if name != build.target:
+    target = get_target(name)  # a name, or the path of the board file the build was compiled for
+    if target.name != build.target:
         right = "local" if get_target(build.target).is_host else f"{QEMU_PREFIX}{build.target}"
         raise UserError(f"{build.directory} is built for {build.target}, not {name}; use --device {right}")
     if target.is_host:

@@ -26,13 +26,14 @@ import numpy as np
 
 from ..artifacts import Build, Measurement
 from ..errors import UserError
+from ..resources import shipped
 from ..targets import get_target
 from .devices import Device, _line
 from .package import check_inputs
 from .serial_protocol import PROTOCOL_VERSION, BadFrame, Decoder, Err, Frame, Msg, encode
 
 PREFIX = "serial://"
-AGENT_DIR = Path(__file__).resolve().parent.parent.parent / "codegen" / "agent"
+AGENT_DIR = shipped("codegen/agent")  # the repository's codegen/agent, or an install's copy of it
 POLL_S = 0.05  # one blocking read; deadlines are checked between reads
 HELLO_OK = struct.Struct("<HHIIBB")  # version, max payload, input bytes, output bytes, clock, id length
 

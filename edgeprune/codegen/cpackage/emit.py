@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UserError
+from ...resources import shipped
 from ...targets import Target
 from .memory import align
 from .program import Plan, root_tensor
-
-RUNTIME_DIR = Path(__file__).resolve().parents[3] / "codegen" / "runtime"  # the checkout's codegen/runtime
 
 _DTYPE_CODES = {"float": 2, "int": 0, "uint": 1}
 
@@ -53,8 +52,9 @@ def write_package(directory: Path, plan: Plan, kernels_object: Path, target: Tar
         if t.dtype != "float32":
             raise UserError(f"the C package API is float32 in and out; this model's {t.name} is {t.dtype}")
     shutil.copy(kernels_object, directory / "kernels.o")
+    runtime = shipped("codegen/runtime")  # the repository's codegen/runtime, or an install's copy of it
     for f in ("edgeprune_rt.h", "edgeprune_rt.c"):
-        shutil.copy(RUNTIME_DIR / f, directory / f)
+        shutil.copy(runtime / f, directory / f)
 
     blob = bytearray()
     for t in plan.tensors.values():
