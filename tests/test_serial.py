@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import struct
 import subprocess
@@ -16,13 +15,18 @@ import threading
 import time
 import tty
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from helpers import assert_close, assert_one_line_error
+from serial_helpers import (
+    SANITIZER_ENV,
+    agent_on_pty,
+    sanitized_agent,
+    sanitizer_report,
+)
 
 from edgeprune.codegen.build import compile_model
 from edgeprune.errors import UserError
@@ -49,24 +53,6 @@ def host(net):
     root, path, _, _ = net
     build = compile_model(path, "host", root / "host", fmt="c", package_name="net")
     return build, build_agent(build.directory)
-
-
-@contextmanager
-def agent_on_pty(program, target: str = "host"):
-    """The agent serving the master side of a fresh pty; yields (process, slave path). The test keeps the slave
-    open, so the agent outlives each SerialDevice session as it would on a board."""
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    emulator = shlex.split(get_target(target).emulator)
-    proc = subprocess.Popen([*emulator, str(program)], stdin=master, stdout=master, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    os.close(master)  # the agent holds the only master: when it dies, the port reports it
-    try:
-        yield proc, os.ttyname(slave)
-    finally:
-        proc.kill()
-        proc.wait()
-        os.close(slave)
 
 
 # ---------------------------------------------------------------- framing, no agent
@@ -320,3 +306,75 @@ def test_wrong_firmware_is_refused(net, host, cli, tmp_path):
         assert rc == 2
         assert_one_line_error(err, f"runs build {theirs}", f"PKG={build.directory}", "flash")
         assert SerialDevice(path).run(other, [x1.numpy()])[0].shape == tuple(other.outputs[0].shape)
+
+
+# ---------------------------------------------------------------- the agent's own defences (issue 18)
+
+
+def _read_frames(port, count: int, seconds: float = 3.0) -> list:
+    """The next `count` frames from the agent (fewer if it goes quiet for `seconds`)."""
+    dec, got, deadline = Decoder(), [], time.monotonic() + seconds
+    while len(got) < count and time.monotonic() < deadline:
+        got += dec.feed(port.read(max(1, port.in_waiting)))
+    return got
+
+
+def test_agent_rescans_the_bytes_of_a_rejected_frame(host):
+    """A good frame hidden in the bytes of a rejected one is still found: after TOO_LONG, after a bad CRC, and
+    after a line that went idle mid-frame (the host's Decoder does the same)."""
+    import serial
+
+    build, agent = host
+    hello = encode(Msg.HELLO, 9)
+    junk_len16 = MAGIC + struct.pack("<BBH", Msg.SET_INPUT, 7, 16)  # waits for 16 + 4 more bytes
+    cases = {  # what goes on the line -> the frames the agent answers with
+        "too long": (MAGIC + bytes([Msg.RUN, 0x33]) + hello,  # HELLO's magic read as the length 0x50A5
+                     [(Msg.ERROR, 0x33), (Msg.HELLO_OK, 9)]),
+        "bad crc": (junk_len16 + hello + bytes(10), [(Msg.ERROR, 7), (Msg.HELLO_OK, 9)]),
+        "idle": (junk_len16 + hello, [(Msg.HELLO_OK, 9)]),
+    }
+    with agent_on_pty(agent) as (_, path), serial.Serial(path, timeout=0.1) as port:
+        for name, (line, want) in cases.items():
+            port.write(line)
+            got = [(f.type, f.seq) for f in _read_frames(port, len(want))]
+            assert got == want, name
+            time.sleep(0.4)  # the agent drops what is left of the junk when the line idles
+
+
+def test_agent_refuses_more_runs_than_its_progress_counts(host):
+    """RUN with 65535 warm-up runs and 1 timed: PROGRESS would wrap, so the agent refuses it (before the input
+    check: no input needed here)."""
+    import serial
+
+    _, agent = host
+    with agent_on_pty(agent) as (_, path), serial.Serial(path, timeout=0.1) as port:
+        port.write(encode(Msg.RUN, 5, struct.pack("<HH", 1, 0xFFFF)))
+        (f,) = _read_frames(port, 1)
+        assert (f.type, f.payload[0]) == (Msg.ERROR, Err.BAD_ARGS)
+        assert b"65535" in f.payload
+        port.write(encode(Msg.RUN, 6, struct.pack("<HH", 1, 0xFFFE)))
+        (f,) = _read_frames(port, 1)
+        assert (f.type, f.payload[0]) == (Msg.ERROR, Err.NO_INPUT)
+
+
+def test_agent_bounds_the_build_id_by_its_payload(host, tmp_path):
+    """An agent built with 64-byte frames for a package with a 60-character id: HELLO_OK carries the first 50
+    characters (64 - 14) and nothing is written past the frame buffer (the agent runs under ASan and UBSan)."""
+    import serial
+
+    build, _ = host
+    pkg = tmp_path / "pkg"
+    shutil.copytree(build.directory, pkg)
+    header = pkg / "net.h"
+    long_id = "f" * 60
+    header.write_text(re.sub(r'(#define NET_BUILD_ID ")[^"]*"', rf'\g<1>{long_id}"', header.read_text()))
+    agent = sanitized_agent(build, tmp_path / "agent", ["EP_MAX_PAYLOAD=64"], package=pkg)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr, agent_on_pty(agent, stderr=stderr, env=SANITIZER_ENV) as (proc, path), \
+            serial.Serial(path, timeout=0.1) as port:
+        port.write(encode(Msg.HELLO, 3))
+        got = _read_frames(port, 1)
+        alive = proc.poll() is None
+    assert sanitizer_report(log.read_text()) is None, log.read_text()
+    assert alive and len(got) == 1 and got[0].type == Msg.HELLO_OK
+    assert len(got[0].payload) == 64 and got[0].payload[13] == 50 and got[0].payload[14:] == b"f" * 50

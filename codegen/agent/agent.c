@@ -74,9 +74,12 @@ static void send_error(uint8_t seq, uint8_t code, const char *msg, const char *d
   send(EP_MSG_ERROR, seq, n);
 }
 
+/* The id's room in HELLO_OK: what the frame holds after the 14 bytes before it, and what its u8 length can say. */
+#define ID_ROOM (EP_MAX_PAYLOAD - 14 < 255 ? EP_MAX_PAYLOAD - 14 : 255)
+
 static void hello(uint8_t seq) {
   const char *id = PKG_BUILD_ID;
-  size_t n = strlen(id) > 255 ? 255 : strlen(id);
+  size_t n = strlen(id) > ID_ROOM ? ID_ROOM : strlen(id); /* a cut id does not match the host's: it refuses it */
   input_set = 0; /* a new session sends its input again */
   put16(TX_PAYLOAD, EP_PROTOCOL_VERSION);
   put16(TX_PAYLOAD + 2, EP_MAX_PAYLOAD);
@@ -114,6 +117,11 @@ static void run(uint8_t seq, const uint8_t *p, size_t len) {
   if (len != 4) { send_error(seq, EP_ERR_BAD_ARGS, "RUN takes runs and warmup", 0); return; }
   uint32_t runs = get16(p), warmup = get16(p + 2);
   if (runs == 0 || runs > MAX_RUNS) { send_error(seq, EP_ERR_BAD_ARGS, "RUN: runs must be 1..", decimal(MAX_RUNS)); return; }
+  /* PROGRESS counts runs in 16 bits: past that it would wrap, and the host takes only rising counts. */
+  if (runs + warmup > EP_MAX_RUN_TOTAL) {
+    send_error(seq, EP_ERR_BAD_ARGS, "RUN: runs + warmup must be at most ", decimal(EP_MAX_RUN_TOTAL));
+    return;
+  }
   if (input_set < INPUT_BYTES) { send_error(seq, EP_ERR_NO_INPUT, "RUN before the whole input was set", 0); return; }
   float since_beat = 0;
   for (uint32_t i = 0; i < warmup + runs && !link_lost; ++i) {
@@ -168,28 +176,51 @@ static void dispatch(uint8_t type, uint8_t seq, const uint8_t *p, size_t len) {
   }
 }
 
-/* One byte into the frame being received: hunt for the magic, read the header, then payload and CRC. */
-static void feed(uint8_t b) {
-  if (rx_len == 0 && b != EP_MAGIC0) return;
+/* One byte into the frame being received: hunt for the magic, read the header, then payload and CRC. Returns the
+ * length of a frame it rejected (its bytes stay at the start of rx for rescan), else 0. */
+static size_t feed(uint8_t b) {
+  if (rx_len == 0 && b != EP_MAGIC0) return 0;
   if (rx_len == 1 && b != EP_MAGIC1) {
     rx_len = b == EP_MAGIC0; /* this byte may start the real frame */
-    return;
+    return 0;
   }
   rx[rx_len++] = b;
-  if (rx_len < EP_HEADER_BYTES) return;
-  size_t len = get16(rx + 4);
+  if (rx_len < EP_HEADER_BYTES) return 0;
+  size_t len = get16(rx + 4), taken = rx_len;
   if (len > EP_MAX_PAYLOAD) {
-    rx_len = 0; /* hunt again from the next byte: its payload never fits, so do not wait for it */
+    rx_len = 0; /* its payload never fits, so do not wait for it */
     send_error(rx[3], EP_ERR_TOO_LONG, "frame longer than ", decimal(EP_MAX_PAYLOAD));
-    return;
+    return taken;
   }
-  if (rx_len < EP_HEADER_BYTES + len + EP_CRC_BYTES) return;
+  if (rx_len < EP_HEADER_BYTES + len + EP_CRC_BYTES) return 0;
   rx_len = 0;
   if (crc32(rx + 2, 4 + len) != get32(rx + EP_HEADER_BYTES + len)) {
     send_error(rx[3], EP_ERR_BAD_CRC, "bad CRC", 0);
-    return;
+    return taken;
   }
   dispatch(rx[2], rx[3], rx + EP_HEADER_BYTES, len);
+  return 0;
+}
+
+/* Hunt again through the first n bytes of rx, from the one after the magic, as the host's Decoder does: a damaged
+ * length may have swallowed the start of a good frame. In place: the frame being rebuilt at the start of rx never
+ * reaches the byte being replayed. A frame rejected during the replay is itself replayed, then the rest; each
+ * rejection shortens what is left by at least its magic byte, so this ends. */
+static void rescan(size_t n) {
+  size_t next = 1;
+  while (next < n && !link_lost) {
+    size_t rejected = feed(rx[next++]);
+    if (rejected) {
+      memmove(rx + rejected, rx + next, n - next);
+      n = rejected + (n - next);
+      next = 1;
+    }
+  }
+}
+
+static void take(uint8_t b) {
+  size_t rejected = feed(b);
+  if (rejected) rescan(rejected);
 }
 
 void ep_agent_serve(void) {
@@ -198,7 +229,11 @@ void ep_agent_serve(void) {
   while (!link_lost) {
     int n = ep_port_read(buf, sizeof buf);
     if (n < 0) return;
-    if (n == 0) rx_len = 0; /* idle line: whatever was half received will never be completed */
-    for (int i = 0; i < n && !link_lost; ++i) feed(buf[i]);
+    if (n == 0 && rx_len > 0) { /* idle line: the half received frame will never be completed, but it may */
+      size_t half = rx_len;    /* have swallowed a whole good one after a damaged length */
+      rx_len = 0;
+      rescan(half);
+    }
+    for (int i = 0; i < n && !link_lost; ++i) take(buf[i]);
   }
 }

@@ -15,15 +15,17 @@
  *                                                       u32 output bytes, u8 clock (EP_CLOCK_*), u8 n, n bytes id
  *   SET_INPUT   u32 offset, data           -> ACK       u32 offset + data length
  *   RUN         u16 runs, u16 warmup       -> PROGRESS  u16 runs done (warm-up included), every EP_HEARTBEAT_US
- *                                                       of runs, then
+ *               (runs + warmup at most                  of runs: rising, and below runs + warmup; then
+ *               EP_MAX_RUN_TOTAL)
  *                                             TIMES     u16 n, n x f32 microseconds (warm-up runs not included)
  *   GET_OUTPUT  u32 offset, u16 length     -> OUTPUT    u32 offset, data
  *   anything that fails                    -> ERROR     u8 code (EP_ERR_*), u8 seq of the frame it is about,
  *                                                       message (ASCII, at most EP_MAX_MESSAGE bytes)
  *
  * The agent hunts for the magic, so it resynchronises after noise. A frame with a bad CRC gets ERROR BAD_CRC; one
- * longer than EP_MAX_PAYLOAD gets ERROR TOO_LONG; in both cases the host resends (with a new seq) a bounded number
- * of times. Every request is idempotent, so a resend after a lost reply is harmless.
+ * longer than EP_MAX_PAYLOAD gets ERROR TOO_LONG; in both cases the agent hunts again through the rejected bytes
+ * (a good frame may start inside them) and the host resends (with a new seq) a bounded number of times. Every
+ * request is idempotent, so a resend after a lost reply is harmless.
  */
 #ifndef EP_PROTOCOL_H_
 #define EP_PROTOCOL_H_
@@ -42,6 +44,7 @@
 #error "EP_MAX_PAYLOAD must be within 64..4096 (the host accepts at most 4096)"
 #endif
 #define EP_MAX_MESSAGE 60
+#define EP_MAX_RUN_TOTAL 65535 /* runs + warmup of one RUN: what PROGRESS's u16 count can say */
 #ifndef EP_HEARTBEAT_US
 #define EP_HEARTBEAT_US 500000.0f /* the host restarts its per-run deadline on each PROGRESS */
 #endif
