@@ -300,3 +300,50 @@ def test_a_board_that_never_answers_fails_in_bounded_time(farm, builds, cli, tmp
     assert not list(tmp_path.glob(".table.json.*"))  # no temporary left behind either
     assert elapsed < 60, elapsed  # compiling 3 builds, then 2 attempts of 2 s
     print(f"mute board: measure failed after {measured:.1f} s, calibrate after {elapsed:.1f} s (compiling too)")
+
+
+# ---------------------------------------------------------------- servers that lie (issue 18)
+
+LIES = ("nan", "negative", "hang")
+
+
+@pytest.fixture(scope="module")
+def liars(tracker):
+    """Under the `tracker` fixture, one hostile_rpc_server.py per lie, each under key 'liar-<lie>'; yields the
+    tracker's port."""
+    script = Path(__file__).with_name("hostile_rpc_server.py")
+    servers = [subprocess.Popen([sys.executable, str(script), str(tracker), f"liar-{lie}", lie],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+               for lie in LIES]
+    try:
+        _wait_for_boards(tracker, {f"liar-{lie}": 1 for lie in LIES})
+        yield tracker
+    finally:
+        for p in servers:
+            _stop(p)
+
+
+@pytest.mark.parametrize("lie", ["nan", "negative"])
+def test_a_server_reporting_impossible_times_is_refused(liars, builds, cli, lie):
+    """NaN or negative seconds from the server never reach a Measurement: measure and check fail in one line."""
+    _, so, _ = builds
+    uri = f"rpc://127.0.0.1:{liars}/liar-{lie}"
+    rc, out, err = cli("measure", so.directory, "--device", uri, "--runs", "5", "--json")
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "impossible time", f"'liar-{lie}'", "run 1 of 5")
+    rc, out, err = cli("check", so.directory, "--device", uri, "--latency", "1s", "--runs", "5")
+    assert rc == 2 and "within the budget" not in out
+    assert_one_line_error(err, "impossible time")
+
+
+def test_a_session_that_never_ends_fails_in_bounded_time(liars, builds, cli, monkeypatch):
+    """A server whose timing never returns and which ignores the session timeout: given up after wait + timeout +
+    grace (0 + 1 + 1 s here), in one line."""
+    monkeypatch.setattr(devices, "CONNECT_GRACE", 1.0)
+    _, so, _ = builds
+    t0 = time.monotonic()
+    rc, _, err = cli("measure", so.directory, "--device", f"rpc://127.0.0.1:{liars}/liar-hang?wait=0&timeout=1")
+    elapsed = time.monotonic() - t0
+    assert rc == 2
+    assert_one_line_error(err, "did not answer within 2 s", "'liar-hang'")
+    assert elapsed < 8, elapsed

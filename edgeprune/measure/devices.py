@@ -12,6 +12,7 @@ Every device runs a build on inputs and measures it; a Measurement says whether 
 from __future__ import annotations
 
 import gc
+import math
 import re
 import threading
 import time
@@ -136,7 +137,7 @@ class RpcDevice(Device):
             socket.create_connection((self.host, self.port), timeout=5).close()
             return tvm.rpc.connect_tracker(self.host, self.port)
         except Exception as e:  # noqa: BLE001 - socket errors of all kinds
-            raise UserError(f"cannot reach the RPC tracker at {self.host}:{self.port} ({_line(e)}); "
+            raise UserError(f"cannot reach the RPC tracker at {self.host}:{self.port} ({self._said(e)}); "
                             "check that it runs and the address") from None
 
     def boards(self) -> int:
@@ -174,7 +175,7 @@ class RpcDevice(Device):
             return tracker.request(self.key, priority=1, session_timeout=self.timeout, max_retry=2)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"no board under key '{self.key}' answered the tracker at {self.host}:{self.port} "
-                            f"({_line(e)})") from None
+                            f"({self._said(e)})") from None
 
     def _bounded(self, work: Callable[[], T]) -> T:
         """`work` (a whole session: request, upload, run) in a daemon thread, given up after the bound.
@@ -214,8 +215,8 @@ class RpcDevice(Device):
             remote.upload(str(lib))
             vm = relax.VirtualMachine(remote.load_module(lib.name), remote.cpu())
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"the board under '{self.key}' could not load {lib.name} ({_line(e)}); is it built for "
-                            f"that board's target? ({build.target})") from None
+            raise UserError(f"the board under '{self.key}' could not load {lib.name} ({self._said(e)}); is it "
+                            f"built for that board's target? ({build.target})") from None
         return remote, vm
 
     def _args(self, remote, build: Build, inputs: list[np.ndarray]):
@@ -250,12 +251,44 @@ class RpcDevice(Device):
                 vm.time_evaluator("main", remote.cpu(), number=warmup, repeat=1)(*args)
             result = vm.time_evaluator("main", remote.cpu(), number=1, repeat=runs)(*args)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"the board under '{self.key}' failed while measuring ({_line(e)})") from None
+            raise UserError(f"the board under '{self.key}' failed while measuring ({self._said(e)})") from None
         finally:
             del vm, remote, args
             gc.collect()
-        return Measurement(device=self.uri, target=build.target, runs_ms=[t * 1e3 for t in result.results],
+        return Measurement(device=self.uri, target=build.target, runs_ms=self._times_ms(result.results, runs),
                            threads=threads or 0)
+
+    def _times_ms(self, seconds: list[float], runs: int) -> list[float]:
+        """The server's times in ms, refused unless there is one per run and each is finite and positive."""
+        source = f"the board under '{self.key}' at the tracker {self.host}:{self.port}"
+        if len(seconds) != runs:
+            raise UserError(f"{source} reported {len(seconds)} times for {runs} runs; check its rpc_server")
+        checked = checked_times(list(seconds), "s", source, "check its rpc_server, its TVM version and its clock")
+        return [t * 1e3 for t in checked]
+
+    @staticmethod
+    def _said(e: BaseException) -> str:
+        """An error the server sent, as one short printable line (it may carry the board's own text)."""
+        return device_text(_line(e))
+
+
+def device_text(text: bytes | str, limit: int = 160) -> str:
+    """Text a board or server sent (an error, a build id), made safe for one terminal line: printable ASCII only,
+    anything else as '?' (no newlines, no escape codes), and at most `limit` characters."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+
+
+def checked_times(times: list[float], unit: str, source: str, advice: str) -> list[float]:
+    """`times` as a device reported them, refused unless every one is finite and positive: a NaN, infinite, zero
+    or negative time would give a NaN or negative median, invalid JSON and a `check` that could pass."""
+    for i, t in enumerate(times):
+        if not (math.isfinite(t) and t > 0):
+            raise UserError(f"{source} reported an impossible time ({t:g} {unit} for run {i + 1} of {len(times)}); "
+                            f"{advice}")
+    return list(times)
 
 
 def parse_rpc_uri(uri: str) -> RpcDevice | None:
