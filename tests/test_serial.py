@@ -24,6 +24,11 @@ from helpers import assert_close, assert_one_line_error
 from serial_helpers import (
     SANITIZER_ENV,
     agent_on_pty,
+    error,
+    fake_board,
+    frame,
+    hello_ok,
+    progress,
     sanitized_agent,
     sanitizer_report,
 )
@@ -306,6 +311,161 @@ def test_wrong_firmware_is_refused(net, host, cli, tmp_path):
         assert rc == 2
         assert_one_line_error(err, f"runs build {theirs}", f"PKG={build.directory}", "flash")
         assert SerialDevice(path).run(other, [x1.numpy()])[0].shape == tuple(other.outputs[0].shape)
+
+
+# ---------------------------------------------------------------- hostile boards (issue 18)
+
+
+def _stream(make, seconds: float = 6.0, every: float = 0.2):
+    """make(0), a pause, make(1), ... for `seconds`: a board that keeps talking (bounded, so that a host that would
+    wait forever fails the test's time bound instead of hanging it)."""
+    for k in range(int(seconds / every)):
+        yield make(k)
+        yield every
+
+
+def _timed(fn, *args, **kwargs):
+    t0 = time.monotonic()
+    try:
+        fn(*args, **kwargs)
+    except UserError as e:
+        return str(e), time.monotonic() - t0
+    pytest.fail("no UserError")
+
+
+def test_progress_does_not_hold_other_requests(host):
+    """A board that answers HELLO with PROGRESS every 0.2 s: PROGRESS belongs to RUN, so HELLO still times out."""
+    build, _ = host
+
+    def answer(board, f):
+        return _stream(lambda k: progress(f.seq, 1)) if f.type == Msg.HELLO else None
+
+    with fake_board(build, answer) as board:
+        err, elapsed = _timed(SerialDevice(board.path, timeout=0.5, retries=1).measure, build, runs=3, warmup=0)
+    assert "no answer from the board" in err and "to HELLO within 0.5 s (2 tries)" in err
+    assert elapsed < 2.5, elapsed
+
+
+@pytest.mark.parametrize("counts", ["repeated", "past the runs"])
+def test_progress_holds_a_run_only_while_its_count_rises_within_the_runs(host, counts):
+    """PROGRESS(1) again and again, or 1, 2, 3, ... past the 3 runs asked for: neither keeps RUN waiting."""
+    build, _ = host
+    count = (lambda k: 1) if counts == "repeated" else (lambda k: k + 1)
+
+    def answer(board, f):
+        return _stream(lambda k: progress(f.seq, count(k))) if f.type == Msg.RUN else None
+
+    with fake_board(build, answer) as board:
+        dev = SerialDevice(board.path, timeout=0.5, run_timeout=0.5, retries=1)
+        err, elapsed = _timed(dev.measure, build, runs=3, warmup=0)
+    assert "to RUN within 1 s (2 tries)" in err
+    assert elapsed < 4, elapsed
+
+
+def test_a_run_has_an_overall_cap(host):
+    """Counts that rise within the 33 runs, one every 0.2 s, would hold RUN 6.4 s: it ends at its cap,
+    timeout + 33 x run_timeout = 2.15 s, without a resend."""
+    build, _ = host
+
+    def answer(board, f):
+        return _stream(lambda k: progress(f.seq, k + 1), seconds=6.4) if f.type == Msg.RUN else None
+
+    with fake_board(build, answer) as board:
+        dev = SerialDevice(board.path, timeout=0.5, run_timeout=0.05, retries=1)
+        err, elapsed = _timed(dev.measure, build, runs=3, warmup=30)
+        runs_sent = sum(f.type == Msg.RUN for f in board.requests)
+    assert f"the board at {board.path} did not finish RUN within 2.15 s" in err
+    assert 2.1 < elapsed < 4, elapsed
+    assert runs_sent == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), -5.0, float("inf"), 0.0])
+def test_impossible_times_are_refused(host, cli, value):
+    """NaN, negative, infinite or zero microseconds never reach a Measurement: measure and check fail in one line."""
+    build, _ = host
+    with fake_board(build, time_us=value) as board:
+        err, _ = _timed(SerialDevice(board.path).measure, build, runs=3, warmup=0)
+        assert "reported an impossible time" in err
+        rc, out, err = cli("measure", build.directory, "--device", f"serial://{board.path}", "--runs", "3", "--json")
+        assert rc == 2 and out == ""
+        assert_one_line_error(err, "impossible time", f"{value:g} us")
+        rc, _, err = cli("check", build.directory, "--device", f"serial://{board.path}", "--latency", "1s",
+                         "--runs", "3")
+        assert rc == 2
+        assert_one_line_error(err, "impossible time")
+
+
+def test_errors_about_other_frames_do_not_use_up_the_retries(host):
+    """A session opened behind 20 RUN replies and 4 BAD_CRC errors for frames that are not its own: the errors
+    are not about its HELLO, which is answered after them."""
+    build, _ = host
+
+    def backlog(seq):
+        for k in range(20):
+            yield frame(Msg.TIMES, seq + 100 + k, struct.pack("<Hf", 1, 100.0))
+            yield 0.02
+            if k % 5 == 4:
+                yield error(seq + 60 + k, Err.BAD_CRC, b"bad CRC")
+        yield hello_ok(build, seq)
+
+    def answer(board, f):
+        return backlog(f.seq) if f.type == Msg.HELLO and len(board.requests) == 1 else None
+
+    with fake_board(build, answer) as board:
+        m = SerialDevice(board.path, timeout=2).measure(build, runs=3, warmup=0)
+        assert m.runs_ms == [0.1] * 3
+        assert sum(f.type == Msg.HELLO for f in board.requests) == 1
+
+
+def test_an_error_about_another_seq_then_silence_resends_at_once(host):
+    """Our HELLO's seq byte damaged on the way: the agent's BAD_CRC names another seq, and nothing else comes. Once
+    the line is quiet, that error is taken as ours and HELLO is resent, well before the 5 s timeout."""
+    build, _ = host
+
+    def answer(board, f):
+        if f.type == Msg.HELLO and len(board.requests) == 1:
+            return [error(f.seq ^ 0x80, Err.BAD_CRC, b"bad CRC")]
+        return None
+
+    with fake_board(build, answer) as board:
+        t0 = time.monotonic()
+        SerialDevice(board.path, timeout=5).measure(build, runs=3, warmup=0)
+        assert time.monotonic() - t0 < 2.5
+        assert sum(f.type == Msg.HELLO for f in board.requests) == 2
+
+
+def test_device_text_is_one_printable_line(host, cli):
+    """A 3 KB refusal with newlines and terminal escapes, and a build id with a newline: one short line each."""
+    build, _ = host
+    rude = b"no\nTraceback (most recent call last):\n\x1b[2J" + b"x" * 3000
+
+    def refuse(board, f):
+        return [error(f.seq, Err.BAD_ARGS, rude)] if f.type == Msg.HELLO else None
+
+    def odd_id(board, f):
+        return [hello_ok(build, f.seq, build_id=b"abc\nTraceback\x1b[2J")] if f.type == Msg.HELLO else None
+
+    for answer, needle in ((refuse, "refused HELLO: no?Traceback (most recent call last):??[2Jxxx"),
+                           (odd_id, "runs build abc?Traceback?[2J, not")):
+        with fake_board(build, answer) as board:
+            rc, _, err = cli("measure", build.directory, "--device", f"serial://{board.path}")
+        assert rc == 2
+        # assert_one_line_error would refuse the board's own word "Traceback": the checks here are the same.
+        (line,) = err.splitlines()
+        assert line.startswith("edgeprune: error: ") and needle in line, line
+        assert "\x1b" not in err and len(line) < 400, line
+
+
+def test_warmup_and_runs_of_one_request_fit_the_progress_counter(host):
+    """PROGRESS counts runs in 16 bits: no RUN asks for more than 65535 runs in all."""
+    build, _ = host
+    with fake_board(build) as board:
+        SerialDevice(board.path).measure(build, runs=600, warmup=65534)
+        asked = [struct.unpack("<HH", f.payload) for f in board.requests if f.type == Msg.RUN]
+    assert all(runs + warmup <= 0xFFFF for runs, warmup in asked), asked
+    assert sum(runs for runs, _ in asked) == 600
+    with pytest.raises(UserError, match="at most 65534 warm-up runs"):
+        SerialDevice("/dev/null").measure(build, runs=3, warmup=65535)
 
 
 # ---------------------------------------------------------------- the agent's own defences (issue 18)

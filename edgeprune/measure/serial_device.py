@@ -28,13 +28,15 @@ from ..artifacts import Build, Measurement
 from ..errors import UserError
 from ..resources import shipped
 from ..targets import get_target
-from .devices import Device, _line
+from .devices import Device, _line, checked_times, device_text
 from .package import check_inputs
 from .serial_protocol import PROTOCOL_VERSION, BadFrame, Decoder, Err, Frame, Msg, encode
 
 PREFIX = "serial://"
 AGENT_DIR = shipped("codegen/agent")  # the repository's codegen/agent, or an install's copy of it
 POLL_S = 0.05  # one blocking read; deadlines are checked between reads
+QUIET_S = 0.5  # a line silent this long after an error about another frame: that error was about ours
+MAX_RUN_TOTAL = 0xFFFF  # runs + warmup of one RUN: what PROGRESS's u16 count can say (protocol.h)
 HELLO_OK = struct.Struct("<HHIIBB")  # version, max payload, input bytes, output bytes, clock, id length
 
 
@@ -73,14 +75,16 @@ class SerialDevice(Device):
                 layers: bool = True) -> Measurement:
         from .local import random_inputs
 
-        if warmup > 0xFFFF:
-            raise UserError(f"a serial board takes at most {0xFFFF} warm-up runs, got {warmup}")
+        if warmup >= MAX_RUN_TOTAL:  # the warm-up runs go with the first batch, which has at least one run
+            raise UserError(f"a serial board takes at most {MAX_RUN_TOTAL - 1} warm-up runs, got {warmup}")
         times_us: list[float] = []
         with self._connect(build) as (link, hello):
             link.set_input(_le_f32(random_inputs(build)[0]), hello)
             per_request = (hello.max_payload - 2) // 4  # one TIMES reply holds a batch
             while len(times_us) < runs:
-                times_us += link.run(min(per_request, runs - len(times_us)), warmup if not times_us else 0)
+                first = not times_us
+                batch = min(per_request, runs - len(times_us), MAX_RUN_TOTAL - (warmup if first else 0))
+                times_us += link.run(batch, warmup if first else 0)
         # Layers are not timed one by one on a board: the package runs as one call.
         return Measurement(device=self.uri, target=build.target, runs_ms=[t / 1e3 for t in times_us], threads=1)
 
@@ -110,6 +114,32 @@ class SerialDevice(Device):
             port.close()
 
 
+@dataclass(frozen=True)
+class _Wait:
+    """How long one attempt at a request waits: `wait` s of silence; for a RUN of `runs` runs in all, PROGRESS
+    restarts that wait, up to `cap` s in all."""
+
+    wait: float
+    runs: int = 0
+    cap: float = 0.0
+
+
+def _damage(f: Frame | BadFrame) -> str | None:
+    """Why a frame says something arrived damaged: our request ("damaged request", the agent's BAD_CRC or TOO_LONG)
+    or its reply ("damaged reply"); None for an intact frame."""
+    if isinstance(f, BadFrame):
+        return "damaged reply"
+    if f.type == Msg.ERROR and f.payload[:1] in (bytes([Err.BAD_CRC]), bytes([Err.TOO_LONG])):
+        return "damaged request"
+    return None
+
+
+def _progresses(payload: bytes, done: int, runs: int) -> bool:
+    """A PROGRESS payload that moves a RUN of `runs` runs in all on from `done`: the agent counts strictly up and
+    never reaches `runs` (TIMES reports the last run). For any other request `runs` is 0: nothing progresses."""
+    return len(payload) == 2 and done < struct.unpack("<H", payload)[0] < runs
+
+
 class _Link:
     """Requests over one open port: each resent with a new sequence number after a damaged frame or silence, at
     most `retries` times; replies to earlier attempts are recognised by their sequence number and dropped."""
@@ -119,6 +149,7 @@ class _Link:
         self.decoder = Decoder()
         self.pending: list[Frame | BadFrame] = []
         self.seq = int.from_bytes(os.urandom(1), "little")  # unlike any seq a previous session left in flight
+        self.line_active = time.monotonic()  # when a byte last went either way
 
     def hello(self, build: Build) -> Hello:
         p = self.request(Msg.HELLO, b"", Msg.HELLO_OK, "HELLO")
@@ -127,18 +158,23 @@ class _Link:
                             "edgeprune agent")
         *fields, n = HELLO_OK.unpack_from(p)
         hello = Hello(*fields, build_id=p[HELLO_OK.size: HELLO_OK.size + n].decode("ascii", "replace"))
+        self._check_hello(hello, build)
+        return hello
+
+    def _check_hello(self, hello: Hello, build: Build) -> None:
+        """Refuse an agent of another protocol, another package, or sizes that do not fit the build."""
         want = package_build_id(build)
         flash = f"build its agent with: make -f {AGENT_DIR / 'Makefile'} PKG={build.directory}, and flash or start it"
         if hello.version != PROTOCOL_VERSION:
             raise UserError(f"the agent at {self.dev.path} speaks protocol {hello.version}, this edgeprune "
                             f"{PROTOCOL_VERSION}; {flash}")
         if hello.build_id != want:
-            raise UserError(f"the board at {self.dev.path} runs build {hello.build_id}, not {build.directory} "
+            theirs = device_text(hello.build_id, 80)  # the board's text: no newline or escape code reaches stderr
+            raise UserError(f"the board at {self.dev.path} runs build {theirs}, not {build.directory} "
                             f"(build {want}); {flash}")
         if hello.input_bytes != _nbytes(build.inputs[0].shape) or hello.output_bytes != _nbytes(
                 build.outputs[0].shape) or not 64 <= hello.max_payload <= 4096:
             raise UserError(f"the agent at {self.dev.path} announces sizes that do not fit {build.directory}; {flash}")
-        return hello
 
     def set_input(self, data: bytes, hello: Hello) -> None:
         chunk = hello.max_payload - 4
@@ -149,12 +185,17 @@ class _Link:
                 raise UserError(f"the agent at {self.dev.path} acknowledged the wrong input chunk; reset the board")
 
     def run(self, runs: int, warmup: int) -> list[float]:
-        """Microseconds of each of `runs` runs after `warmup` untimed ones."""
+        """Microseconds of each of `runs` runs after `warmup` untimed ones, each finite and positive."""
+        # PROGRESS restarts the wait for the next runs; the whole RUN may take what its runs may take, no more.
+        total = runs + warmup
+        cap = self.dev.timeout + total * self.dev.run_timeout
         p = self.request(Msg.RUN, struct.pack("<HH", runs, warmup), Msg.TIMES, "RUN",
-                         self.dev.timeout + self.dev.run_timeout)
+                         self.dev.timeout + self.dev.run_timeout, runs=total, cap=cap)
         if len(p) != 2 + 4 * runs or struct.unpack_from("<H", p)[0] != runs:
             raise UserError(f"the agent at {self.dev.path} reported {len(p) // 4} times for {runs} runs")
-        return list(struct.unpack_from(f"<{runs}f", p, 2))
+        return checked_times(list(struct.unpack_from(f"<{runs}f", p, 2)), "us", f"the agent at {self.dev.path}",
+                             "its clock is broken or it is not this edgeprune's agent: reset the board, rebuild "
+                             "the agent and retry")
 
     def get_output(self, hello: Hello) -> bytes:
         out, chunk = bytearray(), hello.max_payload - 4
@@ -166,13 +207,16 @@ class _Link:
             out += p[4:]
         return bytes(out)
 
-    def request(self, msg: Msg, payload: bytes, expect: Msg, what: str, wait: float | None = None) -> bytes:
+    def request(self, msg: Msg, payload: bytes, expect: Msg, what: str, wait: float | None = None,
+                runs: int = 0, cap: float | None = None) -> bytes:
+        """The payload of the `expect` reply to `msg`, resent after damage or `wait` s of silence. Only a RUN (`runs`
+        runs in all) may be held longer, by PROGRESS, and never past `cap` s."""
         wait = self.dev.timeout if wait is None else wait
         faults = []
         for _ in range(self.dev.retries + 1):
             self.seq = (self.seq + 1) & 0xFF
             self._write(encode(msg, self.seq, payload), what)
-            reply = self._await(self.seq, expect, what, wait)
+            reply = self._await(self.seq, expect, what, _Wait(wait, runs, cap or wait))
             if isinstance(reply, bytes):
                 return reply
             faults.append(reply)
@@ -184,20 +228,31 @@ class _Link:
                         f"({', '.join(sorted(set(faults)))}; {tries} tries); check the baud rate ({self.dev.baud}) "
                         "and the cable")
 
-    def _await(self, seq: int, expect: Msg, what: str, wait: float) -> bytes | str:
-        """The reply's payload, or why to resend: "no answer", "damaged reply", "damaged request"."""
-        deadline = time.monotonic() + wait
+    def _await(self, seq: int, expect: Msg, what: str, w: _Wait) -> bytes | str:
+        """The reply's payload, or why to resend: "no answer", "damaged reply", "damaged request".
+
+        Damage reported about another seq (a BAD_CRC for a frame queued ahead of ours, a garbled stale reply) is
+        not ours, unless the damage hit the seq byte itself: so it counts only if the line then goes quiet with no
+        reply to us. A RUN may be legitimately quiet for a whole inference, so for it quiet means its full wait.
+        """
+        start = time.monotonic()
+        deadline, done, suspect = start + w.wait, 0, None
+        quiet = w.wait if w.runs else min(QUIET_S, w.wait / 2)
         while True:
             while self.pending:
                 f = self.pending.pop(0)
-                if isinstance(f, BadFrame):
-                    return "damaged reply"
-                if f.type == Msg.ERROR and f.payload[:1] in (bytes([Err.BAD_CRC]), bytes([Err.TOO_LONG])):
-                    return "damaged request"  # its seq may be the damaged byte: any such error is about ours
-                if f.seq != seq:
-                    continue  # a late reply to an earlier attempt
+                damage = _damage(f)
+                if damage and f.seq == seq:
+                    return damage
+                if damage or f.seq != seq:
+                    suspect = damage or suspect  # else a late reply to an earlier attempt
+                    continue
                 if f.type == Msg.PROGRESS:
-                    deadline = time.monotonic() + wait  # runs are progressing (sent every 0.5 s of runs)
+                    if not _progresses(f.payload, done, w.runs):
+                        continue  # not a RUN, or a count that does not rise within its runs: no more time
+                    done = struct.unpack("<H", f.payload)[0]
+                    deadline = min(time.monotonic() + w.wait, start + w.cap)
+                    suspect = None  # the board is running our RUN: it got it intact
                 elif f.type == Msg.ERROR:
                     raise UserError(self._refusal(f, what))
                 elif f.type != expect:
@@ -205,27 +260,41 @@ class _Link:
                                     f"0x{f.type:02x}; it does not run this edgeprune's agent")
                 else:
                     return f.payload
-            if time.monotonic() >= deadline:
-                return "no answer"
+            now = time.monotonic()
+            if suspect and now - self.line_active >= quiet:
+                return suspect
+            if now >= deadline:
+                if done and now - start >= w.cap:
+                    raise UserError(self._overran(what, w))
+                return suspect or "no answer"
             self.pending += self.decoder.feed(self._read(what))
 
+    def _overran(self, what: str, w: _Wait) -> str:
+        return (f"the board at {self.dev.path} did not finish {what} within {w.cap:g} s ({w.runs} runs of at most "
+                f"{self.dev.run_timeout:g} s each), though it kept reporting progress; reset the board and retry")
+
     def _refusal(self, f: Frame, what: str) -> str:
-        code, text = (f.payload[0] if f.payload else 0), f.payload[2:].decode("ascii", "replace")
+        code, text = (f.payload[0] if f.payload else 0), device_text(f.payload[2:], limit=80)
         if code == Err.MODEL_FAILED:
             return f"the model failed on the board at {self.dev.path}: {text}"
         return f"the agent at {self.dev.path} refused {what}: {text} (error {code})"
 
     def _read(self, what: str) -> bytes:
         try:
-            return self.port.read(max(1, self.port.in_waiting))  # returns at once when bytes are waiting
+            data = self.port.read(max(1, self.port.in_waiting))  # returns at once when bytes are waiting
         except OSError as e:  # pyserial's SerialException too: EIO once the other end of the line is gone
             raise UserError(self._lost(what, e)) from None
+        if data:
+            self.line_active = time.monotonic()
+        return data
 
     def _write(self, data: bytes, what: str) -> None:
         import serial
 
         try:
             self.port.write(data)
+            # No reply can come before the frame is on the wire: the line counts as busy until then.
+            self.line_active = time.monotonic() + len(data) * 10 / self.dev.baud
         except serial.SerialTimeoutException:
             raise UserError(f"the board at {self.dev.path} takes no data (writing {what} timed out after "
                             f"{self.dev.timeout:g} s); reset it and check the flow control") from None
