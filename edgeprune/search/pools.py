@@ -91,3 +91,13 @@ class Pools:
     def top(self, bucket: int, k: int) -> list[tuple]:
         pool = self.pools[bucket]
         return sorted(pool, key=pool.get, reverse=True)[:k]
+
+    def state(self) -> dict:
+        """Pools and marginals as plain lists (a checkpoint loads them with torch.load(weights_only=True)); the
+        order of each pool is kept, since sampling from a pool and eviction depend on it."""
+        return {"pools": [[[list(g), float(v)] for g, v in pool.items()] for pool in self.pools],
+                "marginals": [[m.tolist() for m in per] for per in self.marginals]}
+
+    def load_state(self, state: dict) -> None:
+        self.pools = [{tuple(int(v) for v in g): float(s) for g, s in pool} for pool in state["pools"]]
+        self.marginals = [[np.array(m, dtype=np.float64) for m in per] for per in state["marginals"]]

@@ -95,6 +95,10 @@ class Supernet(nn.Module):
         self.last = ElasticConv(STAGES[-1][0], LAST)
         self.last_bn = ElasticBN(LAST)
         self.classifier = nn.Linear(LAST, num_classes)
+        with torch.no_grad():  # BigNAS: every residual block starts as the identity, so at the start a shallow
+            for stage in self.stages:  # subnet computes what a deep one does and sandwich training starts stable
+                for block in stage[1:]:
+                    block.bn2.weight.zero_()
 
     def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         x = F.relu6(self.stem_bn(self.stem(x, arch.stem)))
@@ -109,18 +113,25 @@ class Supernet(nn.Module):
         return Space().largest()
 
     @torch.no_grad()
-    def sort_channels(self) -> None:
+    def sort_channels(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Put each block's most important expanded channels first (L1 norm of the projection's weights over them),
-        so that narrower subnets keep the channels that matter: done before each width phase (OFA)."""
+        so that narrower subnets keep the channels that matter: done before each width phase (OFA). The optimizer's
+        per-element state (Adam's moments) is permuted with the weights, or it would steer the wrong channels."""
+
+        def permute(t: torch.Tensor, order: torch.Tensor, dim: int = 0) -> None:
+            state = optimizer.state.get(t, {}) if optimizer is not None and isinstance(t, nn.Parameter) else {}
+            for u in (t, *(v for v in state.values() if torch.is_tensor(v) and v.shape == t.shape)):
+                u.copy_(u.index_select(dim, order))
+
         for stage in self.stages:
             for block in stage:
                 order = block.project.weight.abs().sum(dim=(0, 2, 3)).argsort(descending=True)
-                block.expand.weight.copy_(block.expand.weight[order])
-                block.depthwise.weight.copy_(block.depthwise.weight[order])
-                block.project.weight.copy_(block.project.weight[:, order])
+                permute(block.expand.weight, order)
+                permute(block.depthwise.weight, order)
+                permute(block.project.weight, order, 1)
                 for bn in (block.bn0, block.bn1):
                     for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
-                        t.copy_(t[order])
+                        permute(t, order)
 
 
 # ---------------------------------------------------------------- static subnets
