@@ -262,13 +262,15 @@ def cmd_predict(args) -> int:
     build = api.load(args.build)
     table = load_table(args.table) if args.table else None
     p = model_for(get_target(build.target), table).predict(build.layers)
-    report = {"predicted_ms": round(p.ms, 4), "source": p.source, "kernels_by_source": p.sources,
-              "table": args.table}
+    report = {"predicted_ms": round(p.ms, 4), "band_ms": [round(v, 4) for v in p.band_ms], "source": p.source,
+              "kernels_by_source": p.sources, "table": args.table}
     if args.json:
         print(json.dumps(report))
     else:
-        note = "" if args.table else " (no table: the target's roofline prior, not a measurement)"
-        print(f"{build.directory}: predicted {p.ms:.3f} ms on {build.target} from {p.source}{note}")
+        note = "" if args.table else " (no table: the target's prior, not a measurement)"
+        lo, hi = p.band_ms
+        band = f"; boards of this core: {lo:.3f}-{hi:.3f} ms" if hi > lo else ""
+        print(f"{build.directory}: predicted {p.ms:.3f} ms on {build.target} from {p.source}{note}{band}")
     return 0
 
 
@@ -280,6 +282,7 @@ def cmd_build(args) -> int:
         report = api.build(args.target, args.latency, out, device=args.device, data=args.data,
                            supernet=args.supernet, table=args.table, rounds=args.rounds, format=args.format,
                            runs=args.runs, statistic="median" if args.median else "p90", seed=args.seed,
+                           finetune_steps=args.finetune_steps, optimistic=args.optimistic,
                            quiet=args.quiet or args.json)
     except BudgetError as e:
         print(f"edgeprune: {e}", file=sys.stderr)
@@ -288,12 +291,15 @@ def cmd_build(args) -> int:
     if args.json:
         print(json.dumps(report))
     else:
+        lo, hi = lat["band_ms"]
+        band = f" (boards of this core: {lo:.3g}-{hi:.3g} ms; judged at the {lat['judged']})" if hi > lo else ""
         how = (f"measured {report['statistic']} {lat['measured_ms']:.3f} ms on {report['device']}"
                if lat["measured_ms"] is not None else
-               f"predicted {lat['predicted_ms']:.3f} ms from the {lat['predicted_source']} model (no device attached: "
-               "not measured)")
+               f"predicted {lat['predicted_ms']:.3f} ms from the {lat['predicted_source']} model{band} (no device "
+               "attached: not measured)")
         print(f"{out}: {how}; budget {report['budget_ms']:g} ms {'met' if report['met'] else 'MISSED'}")
-        print(f"  test accuracy {acc['test']:.1%} (unpruned {acc['unpruned_test']:.1%}), "
+        print(f"  test accuracy {acc['test']:.1%} after {acc['finetune_steps']} fine-tuning steps (before "
+              f"{acc['before_finetune']['test']:.1%}; unpruned {acc['unpruned_test']:.1%}), "
               f"{report['macs'] / 1e6:.1f}M MACs, {report['parameters'] / 1e6:.2f}M parameters, "
               f"{report['architecture']['resolution']} px")
         print(f"  report: {out / 'report.html'}")
@@ -365,6 +371,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("so", "c"), help="output format (default: the target's)")
     s.add_argument("--runs", type=_at_least(3), default=50, help="timed runs per measurement (default: 50)")
     s.add_argument("--median", action="store_true", help="judge the median instead of the p90")
+    s.add_argument("--optimistic", action="store_true",
+                   help="with no device, judge the prior's centre, not the slow edge of its band (boards of one core "
+                        "differ by ~1.5x)")
+    s.add_argument("--finetune-steps", type=_at_least(0), default=300,
+                   help="steps fine-tuning the chosen subnet, distilled from the largest (default: 300; 0: none)")
     s.add_argument("--seed", type=int, default=0, help="data split seed")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress lines")

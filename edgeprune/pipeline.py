@@ -32,6 +32,8 @@ SUPERNET = Path(__file__).parent / "search" / "assets" / "supernet-digit-scenes.
 # With a device, aim below the budget: predictions are off by 10-20% and measurements jitter. After a miss the model
 # is refitted on the measurement, and the aim comes down a little more.
 MARGIN = 0.9
+# Fine-tuning the chosen subnet (search.finetune): about a minute on 2 cores, so `make demo` stays well under 10.
+FINETUNE_STEPS = 300
 
 
 @contextlib.contextmanager
@@ -66,6 +68,8 @@ class Request:
     statistic: str = "p90"  # or "median": what must be within budget, as in `edgeprune check`
     seed: int = 0
     quiet: bool = False
+    finetune_steps: int = FINETUNE_STEPS
+    optimistic: bool = False  # with no device, judge the prior's centre instead of its band's upper edge
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Round:
     predicted_source: str
     measured_ms: float | None = None
     measurement: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)  # steps, accuracy before and after
 
 
 def _log(req: Request, msg: str) -> None:
@@ -145,6 +150,7 @@ def run(req: Request) -> dict:
     from .cost import model_for
     from .measure.devices import get_device
     from .search.evaluate import accuracy, subnet
+    from .search.finetune import before_after
     from .search.select import network_of, search
     from .search.train import load
     from .targets import get_target
@@ -163,11 +169,17 @@ def run(req: Request) -> dict:
         raise UserError(f"the supernet was trained on {ckpt['dataset']} ({ckpt['num_classes']} classes), the data "
                         f"has {len(ds.classes)}; train one on it: edgeprune train-supernet --data ... -o FILE")
     resolutions = tuple(ckpt["space"]["resolutions"])
+    largest = S.Space(resolutions=resolutions).largest(max(resolutions))
+    teacher = subnet(supernet, largest, ds.train[0])  # the fine-tune's teacher, and the report's unpruned network
     times["load"] = time.perf_counter() - t0
     stage = _prepare_out(req.out)
     rounds: list[Round] = []
     evaluated = 0
-    aim = req.budget_ms * (MARGIN if device is not None else 1.0)
+    # With no device the prior stands, and boards of one core spread around it (the target's band): a build is judged
+    # at the band's slow edge, so a board at that edge still meets the budget, unless the user asks for the centre.
+    band = (1.0, 1.0) if table.entries else (target.prior_band[0], target.prior_band[-1])
+    edge = band[1] if device is None and not req.optimistic else 1.0
+    aim = req.budget_ms * MARGIN if device is not None else req.budget_ms / edge
     try:
         for r in range(req.rounds):
             t = time.perf_counter()
@@ -184,6 +196,15 @@ def run(req: Request) -> dict:
             t = time.perf_counter()
             network = network_of(supernet, best.arch, ds.train[0], predicted_ms=best.predicted_ms,
                                  accuracy=best.val_accuracy)
+            with progress_bar(req.finetune_steps, "fine-tune", quiet=req.quiet) as bar:
+                network.module, tuned = before_after(network.module, best.arch.resolution, teacher,
+                                                     largest.resolution, ds, req.finetune_steps, req.seed, bar)
+            network.accuracy = tuned["after"]["val"]
+            rounds[-1].finetune = tuned
+            _log(req, f"  fine-tuned {req.finetune_steps} steps: val accuracy {tuned['before']['val']:.1%} -> "
+                      f"{tuned['after']['val']:.1%}")
+            times[f"finetune_{r + 1}"] = time.perf_counter() - t
+            t = time.perf_counter()
             done = realize(network, target, stage / "build", device, table, table_path, req.runs, req.statistic,
                            req.fmt)
             times[f"compile_{r + 1}"] = time.perf_counter() - t
@@ -199,13 +220,12 @@ def run(req: Request) -> dict:
             aim *= 0.95  # the refitted model carries the correction; a little more room for jitter
         final = rounds[-1]
         met = final.measured_ms <= req.budget_ms if final.measured_ms is not None else \
-            final.candidate.predicted_ms <= req.budget_ms
+            final.candidate.predicted_ms * edge <= req.budget_ms
         t = time.perf_counter()
         net = network.module
         shutil.copy2(stage / "build" / "model.onnx", stage / "model.onnx")
         torch.save(net.state_dict(), stage / "weights.pt")
-        largest = S.Space(resolutions=resolutions).largest(max(resolutions))
-        big = subnet(supernet, largest, ds.train[0])
+        big = teacher
         report = {
             "target": target.name, "device": device.uri if device else None, "budget_ms": req.budget_ms,
             "statistic": req.statistic if device else "predicted",
@@ -214,12 +234,17 @@ def run(req: Request) -> dict:
                 "measured_ms": final.measured_ms,
                 "predicted_ms": round(final.candidate.predicted_ms, 4),
                 "predicted_source": final.predicted_source,
+                "band_ms": [round(final.candidate.predicted_ms * b, 4) for b in band],
+                "judged": "measured" if final.measured_ms is not None else
+                          "centre" if edge == 1.0 else "upper edge of the band",
                 "used": "measured" if final.measured_ms is not None else "predicted",
                 "table": str(table_path) if table.entries else None,
             },
             "accuracy": {
                 "test": accuracy(net, *ds.test, final.candidate.arch.resolution),
-                "val": final.candidate.val_accuracy,
+                "val": accuracy(net, *ds.val, final.candidate.arch.resolution),
+                "before_finetune": final.finetune["before"],
+                "finetune_steps": final.finetune["steps"],
                 "unpruned_test": accuracy(big, *ds.test, largest.resolution),
                 "unpruned_macs": S.macs(largest, len(ds.classes)),
                 "unpruned_val": accuracy(big, *ds.val, largest.resolution),
