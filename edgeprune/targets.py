@@ -47,7 +47,22 @@ class Target:
     emulator: str = ""
     float_abi: str = ""
     default_format: str = "so"
+    # The latency prior fitted to published figures for boards of this core (bench/prior.py --fit). Efficiencies
+    # are fractions of one core's peak that our kernels reach per operator class; 0 leaves the generic prior.
+    prior_eff_pointwise: float = 0.0
+    prior_eff_conv: float = 0.0
+    prior_eff_depthwise: float = 0.0
+    prior_eff_matmul: float = 0.0
+    prior_int8_efficiency: float = 1.0  # int8 layers reach this fraction of what their class reaches in fp32
+    prior_thread_scaling: float = 1.0  # t threads run t ** this times faster than one
+    prior_overhead_us: float = 5.0  # per kernel call: dispatch, synchronisation of the threads
+    prior_band: tuple[float, ...] = (1.0, 1.0)  # boards of this core run this many times the prior's figure
+    prior_sources: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def prior_fitted(self) -> bool:
+        return self.prior_eff_pointwise > 0
 
     @property
     def is_arm(self) -> bool:
@@ -136,8 +151,10 @@ def _detect_host() -> dict:
 # the file's name and `description` to the name.
 _DEFAULTS: dict = {"features": [], "clock_mhz": 1000, "memory_mb": 0, "mem_bandwidth_gbs": 1.0,
                    "fp32_flop_per_cycle": 2}
-_POSITIVE = ("simd_bits", "cores", "clock_mhz", "mem_bandwidth_gbs", "fp32_flop_per_cycle")
-_NOT_NEGATIVE = ("memory_mb", "int8_op_per_cycle", "binary_op_per_cycle")
+_POSITIVE = ("simd_bits", "cores", "clock_mhz", "mem_bandwidth_gbs", "fp32_flop_per_cycle", "prior_int8_efficiency",
+             "prior_thread_scaling")
+_NOT_NEGATIVE = ("memory_mb", "int8_op_per_cycle", "binary_op_per_cycle", "prior_eff_pointwise", "prior_eff_conv",
+                 "prior_eff_depthwise", "prior_eff_matmul", "prior_overhead_us")
 _FORMATS = ("so", "c")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _START = "cortex-a7"  # the board `--template` suggests starting from
@@ -295,6 +312,9 @@ def _check(path: Path, key: str, value, kind) -> None:
         ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
     elif kind is float:
         ok, want = number, "a number"
+    elif typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is float:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and v > 0 for v in value)
+        want = "a list of numbers above zero"
     elif typing.get_origin(kind) is tuple:
         ok, want = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), "a list of strings"
     else:

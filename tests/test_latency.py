@@ -27,6 +27,8 @@ def _entries(*entries) -> LatencyTable:
 
 
 def test_prior_uses_the_targets_roofline():
+    from dataclasses import replace
+
     a7, a53 = get_target("cortex-a7"), get_target("cortex-a53")
     conv = [_layer("conv", 100_000_000, 1_000_000)]
     p7, p53 = model_for(a7).predict(conv), model_for(a53).predict(conv)
@@ -40,7 +42,9 @@ def test_prior_uses_the_targets_roofline():
     binary = LayerCost(**{**conv[0].__dict__, "weight_bits": 1, "act_bits": 1})
     m7 = model_for(a7)
     assert m7.predict(conv).ms > m7.predict([int8]).ms > m7.predict([binary]).ms
-    assert p7.ms == pytest.approx(expected, rel=1e-6)
+    # A board file without fitted constants keeps the generic roofline.
+    generic = model_for(replace(a7, prior_eff_pointwise=0.0)).predict(conv)
+    assert generic.ms == pytest.approx(expected, rel=1e-6)
 
 
 def test_fit_recovers_a_linear_device():
@@ -225,3 +229,19 @@ def test_a_version_1_table_is_read_and_keeps_its_fit(tmp_path):
     save_table(tmp_path / "new.json", t)
     again = load_table(tmp_path / "new.json")
     assert again.entries == t.entries and json.loads((tmp_path / "new.json").read_text())["version"] == 2
+
+
+def test_arm_priors_are_fitted_and_carry_the_band_of_their_boards():
+    """The ARM targets' priors come from published figures (bench/prior.py): fitted per class, scaling sub-linearly
+    with threads, with the spread of boards as a band; a measured table replaces both."""
+    a7 = get_target("cortex-a7")
+    assert a7.prior_fitted and a7.prior_sources and a7.prior_band[0] < 1 < a7.prior_band[1]
+    conv = [rows.conv(256, 256, 1, 1, 28)]
+    one, four = LatencyModel(a7, threads=1).predict(conv), LatencyModel(a7, threads=4).predict(conv)
+    assert one.source == "prior" and one.band == (a7.prior_band[0], a7.prior_band[1])
+    overhead = a7.prior_overhead_us / 1e3
+    assert (one.ms - overhead) / (four.ms - overhead) == pytest.approx(4 ** a7.prior_thread_scaling, rel=1e-6)
+    assert one.band_ms[1] == pytest.approx(one.ms * a7.prior_band[1])
+    fitted = model_for(a7, _entries(([rows.conv(64, 64, 1, 1, 28)], 1.0)))
+    assert fitted.predict(conv).band == (1.0, 1.0)  # the device's own figures: no spread of other boards
+    assert not get_target("host").prior_fitted and model_for(get_target("host")).predict(conv).band == (1.0, 1.0)

@@ -64,11 +64,50 @@ def terms(row: LayerCost, target: Target, threads: int | None = None) -> tuple[f
     return compute, memory
 
 
+def fitted_prior_ms(row: LayerCost, target: Target, threads: int | None = None, winograd: float = 1.0) -> float:
+    """A row's time from the target's prior fitted to published figures (targets/*.toml, bench/prior.py): one core's
+    peak at the row's bit-widths times the class's efficiency, t threads t ** scaling times faster than one, the
+    memory roofline, and an overhead per call. Pooling, means and data movement are priced by their bytes alone.
+
+    `winograd` divides the work of 3x3 stride-1 convolutions: the published runtimes (ncnn, TVM) use Winograd there,
+    and fitting to them must say so; our kernels do not, so the product prices them at 1."""
+    eff = {"pointwise": target.prior_eff_pointwise, "conv": target.prior_eff_conv,
+           "depthwise": target.prior_eff_depthwise, "matmul": target.prior_eff_matmul}.get(row.op)
+    memory = (row.act_bytes + row.weight_bytes + row.out_bytes) / (target.mem_bandwidth_gbs * 1e6)
+    compute = 0.0
+    if eff:
+        if max(row.weight_bits, row.act_bits) <= 8:
+            eff *= target.prior_int8_efficiency
+        macs = row.macs / winograd if winograd != 1.0 and winograd_eligible(row) else row.macs
+        speedup = (threads or target.cores) ** target.prior_thread_scaling
+        compute = 2 * macs / (target.clock_mhz * 1e3 * ops_per_cycle(target, row) * eff * speedup)
+    return max(compute, memory) + target.prior_overhead_us / 1e3
+
+
+def winograd_eligible(row: LayerCost) -> bool:
+    """A dense 3x3 convolution at stride 1: what Winograd's F(m, 3) transforms apply to."""
+    if row.op != "conv" or len(row.shapes) < 2:
+        return False
+    inp, out = row.shapes[0], row.shapes[-1]
+    per_out = row.macs / max(1, float(np.prod(out))) / max(row.density, 1e-9)
+    return abs(per_out - 9 * inp[-1]) < 0.5 and tuple(inp[1:3]) == tuple(out[1:3])
+
+
 @dataclass
 class Prediction:
     ms: float
     sources: dict[str, int]  # how many kernels each source priced
     per_layer_ms: list[float] = field(default_factory=list)
+    band: tuple[float, float] = (1.0, 1.0)  # the prior's spread over boards of the core, as multipliers of ms
+
+    @property
+    def band_ms(self) -> tuple[float, float]:
+        return self.ms * self.band[0], self.ms * self.band[-1]
+
+    @property
+    def upper_ms(self) -> float:
+        """What a board at the slow edge of the band would take: the figure a budget is safe against."""
+        return self.band_ms[1]
 
     @property
     def source(self) -> str:
@@ -87,6 +126,8 @@ class LatencyModel:
     scale: float | None = None  # measured / prior over the table's networks (None: no table): prices what no fit does
 
     def prior_ms(self, row: LayerCost) -> float:
+        if self.target.prior_fitted:
+            return fitted_prior_ms(row, self.target, self.threads)
         compute, memory = terms(row, self.target, self.threads)
         per_out = row.macs / max(1, np.prod(row.shapes[-1])) if row.shapes else 0
         cls = "depthwise" if row.op in ("pointwise", "conv") and per_out <= WINDOW_ONLY_MACS else row.op
@@ -113,7 +154,9 @@ class LatencyModel:
             ms, src = self.layer_ms(row)
             per.append(ms)
             sources[src] = sources.get(src, 0) + 1
-        return Prediction(float(sum(per)), sources, per)
+        # A band only where the prior priced something: measured and fitted figures are this device's own.
+        band = tuple(self.target.prior_band) if sources.get("prior") else (1.0, 1.0)
+        return Prediction(float(sum(per)), sources, per, (band[0], band[-1]))
 
     def fit(self, entries: list[TableEntry]) -> LatencyModel:
         """Non-negative least squares on relative error (a 10% miss on 1 ms is as bad as on 100 ms): per class on

@@ -1,8 +1,9 @@
-"""Reference networks written out in PyTorch (torchvision has no CPU build here): MobileNetV2 and ResNet-18.
+"""Reference networks written out in PyTorch (torchvision has no CPU build here): MobileNetV1, MobileNetV2,
+SqueezeNet 1.1 and ResNet-18, the networks of the published ARM latencies (../shared/docs/arm-targets.md).
 
-They follow the published architectures layer for layer, so MAC counts match the papers (MobileNetV2 1.0 at
-224 px: 300M; ResNet-18: 1.8G). Weights are random but fixed by seed, with non-trivial BatchNorm statistics so
-that folding BatchNorm is exercised.
+They follow the published architectures layer for layer, so MAC counts match the papers (MobileNetV1 1.0 at 224 px:
+569M; MobileNetV2 1.0: 300M; SqueezeNet 1.1: 349M with 1000 classes; ResNet-18: 1.8G). Weights are random but
+fixed by seed, with non-trivial BatchNorm statistics so that folding BatchNorm is exercised.
 """
 
 from __future__ import annotations
@@ -60,6 +61,55 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class MobileNetV1(nn.Module):
+    # (output channels, stride) of the depthwise-separable layers, Howard et al. 2017, table 1
+    SETTINGS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
+
+    def __init__(self, width: float = 1.0, num_classes: int = 1000):
+        super().__init__()
+        cin = _make_divisible(32 * width)
+        layers: list[nn.Module] = [conv_bn(3, cin, 3, 2, act=nn.ReLU)]
+        for c, stride in self.SETTINGS:
+            cout = _make_divisible(c * width)
+            layers += [conv_bn(cin, cin, 3, stride, groups=cin, act=nn.ReLU), conv_bn(cin, cout, 1, 1, act=nn.ReLU)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Fire(nn.Module):
+    def __init__(self, cin: int, squeeze: int, expand: int):
+        super().__init__()
+        self.squeeze = nn.Sequential(nn.Conv2d(cin, squeeze, 1), nn.ReLU())
+        self.expand1 = nn.Sequential(nn.Conv2d(squeeze, expand, 1), nn.ReLU())
+        self.expand3 = nn.Sequential(nn.Conv2d(squeeze, expand, 3, padding=1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.squeeze(x)
+        return torch.cat([self.expand1(x), self.expand3(x)], 1)
+
+
+class SqueezeNet11(nn.Module):
+    """SqueezeNet 1.1 (Iandola et al., the v1.1 of the reference repository): 3x3 stem, fire modules, conv head."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 2), nn.ReLU(), pool(), Fire(64, 16, 64), Fire(128, 16, 64), pool(),
+            Fire(128, 32, 128), Fire(256, 32, 128), pool(), Fire(256, 48, 192), Fire(384, 48, 192),
+            Fire(384, 64, 256), Fire(512, 64, 256))
+        self.classifier = nn.Sequential(nn.Conv2d(512, num_classes, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                        nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -109,9 +159,19 @@ BENCH_NETWORKS = {
 }
 
 
+# The networks of the published ARM latencies the targets' latency prior is fitted on (bench/prior.py).
+PRIOR_NETWORKS = {
+    "mobilenetv1-1.0-224": (lambda: MobileNetV1(1.0), 224),
+    "mobilenetv2-1.0-224": BENCH_NETWORKS["mobilenetv2-1.0-224"],
+    "squeezenet1.1-224": (SqueezeNet11, 224),
+    "resnet18-224": BENCH_NETWORKS["resnet18-224"],
+}
+NETWORKS = {**BENCH_NETWORKS, **PRIOR_NETWORKS}
+
+
 def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """A named reference network with seeded weights and an input of its resolution."""
-    ctor, res = BENCH_NETWORKS[name]
+    ctor, res = NETWORKS[name]
     torch.manual_seed(seed)
     model = randomize_bn(ctor(), seed)
     return model, torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(seed))
