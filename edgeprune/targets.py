@@ -180,11 +180,24 @@ def user_targets_dir() -> Path:
 
 def target_files() -> dict[str, TargetFile]:
     """Every target findable by name, sorted; a file in your folder wins over the shipped one of the same name."""
-    found = {p.stem: TargetFile(p.stem, p, "shipped") for p in shipped("targets").glob("*.toml")}
-    mine = user_targets_dir()
-    for p in mine.glob("*.toml") if mine.is_dir() else ():
+    found = {p.stem: TargetFile(p.stem, p, "shipped") for p in _toml_files(shipped("targets"))}
+    for p in _toml_files(user_targets_dir()):
         found[p.stem] = TargetFile(p.stem, p, "yours", replaces_shipped=p.stem in found)
     return dict(sorted(found.items()))
+
+
+def _toml_files(folder: Path) -> tuple[Path, ...]:
+    try:
+        changed = folder.stat().st_mtime_ns  # a file added, removed or renamed changes its folder's mtime
+    except OSError:
+        return ()
+    return _listing(folder, changed)
+
+
+@cache
+def _listing(folder: Path, _mtime_ns: int) -> tuple[Path, ...]:
+    """A folder's board files, listed again only when the folder changes (targets are looked up in loops)."""
+    return tuple(sorted(folder.glob("*.toml")))
 
 
 def known_targets() -> list[str]:
