@@ -138,7 +138,7 @@ def build(target: str, budget_ms: float, out: str | Path, *, device: str | None 
           supernet: str | Path | None = None, table: str | Path | None = None, rounds: int = 3,
           format: str | None = None, runs: int = 50, statistic: str = "p90", seed: int = 0,
           finetune_steps: int | None = None, optimistic: bool = False, quiet: bool = True) -> dict:
-    """Search (and fine-tune the chosen subnet for `finetune_steps`, default 300), compress, compile and (with a
+    """Search (and fine-tune the chosen subnet for `finetune_steps`, default 200), compress, compile and (with a
     device) measure a network that meets `budget_ms` on `target`; writes `out` atomically and returns the report
     (report.json). With no device the prior's prediction is judged at the slow edge of its band (boards of one core
     differ), or at its centre with `optimistic`. Raises BudgetError when nothing fits."""

@@ -374,8 +374,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--optimistic", action="store_true",
                    help="with no device, judge the prior's centre, not the slow edge of its band (boards of one core "
                         "differ by ~1.5x)")
-    s.add_argument("--finetune-steps", type=_at_least(0), default=300,
-                   help="steps fine-tuning the chosen subnet, distilled from the largest (default: 300; 0: none)")
+    s.add_argument("--finetune-steps", type=_at_least(0),
+                   help="steps fine-tuning the chosen subnet, distilled from the largest (default: 200; 0: none)")
     s.add_argument("--seed", type=int, default=0, help="data split seed")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -32,8 +32,8 @@ SUPERNET = Path(__file__).parent / "search" / "assets" / "supernet-digit-scenes.
 # With a device, aim below the budget: predictions are off by 10-20% and measurements jitter. After a miss the model
 # is refitted on the measurement, and the aim comes down a little more.
 MARGIN = 0.9
-# Fine-tuning the chosen subnet (search.finetune): about a minute on 2 cores, so `make demo` stays well under 10.
-FINETUNE_STEPS = 300
+# Fine-tuning the chosen subnet (search.finetune): a few minutes on 2 cores at most, so `make demo` stays under 10.
+FINETUNE_STEPS = 200
 
 
 @contextlib.contextmanager
