@@ -13,6 +13,7 @@
  * Requests and replies:
  *   HELLO       -                          -> HELLO_OK  u16 version, u16 max payload, u32 input bytes,
  *                                                       u32 output bytes, u8 clock (EP_CLOCK_*), u8 n, n bytes id
+ *                                                       (cut to what the frame holds: then the host refuses it)
  *   SET_INPUT   u32 offset, data           -> ACK       u32 offset + data length
  *   RUN         u16 runs, u16 warmup       -> PROGRESS  u16 runs done (warm-up included), every EP_HEARTBEAT_US
  *               (runs + warmup at most                  of runs: rising, and below runs + warmup; then
@@ -26,6 +27,14 @@
  * longer than EP_MAX_PAYLOAD gets ERROR TOO_LONG; in both cases the agent hunts again through the rejected bytes
  * (a good frame may start inside them) and the host resends (with a new seq) a bounded number of times. Every
  * request is idempotent, so a resend after a lost reply is harmless.
+ *
+ * What the host trusts (a board may be broken or hostile; every wait is bounded, every failure one line):
+ *   - PROGRESS only for the RUN it is waiting for, only with a count that rises and stays below runs + warmup, and
+ *     never past timeout + (runs + warmup) x the host's bound on one run;
+ *   - BAD_CRC or TOO_LONG naming another seq only once the line has gone quiet with no reply to its request (the
+ *     seq byte may be the damaged one; otherwise the error is about a frame queued ahead);
+ *   - times only when finite and positive;
+ *   - text (ERROR messages, the build id) only as printable ASCII, cut short.
  */
 #ifndef EP_PROTOCOL_H_
 #define EP_PROTOCOL_H_

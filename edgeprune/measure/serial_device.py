@@ -3,7 +3,9 @@
 The host opens the port, says HELLO and refuses a board whose agent was built from another package, then sends
 the input in chunks, asks for runs and reads the output back (frames: serial_protocol.py). Every read has a
 deadline and damaged frames are resent a bounded number of times, so a silent, reset or unplugged board ends in
-a one-line UserError rather than a hang.
+a one-line UserError rather than a hang. A broken or hostile one too: progress extends only a RUN and only up to
+a cap, errors about other frames do not use up the resends, impossible times are refused, and the board's text is
+shown as printable ASCII (what the host trusts: the end of codegen/agent/protocol.h's comment).
 
     build_agent(BUILD_DIR) -> path of an agent program for the build's target (Linux boards, qemu-user)
 """
