@@ -75,6 +75,24 @@ def test_tables_and_tuning_records_go_to_the_data_dir_and_shipped_tables_are_def
     assert find_table("board") == home / "calibrate" / "board.json"  # yours first
 
 
+def test_the_build_loop_reads_a_shipped_table_and_writes_what_it_learns_to_yours(home, monkeypatch, tmp_path):
+    from edgeprune.cost import learn, load_table
+    from edgeprune.measure.devices import LocalDevice
+    from edgeprune.pipeline import Request, _table_for
+
+    host, device = get_target("host"), LocalDevice()
+    shipped = tmp_path / "_data"
+    monkeypatch.setattr(resources, "INSTALLED", shipped)
+    default = shipped / "calibrate" / f"{device.table_name(host)}.json"
+    save_table(default, new_table(device.identity(host), threads=7))  # threads: to tell it from a new table
+    before = default.read_bytes()
+
+    path, table = _table_for(Request(target="host", budget_ms=1.0, out=tmp_path / "out"), device, host)
+    assert path == home / "calibrate" / default.name and table.threads == 7
+    learn(table, [], path)
+    assert load_table(path).threads == 7 and default.read_bytes() == before
+
+
 def test_your_folder_adds_targets_beside_the_shipped_ones(home):
     _board(home / "targets" / "myboard.toml", clock_mhz=1200)
     files = target_files()
