@@ -343,7 +343,7 @@ def test_progress_does_not_hold_other_requests(host):
     with fake_board(build, answer) as board:
         err, elapsed = _timed(SerialDevice(board.path, timeout=0.5, retries=1).measure, build, runs=3, warmup=0)
     assert "no answer from the board" in err and "to HELLO within 0.5 s (2 tries)" in err
-    assert elapsed < 2.5, elapsed
+    assert elapsed < 4, elapsed  # 1 s of waiting; unbounded (the board's 6 s of PROGRESS, then more) before
 
 
 @pytest.mark.parametrize("counts", ["repeated", "past the runs"])
@@ -359,7 +359,7 @@ def test_progress_holds_a_run_only_while_its_count_rises_within_the_runs(host, c
         dev = SerialDevice(board.path, timeout=0.5, run_timeout=0.5, retries=1)
         err, elapsed = _timed(dev.measure, build, runs=3, warmup=0)
     assert "to RUN within 1 s (2 tries)" in err
-    assert elapsed < 4, elapsed
+    assert elapsed < 5, elapsed  # at most 2.4 s of waiting
 
 
 def test_a_run_has_an_overall_cap(host):
@@ -375,7 +375,7 @@ def test_a_run_has_an_overall_cap(host):
         err, elapsed = _timed(dev.measure, build, runs=3, warmup=30)
         runs_sent = sum(f.type == Msg.RUN for f in board.requests)
     assert f"the board at {board.path} did not finish RUN within 2.15 s" in err
-    assert 2.1 < elapsed < 4, elapsed
+    assert 2.1 < elapsed < 5, elapsed
     assert runs_sent == 1
 
 
