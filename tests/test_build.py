@@ -17,7 +17,7 @@ def host_build(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("b") / "out"
     rc = main(["build", "--target", "host", "--latency", "20ms", "--device", "local", "-o", str(out), "--runs", "10",
-               "--median", "--quiet", "--table", str(_table(out.parent)), "--finetune-steps", "40"])
+               "--median", "--quiet", "--table", str(_table(out.parent)), "--finetune-steps", "10"])
     return rc, out
 
 
@@ -41,7 +41,7 @@ def test_build_meets_a_host_budget_measured(host_build):
     assert report["accuracy"]["test"] > 0.3  # ten classes: well above chance
     assert report["accuracy"]["unpruned_test"] > 0.3
     # The chosen subnet was fine-tuned before compiling, and the report says how it did before and after.
-    assert report["accuracy"]["finetune_steps"] == 40
+    assert report["accuracy"]["finetune_steps"] == 10
     assert set(report["accuracy"]["before_finetune"]) == {"val", "test"}
     assert report["macs"] > 0 and report["parameters"] > 0
     for name in ("build/build.json", "model.onnx", "weights.pt", "report.html", "pools.png"):
