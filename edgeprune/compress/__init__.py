@@ -1,8 +1,9 @@
 """The compress stage: a Network in, the same Network with every layer's plan out.
 
-1xN block pruning (block1xn.py), FDDA int8 quantization (quantize.py, fdda.py) and ReCU / SiMaN binarization
-(binary.py) move in here. Until they do, compression is the identity: every convolution and linear layer is planned
-dense fp32, so the plan codegen receives names every layer that has weights.
+1xN block pruning (block1xn.py: block scores, masks, filter rearrangement over coupled channels; its gradual
+schedule with fine-tuning and its kernels come next), FDDA int8 quantization (quantize.py, fdda.py) and ReCU / SiMaN
+binarization (binary.py) move in here. Until `build` uses them, compression is the identity: every convolution and
+linear layer is planned dense fp32, so the plan codegen receives names every layer that has weights.
 """
 
 from __future__ import annotations
