@@ -53,7 +53,7 @@ class TrainConfig:
     pool_size: int = 20
     keep_per_bucket: int = 3  # pool entries scored on validation data and kept with the supernet
     target: str = "cortex-a7"  # whose latency model buckets the pools
-    sampled: int = 2  # subnets per step between the largest and the smallest, from the pools
+    sampled: int = 1  # subnets per step between the largest and the smallest, from the pools (PSS-Net: one)
     kd_temperature: float = 1.0
     prior_draws: int = 4000  # random subnets behind PSS-Net's per-bucket marginals
     # Progressive shrinking measured better than the sandwich over every size from the first step: after 300 steps
