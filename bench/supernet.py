@@ -66,20 +66,26 @@ def main() -> int:
     candidates = [S.Arch.from_dict(p["arch"]) for p in ckpt["pools"]] + [S.Arch.from_dict(ckpt["largest"]["arch"])]
     chosen = spanning(candidates, args.count, S.macs)
     cache_path = Path(args.cache) if args.cache else None
-    cache = json.loads(cache_path.read_text()) if cache_path and cache_path.exists() else {}
+    cache: dict[str, float] = {}
+
+    def sync() -> None:  # merged both ways, so runs sharing a cache keep each other's results
+        if cache_path:
+            if cache_path.exists():
+                cache.update({k: v for k, v in json.loads(cache_path.read_text()).items() if k not in cache})
+            cache_path.write_text(json.dumps(cache, indent=1))
 
     rows = []
     for arch in chosen:
         name = f"subnet-{S.macs(arch) / 1e6:.1f}M@{arch.resolution}"
         ours = score(supernet, arch, ds)
         key = f"{arch.key()}|steps={args.steps}|seed={args.seed}"
+        sync()
         if key not in cache:
             t = time.time()
             net = recalibrate(train_alone(arch, ds, steps=args.steps, seed=args.seed), ds.train[0], arch.resolution)
             cache[key] = accuracy(net, *ds.val, arch.resolution)
             log(f"{name}: trained alone in {time.time() - t:.0f} s")
-            if cache_path:
-                cache_path.write_text(json.dumps(cache, indent=1))
+            sync()
         rows.append((name, arch, ours, cache[key]))
         log(f"{name}: supernet {ours:.1%}, alone {cache[key]:.1%}")
 
