@@ -16,9 +16,9 @@ Protocol, on this machine (device `local`, target `host`), the shipped supernet 
   3. each method's test accuracy (BatchNorm recalibrated, held-out digits) and measured latency.
 
 Goals: at every budget edgeprune's accuracy beats uniform and random (issue 5) and is at least that of alone and
-mbv2 (issue 11), and every method's measured latency is within budget (a MobileNetV2 that cannot be made to fit
-scores 0, as a method that misses does). One GOAL line each; exits 1 when any is
-missed.
+mbv2 (issue 11), and every method's measured latency is within budget (a baseline that cannot be made to fit in
+--rounds tries, e.g. width scaling at 96 px under a budget set by per-call overheads, scores 0 instead). One GOAL
+line each; exits 1 when any is missed.
 
     python bench/search.py [--fractions 0.3,0.5,0.75] [--runs 50] [--finetune-steps 300]
 """
@@ -154,7 +154,7 @@ def main() -> int:
         # design has nothing to offer at this budget, and scores 0 as a method that misses does.
         mbv2 = (hand[0], trained_alone(hand[2]) if hand[0] <= budget else 0.0)
         log(f"  mbv2: {S.macs(hand[2]) / 1e6:.1f}M MACs @{hand[2].resolution}px trained alone {steps} steps: "
-            f"test {mbv2[1]:.1%}")
+            f"test {mbv2[1]:.1%}" if hand[0] <= budget else "  mbv2: no MobileNetV2 measured within budget")
         rows.append((budget, ours, (uni[0], uni[1]), (rnd[0], rnd[1]), alone, mbv2))
 
     print(f"build fine-tunes its choice {steps} steps; alone and mbv2 are trained from scratch for as many")
@@ -175,7 +175,8 @@ def main() -> int:
             ok &= met
             print(f"GOAL at-least-{name}@{budget:g}ms: {o[1] - base[1]:+.1%} accuracy (goal >= 0) "
                   f"{'met' if met else 'missed'}")
-        within = all(x[0] <= budget for x in (o, u, r)) and (h[0] <= budget or h[1] == 0.0)
+        # edgeprune must fit; a baseline that could not be made to fit has scored 0 above instead
+        within = o[0] <= budget and all(x[0] <= budget or x[1] == 0.0 for x in (u, r, h))
         ok &= within
         print(f"GOAL within-budget@{budget:g}ms: max {max(o[0], u[0], r[0], h[0]) / budget:.3f} of budget "
               f"(goal <= 1) {'met' if within else 'missed'}")
