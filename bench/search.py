@@ -176,10 +176,11 @@ def main() -> int:
             print(f"GOAL at-least-{name}@{budget:g}ms: {o[1] - base[1]:+.1%} accuracy (goal >= 0) "
                   f"{'met' if met else 'missed'}")
         # edgeprune must fit; a baseline that could not be made to fit has scored 0 above instead
-        within = o[0] <= budget and all(x[0] <= budget or x[1] == 0.0 for x in (u, r, h))
+        judged = [o[0]] + [x[0] for x in (u, r, h) if x[1] > 0.0]  # baselines that found no fit scored 0 above
+        within = max(judged) <= budget
         ok &= within
-        print(f"GOAL within-budget@{budget:g}ms: max {max(o[0], u[0], r[0], h[0]) / budget:.3f} of budget "
-              f"(goal <= 1) {'met' if within else 'missed'}")
+        print(f"GOAL within-budget@{budget:g}ms: max {max(judged) / budget:.3f} of budget (goal <= 1) "
+              f"{'met' if within else 'missed'}")
     return 0 if ok else 1
 
 
