@@ -130,7 +130,7 @@ def check(build: Build | str | Path, budget_ms: float, device: str = "local", ru
     if not m.real_time:
         raise UserError(f"{device} runs under emulation and its times are not latency; check on local or an "
                         "rpc:// board")
-    value = m.median_ms if statistic == "median" else m.percentile(90)
+    value = m.statistic(statistic)
     return CheckResult(value <= budget_ms, statistic, value, budget_ms, m)
 
 

@@ -107,9 +107,6 @@ class Network:
     predicted_ms: float | None = None
     accuracy: float | None = None  # validation accuracy, when known
 
-    def plan_of(self, layer: str) -> LayerPlan:
-        return self.plan.get(layer, LayerPlan(layer))
-
 
 @dataclass
 class Build:
@@ -188,6 +185,10 @@ class Measurement:
     @property
     def median_ms(self) -> float:
         return self.percentile(50)
+
+    def statistic(self, name: str) -> float:
+        """What a latency budget is judged on: "median", or "p90" (anything else)."""
+        return self.median_ms if name == "median" else self.percentile(90)
 
     def summary(self) -> dict:
         return {

@@ -110,7 +110,7 @@ def realize(network: Network, target: Target, out_dir: Path, device=None, table:
     if device is None:
         return Realized(build)
     m = device.measure(build, runs=runs, warmup=max(3, runs // 10), layers=layers)
-    value = m.median_ms if statistic == "median" else m.percentile(90)
+    value = m.statistic(statistic)
     if table is not None:
         arch = network.arch
         name = f"build-{network.name}" if arch is None else \
@@ -177,7 +177,7 @@ def run(req: Request) -> dict:
     evaluated = 0
     # With no device the prior stands, and boards of one core spread around it (the target's band): a build is judged
     # at the band's slow edge, so a board at that edge still meets the budget, unless the user asks for the centre.
-    band = (1.0, 1.0) if table.entries else (target.prior_band[0], target.prior_band[-1])
+    band = model_for(target, table).band
     edge = band[1] if device is None and not req.optimistic else 1.0
     aim = req.budget_ms * MARGIN if device is not None else req.budget_ms / edge
     try:

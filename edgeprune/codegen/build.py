@@ -175,10 +175,10 @@ def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, t
                         "please report it with the model attached") from None
     kernels, raw = kernel_table(scheduled)
     layers = layer_table(scheduled)
-    if imported.format == "onnx" and layers:
-        from .sources import name_rows, onnx_layers
+    if imported.layers:
+        from .sources import name_rows
 
-        layers = name_rows(layers, onnx_layers(scratch / SOURCE if scratch is not None else imported.source))
+        layers = name_rows(layers, imported.layers)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

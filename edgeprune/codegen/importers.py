@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import Network, TensorSpec
 from ..errors import UserError
 from ..native import quiet_native
+from .sources import source_layers
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".tflite": "tflite"}
 
@@ -28,6 +29,7 @@ class ImportedModel:
     source: str
     format: str
     sha256: str
+    layers: list = field(default_factory=list)  # the user's named layers, in order (sources.source_layers)
 
 
 def sha256_of(path: Path) -> str:
@@ -47,8 +49,8 @@ def import_model(path: str | Path, input_shape: tuple[int, ...] | None = None) -
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise UserError(f"{path}: unknown model format '{path.suffix}'; use one of {', '.join(FORMATS)}")
-    mod, inputs = {"onnx": _onnx, "pt2": _pt2, "tflite": _tflite}[fmt](path, input_shape)
-    return ImportedModel(mod, inputs, str(path), fmt, sha256_of(path))
+    mod, inputs, layers = {"onnx": _onnx, "pt2": _pt2, "tflite": _tflite}[fmt](path, input_shape)
+    return ImportedModel(mod, inputs, str(path), fmt, sha256_of(path), layers)
 
 
 def import_network(network: Network, onnx_path: str | Path) -> ImportedModel:
@@ -168,7 +170,7 @@ def _onnx(path: Path, input_shape):
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: the ONNX importer failed ({_first_line(e)}); check the model's shapes and ops") \
             from None
-    return mod, specs
+    return mod, specs, source_layers(model)
 
 
 def _fold_shape_arithmetic(model, shape_dict: dict[str, list[int]]):
@@ -242,7 +244,7 @@ def _pt2(path: Path, input_shape):
                                     run_ep_decomposition=False)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: the torch.export importer failed ({_first_line(e)})") from None
-    return mod, specs
+    return mod, specs, []
 
 
 # ---------------------------------------------------------------- TFLite
@@ -297,7 +299,7 @@ def _tflite(path: Path, input_shape):
             mod = from_tflite(model, shape_dict=shape_dict, dtype_dict=dtype_dict)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: the TFLite importer failed ({_first_line(e)})") from None
-    return mod, specs
+    return mod, specs, []
 
 
 def _first_line(e: BaseException) -> str:

@@ -9,8 +9,6 @@ wrong ones.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..artifacts import LayerCost
 
 # ONNX operator -> the row classes its kernel can have
@@ -22,11 +20,8 @@ _GROUPS = {
 }
 
 
-def onnx_layers(path: str | Path) -> list[tuple[str, str, int | None]]:
-    """(group, node name, output channels or None) of the graph's weighted and pooling nodes, in graph order."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+def source_layers(model) -> list[tuple[str, str, int | None]]:
+    """(group, node name, output channels or None) of an ONNX graph's weighted and pooling nodes, in graph order."""
     inits = {t.name: list(t.dims) for t in model.graph.initializer}
     out = []
     for i, node in enumerate(model.graph.node):
@@ -44,7 +39,8 @@ def onnx_layers(path: str | Path) -> list[tuple[str, str, int | None]]:
 
 
 def name_rows(rows: list[LayerCost], layers: list[tuple[str, str, int | None]]) -> list[LayerCost]:
-    """`rows` with each kernel call's `sources` set from `layers` (onnx_layers), group by group, where they align."""
+    """`rows` with each kernel call's `sources` set from `layers` (source_layers), group by group, where they
+    align."""
     from dataclasses import replace
 
     named = list(rows)

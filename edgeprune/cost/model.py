@@ -55,13 +55,16 @@ def fit_class(row: LayerCost) -> str:
     return row.op if row.family == "dense" else f"{row.op}/{row.family}"
 
 
+def memory_ms(row: LayerCost, target: Target) -> float:
+    """The row's bytes at the target's memory bandwidth."""
+    return (row.act_bytes + row.weight_bytes + row.out_bytes) / (target.mem_bandwidth_gbs * 1e6)
+
+
 def terms(row: LayerCost, target: Target, threads: int | None = None) -> tuple[float, float]:
     """(compute ms, memory ms) of a row at the target's peak and bandwidth."""
     cores = threads or target.cores
     peak_per_ms = cores * target.clock_mhz * 1e3 * ops_per_cycle(target, row)  # MHz * 1e6 / 1e3 per ms
-    compute = 2 * row.macs / peak_per_ms
-    memory = (row.act_bytes + row.weight_bytes + row.out_bytes) / (target.mem_bandwidth_gbs * 1e6)
-    return compute, memory
+    return 2 * row.macs / peak_per_ms, memory_ms(row, target)
 
 
 def fitted_prior_ms(row: LayerCost, target: Target, threads: int | None = None, winograd: float = 1.0) -> float:
@@ -73,7 +76,6 @@ def fitted_prior_ms(row: LayerCost, target: Target, threads: int | None = None, 
     and fitting to them must say so; our kernels do not, so the product prices them at 1."""
     eff = {"pointwise": target.prior_eff_pointwise, "conv": target.prior_eff_conv,
            "depthwise": target.prior_eff_depthwise, "matmul": target.prior_eff_matmul}.get(row.op)
-    memory = (row.act_bytes + row.weight_bytes + row.out_bytes) / (target.mem_bandwidth_gbs * 1e6)
     compute = 0.0
     if eff:
         if max(row.weight_bits, row.act_bits) <= 8:
@@ -81,7 +83,7 @@ def fitted_prior_ms(row: LayerCost, target: Target, threads: int | None = None, 
         macs = row.macs / winograd if winograd != 1.0 and winograd_eligible(row) else row.macs
         speedup = (threads or target.cores) ** target.prior_thread_scaling
         compute = 2 * macs / (target.clock_mhz * 1e3 * ops_per_cycle(target, row) * eff * speedup)
-    return max(compute, memory) + target.prior_overhead_us / 1e3
+    return max(compute, memory_ms(row, target)) + target.prior_overhead_us / 1e3
 
 
 def winograd_eligible(row: LayerCost) -> bool:
@@ -105,11 +107,6 @@ class Prediction:
         return self.ms * self.band[0], self.ms * self.band[-1]
 
     @property
-    def upper_ms(self) -> float:
-        """What a board at the slow edge of the band would take: the figure a budget is safe against."""
-        return self.band_ms[1]
-
-    @property
     def source(self) -> str:
         """'measured' only if every kernel was; 'prior' if any was priced by the prior; else 'fitted'."""
         if self.sources.get("prior"):
@@ -124,6 +121,12 @@ class LatencyModel:
     coef: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # class -> (a, b, c), fitted
     measured: dict[str, float] = field(default_factory=dict)  # row key -> ms
     scale: float | None = None  # measured / prior over the table's networks (None: no table): prices what no fit does
+
+    @property
+    def band(self) -> tuple[float, float]:
+        """The spread of boards of this core around the prior (the target's band) while the prior prices alone;
+        once the model has learned from this device's own measurements, none."""
+        return (1.0, 1.0) if self.scale is not None else (self.target.prior_band[0], self.target.prior_band[-1])
 
     def prior_ms(self, row: LayerCost) -> float:
         if self.target.prior_fitted:
@@ -155,8 +158,7 @@ class LatencyModel:
             per.append(ms)
             sources[src] = sources.get(src, 0) + 1
         # A band only where the prior priced something: measured and fitted figures are this device's own.
-        band = tuple(self.target.prior_band) if sources.get("prior") else (1.0, 1.0)
-        return Prediction(float(sum(per)), sources, per, (band[0], band[-1]))
+        return Prediction(float(sum(per)), sources, per, self.band if sources.get("prior") else (1.0, 1.0))
 
     def fit(self, entries: list[TableEntry]) -> LatencyModel:
         """Non-negative least squares on relative error (a 10% miss on 1 ms is as bad as on 100 ms): per class on

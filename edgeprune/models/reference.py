@@ -37,7 +37,15 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
+class _FeaturesPoolClassifier(nn.Module):
+    """A feature stack, a global average pool and one linear classifier: the MobileNets' head."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class MobileNetV2(_FeaturesPoolClassifier):
     # (expand ratio, channels, repeats, first stride), Sandler et al. 2018, table 2
     SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                 (6, 320, 1, 1)]
@@ -56,12 +64,9 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(last, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(_FeaturesPoolClassifier):
     # (output channels, stride) of the depthwise-separable layers, Howard et al. 2017, table 1
     SETTINGS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
 
@@ -76,9 +81,6 @@ class MobileNetV1(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(cin, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 class Fire(nn.Module):
