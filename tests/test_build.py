@@ -80,7 +80,10 @@ def test_no_device_is_predicted_and_says_so(cli, tmp_path):
     assert rc == 0, err
     centre = json.loads((tmp_path / "a7c" / "report.json").read_text())["latency"]
     assert centre["judged"] == "centre" and centre["predicted_ms"] <= 50
-    assert centre["predicted_ms"] > report["latency"]["predicted_ms"]  # the centre leaves more of the budget
+    # The centre is judged, but the band is still reported, so the risk a slower board runs is in plain sight.
+    # (The centre's choice need not be slower than the edge's: the search keeps the most accurate subnet within
+    # its aim, and with the shipped supernet a smaller one can win.)
+    assert centre["band_ms"][0] < centre["predicted_ms"] < centre["band_ms"][1]
 
 
 def test_unreachable_budget_exits_1_naming_the_smallest_latency(cli, tmp_path):
