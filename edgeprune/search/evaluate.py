@@ -7,37 +7,12 @@ Recalibration matters: the supernet's running statistics mix every subnet it tra
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import nn
 
 from .. import data
+from ..training import accuracy, recalibrate
 from .space import Arch
 from .supernet import Supernet, extract
-
-CALIBRATION_IMAGES = 512
-BATCH = 128
-
-
-@torch.no_grad()
-def recalibrate(net: nn.Module, x: np.ndarray, resolution: int, images: int = CALIBRATION_IMAGES) -> nn.Module:
-    """Running BatchNorm statistics as the plain average over `images` training images (momentum None)."""
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    net.train()
-    for i in range(0, min(images, len(x)), BATCH):
-        net(data.tensors(x[i:i + BATCH], resolution))
-    return net.eval()
-
-
-@torch.no_grad()
-def accuracy(net: nn.Module, x: np.ndarray, y: np.ndarray, resolution: int) -> float:
-    net.eval()
-    right = 0
-    for i in range(0, len(y), BATCH):
-        right += int((net(data.tensors(x[i:i + BATCH], resolution)).argmax(1).numpy() == y[i:i + BATCH]).sum())
-    return right / max(1, len(y))
 
 
 def subnet(supernet: Supernet, arch: Arch, train_x: np.ndarray) -> nn.Module:

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import data
-from .evaluate import accuracy, recalibrate
-from .train import batch_at, learning_rate, optimizer
+from ..training import accuracy, distill
 
 LR = 1e-3  # a tenth of the supernet's: the weights are already good, this only adapts them to one architecture
 BATCH = 32
@@ -26,27 +23,8 @@ def finetune(student: nn.Module, resolution: int, teacher: nn.Module, teacher_re
              steps: int, seed: int = 0, progress: Callable[[int, int, str, float], None] | None = None) -> nn.Module:
     """`student` trained for `steps` on ds.train with label smoothing and distillation from `teacher`; BatchNorm
     statistics recalibrated after. Returns the student (trained in place), in eval mode."""
-    if steps <= 0:
-        return student.eval()
-    torch.manual_seed(seed)
-    teacher.eval()
-    opt = optimizer(student, LR, 1e-5)  # the supernet's recipe, at a tenth of its rate
-    for step in range(steps):
-        xb, yb = batch_at(*ds.train, BATCH, seed, step)
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(LR, step, steps)
-        with torch.no_grad():
-            soft = F.softmax(teacher(data.tensors(xb, teacher_resolution)), 1)
-        student.train()
-        out = student(data.tensors(xb, resolution))
-        loss = F.cross_entropy(out, torch.from_numpy(yb), label_smoothing=0.1) + \
-            KD_WEIGHT * F.kl_div(F.log_softmax(out, 1), soft, reduction="batchmean")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if progress:
-            progress(step + 1, steps, "fine-tune", float(loss.detach()))
-    return recalibrate(student, ds.train[0], resolution)
+    return distill(student, resolution, teacher, teacher_resolution, ds, steps, lr=LR, batch=BATCH,
+                   weight_decay=1e-5, kd_weight=KD_WEIGHT, seed=seed, progress=progress, label="fine-tune")
 
 
 def before_after(student: nn.Module, resolution: int, teacher: nn.Module, teacher_resolution: int,

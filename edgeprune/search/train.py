@@ -18,7 +18,6 @@ same tensors.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -27,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import data
+from ..training import batch_at, kd, learning_rate, optimizer
 from .evaluate import score
 from .pools import Pools, bucket_edges
 from .space import KERNELS, WIDTHS, Arch, Space
@@ -111,47 +110,6 @@ def _all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
             offset += t.numel()
 
 
-def _kd(student: torch.Tensor, teacher: torch.Tensor, t: float = 1.0) -> torch.Tensor:
-    # t^2 keeps the gradient's scale independent of the temperature (Hinton et al.)
-    return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
-
-
-def optimizer(net: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with decay on dense conv and classifier weights only: none on BatchNorm, biases, depthwise kernels and
-    kernel transforms (OFA, BigNAS: decaying them hurts small subnets)."""
-    decay = [p for n, p in net.named_parameters() if (p.ndim == 4 and p.shape[1] > 1) or n == "classifier.weight"]
-    ids = {id(p) for p in decay}
-    other = [p for p in net.parameters() if id(p) not in ids]
-    # Adam, not the papers' SGD: from scratch, SGD needs far more steps than a CPU budget allows (on the digit
-    # scenes, MobileNetV2 with SGD at lr 0.1 was still at chance after 300 steps; Adam reached 53%).
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=lr)
-
-
-def learning_rate(cfg_lr: float, step: int, steps: int) -> float:
-    warmup = max(1, steps // 40)
-    return cfg_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-
-
-def batch_at(x: np.ndarray, y: np.ndarray, batch: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """The step-th batch of shuffled epochs: a function of the step alone, so a resumed run sees the same data."""
-    per_epoch = -(-len(y) // batch)
-    epoch, i = divmod(step, per_epoch)
-    order = _permutation(len(y), seed, epoch + 1)[i * batch:(i + 1) * batch]
-    return x[order], y[order]
-
-
-_PERMUTATIONS: dict[tuple[int, int, int], np.ndarray] = {}
-
-
-def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    key = (n, seed, epoch)
-    if key not in _PERMUTATIONS:
-        _PERMUTATIONS.clear()
-        _PERMUTATIONS[key] = np.random.default_rng([seed, epoch]).permutation(n)
-    return _PERMUTATIONS[key]
-
-
 def train(ds: data.Dataset, cfg: TrainConfig, latency: Callable[[Arch], float],
           progress: Callable[[int, int, str, float], None] | None = None, resume: dict | None = None,
           checkpoint: Callable[[dict], None] | None = None, every_s: float = 300.0,
@@ -219,7 +177,7 @@ def train(ds: data.Dataset, cfg: TrainConfig, latency: Callable[[Arch], float],
                         students.append((space.sample(rng), None, None))
             for arch, bucket, genes in students:
                 out = net(data.tensors(xb, arch.resolution), arch)
-                _kd(out, teacher, cfg.kd_temperature).backward()
+                kd(out, teacher, cfg.kd_temperature).backward()
                 if bucket is not None:
                     s = torch.tensor([-float(F.cross_entropy(out.detach(), yb))])
                     _all_reduce_mean([s], world)
