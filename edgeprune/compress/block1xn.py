@@ -9,27 +9,36 @@ is permuted to match. The coupling comes from torch-pruning's DependencyGraph, s
 
 Every rearrangement is checked: the network's output must not change (a permutation that would reorder the
 network's own outputs, say, is undone).
+
+`prune` is the whole workflow: rearrange, then raise the sparsity gradually (Zhu & Gupta's cubic schedule) while
+fine-tuning with distillation from the dense network, recomputing the masks now and then and re-applying them after
+every optimizer step. It covers 1x1 convolutions and linear layers (blocks of N output features x 1 input feature),
+and k x k convolutions when asked; the first layer and the classifier stay dense, as in the paper.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .. import data
 from ..artifacts import LayerPlan
+from ..training import distill
 
 BLOCK_SIZES = (4, 8, 16)
 
 
 def block_scores(weight: torch.Tensor, n: int) -> torch.Tensor:
-    """L1 norm of every 1xN block of a conv weight [Cout, Cin, kh, kw]: [ceil(Cout / N), Cin]. A last block of
-    fewer than N channels (Cout not a multiple of N) is scored on the channels it has."""
+    """L1 norm of every 1xN block of a conv weight [Cout, Cin, kh, kw] or a linear one [Cout, Cin]:
+    [ceil(Cout / N), Cin]. A last block of fewer than N channels (Cout not a multiple of N) is scored on the
+    channels it has."""
     cout, cin = weight.shape[:2]
     pad = (-cout) % n
-    w = weight.detach().abs().sum(dim=(2, 3))  # [Cout, Cin]: one kernel's L1 norm
+    w = weight.detach().abs().reshape(cout, cin, -1).sum(2)  # [Cout, Cin]: one kernel's L1 norm
     if pad:
         w = torch.cat([w, w.new_zeros(pad, cin)])
     return w.view(-1, n, cin).sum(1)
@@ -44,14 +53,48 @@ def block_mask(weight: torch.Tensor, n: int, sparsity: float) -> torch.Tensor:
         flat[torch.topk(scores.flatten(), keep).indices] = 1
     blocks = flat.view_as(scores)  # [Cout/N, Cin]
     per_channel = blocks.repeat_interleave(n, dim=0)[: weight.shape[0]]  # [Cout, Cin]
-    return per_channel[:, :, None, None].expand_as(weight).contiguous()
+    return per_channel.reshape(*per_channel.shape, *[1] * (weight.ndim - 2)).expand_as(weight).contiguous()
 
 
-def prunable(model: nn.Module) -> dict[str, nn.Conv2d]:
-    """The convolutions 1xN pruning applies to: dense (not grouped, not depthwise), not reading the image itself
-    (the first layer stays dense, as in the paper)."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels > 3}
+def prunable(model: nn.Module, kernels: tuple[int, ...] = (1,),
+             example: torch.Tensor | None = None) -> dict[str, nn.Conv2d | nn.Linear]:
+    """The layers 1xN pruning applies to: dense (not grouped) convolutions whose kernel size is in `kernels` (1x1
+    only by default: a k x k layer is pruned only when the caller says a block-sparse kernel of that size pays) and
+    linear layers.
+
+    The paper's policy (methods.md 1.1): the first layer, which reads the image, and the classifier stay dense.
+    Which layers those are comes from the order the layers run on `example` (the first and the last to run);
+    without an example, from the order they are registered in."""
+    order = _run_order(model, example) if example is not None else [
+        name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    exempt = {order[0], order[-1]} if order else set()
+    modules = dict(model.named_modules())
+    out: dict[str, nn.Conv2d | nn.Linear] = {}
+    for name in order:
+        m = modules[name]
+        if name in exempt:
+            continue
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1
+                                        and m.kernel_size[0] == m.kernel_size[1] and m.kernel_size[0] in kernels):
+            out[name] = m
+    return out
+
+
+def _run_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The convolutions and linear layers in the order a forward pass on `example` runs them (each once)."""
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: order.append(name) if name not in order else None)
+             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return order
 
 
 # ---------------------------------------------------------------- filter rearrangement
@@ -85,13 +128,14 @@ def rearrange(model: nn.Module, example: torch.Tensor, atol: float = 1e-4) -> in
 
 
 def _group_importance(items: list) -> torch.Tensor | None:
-    """Per root channel: the L1 norms of the dense convolutions' filters that write it, summed over the group."""
+    """Per root channel: the L1 norms of the filters of the dense convolutions and linear layers that write it,
+    summed over the group."""
     size = 1 + max(int(r) for it in items for r in it.root_idxs)
     total = torch.zeros(size)
     found = False
     for it in items:
         m = it.dep.target.module
-        if isinstance(m, nn.Conv2d) and m.groups == 1 and _dim(it) == 0:
+        if (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)) and _dim(it) == 0:
             norms = m.weight.detach().abs().flatten(1).sum(1)
             total.index_add_(0, torch.tensor([int(r) for r in it.root_idxs]),
                              norms[torch.tensor([int(i) for i in it.idxs])])
@@ -155,18 +199,79 @@ class Pruned:
         return {name: LayerPlan(name, "bsr", block=self.n, density=self.density(name)) for name in self.masks}
 
 
-def apply_masks(model: nn.Module, sparsity: float, n: int, layers: dict[str, nn.Conv2d] | None = None) -> Pruned:
+def apply_masks(model: nn.Module, sparsity: float, n: int,
+                layers: dict[str, nn.Conv2d | nn.Linear] | None = None) -> Pruned:
     """Zero the weakest `sparsity` of every prunable layer's 1xN blocks, in place, and return the masks."""
+    _check(sparsity, n)
+    masks = {}
+    with torch.no_grad():
+        for name, layer in (prunable(model) if layers is None else layers).items():
+            masks[name] = block_mask(layer.weight, n, sparsity)
+            layer.weight.mul_(masks[name])
+    return Pruned(masks, n)
+
+
+def _check(sparsity: float, n: int) -> None:
     if n not in BLOCK_SIZES:
         raise ValueError(f"N={n}: the block size is one of {BLOCK_SIZES}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity {sparsity} must be at least 0 and below 1")
-    masks = {}
-    with torch.no_grad():
-        for name, conv in (layers or prunable(model)).items():
-            masks[name] = block_mask(conv.weight, n, sparsity)
-            conv.weight.mul_(masks[name])
-    return Pruned(masks, n)
+
+
+RAMP = 0.75  # the share of the steps over which sparsity rises; the rest fine-tunes at the target (Zhu & Gupta)
+UPDATES = 16  # how many times the masks are recomputed over the ramp
+
+
+def prune(model: nn.Module, ds: data.Dataset | None, resolution: int, sparsity: float, n: int = 4, steps: int = 200,
+          *, teacher: nn.Module | None = None, teacher_resolution: int | None = None, rearrange_first: bool = True,
+          kernels: tuple[int, ...] = (1,), lr: float = 1e-3, batch: int = 32, kd_weight: float = 1.0, seed: int = 0,
+          progress: Callable[[int, int, str, float], None] | None = None) -> Pruned:
+    """Prune `model` in place to `sparsity` in 1xN blocks, gradually, while fine-tuning it, and return the masks.
+
+    Filters are rearranged first (strong ones share blocks). Over the first RAMP of the steps the sparsity rises
+    along the cubic schedule and the masks are recomputed from the current weights UPDATES times, so the network
+    can move weight into the blocks it keeps; after every optimizer step the masks are applied again, so pruned
+    blocks stay zero. The loss is the labels' plus distillation from `teacher` (by default a frozen copy of the
+    dense network as it came in): the dense network's soft outputs carry what the pruned one should keep.
+
+    Layers are those of `prunable` (1x1 convolutions and linear layers; k x k convolutions when `kernels` names k;
+    never the first layer or the classifier), less those whose outputs are not a whole number of blocks (block-sparse
+    storage holds whole blocks of N output channels). steps=0 prunes in one shot with no training at all (and then
+    `ds` may be None: random images serve to check the rearrangement)."""
+    _check(sparsity, n)
+    if steps < 0:
+        raise ValueError(f"steps {steps} must be at least 0")
+    if steps and ds is None:
+        raise ValueError("pruning with fine-tuning needs the training data: pass a Dataset, or steps=0")
+    if ds is not None:
+        example = data.tensors(ds.train[0][:8], resolution)
+    else:
+        example = torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(seed))
+    if steps and teacher is None:
+        teacher, teacher_resolution = copy.deepcopy(model), resolution
+    if rearrange_first:
+        rearrange(model, example)
+    layers = {name: m for name, m in prunable(model, kernels, example).items() if m.weight.shape[0] % n == 0}
+    if not steps:
+        return apply_masks(model, sparsity, n, layers)
+    teacher.eval().requires_grad_(False)
+    ramp = max(1, int(RAMP * steps))
+    schedule = cubic_schedule(sparsity, ramp)
+    every = max(1, ramp // UPDATES)
+    current = [apply_masks(model, 0.0, n, layers)]
+
+    def after_step(step: int) -> None:
+        done = step + 1
+        if done <= ramp and (done % every == 0 or done == ramp):
+            current[0] = apply_masks(model, schedule(done), n, layers)  # recomputed from the weights as they are
+        else:
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    layer.weight.mul_(current[0].masks[name])
+
+    distill(model, resolution, teacher, teacher_resolution or resolution, ds, steps, lr=lr, batch=batch,
+            kd_weight=kd_weight, seed=seed, after_step=after_step, progress=progress, label="prune")
+    return current[0]
 
 
 def cubic_schedule(final: float, steps: int, start: float = 0.0) -> Callable[[int], float]:
