@@ -1,24 +1,63 @@
 """The compress stage: a Network in, the same Network with every layer's plan out.
 
-1xN block pruning (block1xn.py: block scores, masks, filter rearrangement over coupled channels; its gradual
-schedule with fine-tuning and its kernels come next), FDDA int8 quantization (quantize.py, fdda.py) and ReCU / SiMaN
-binarization (binary.py) move in here. Until `build` uses them, compression is the identity: every convolution and
-linear layer is planned dense fp32, so the plan codegen receives names every layer that has weights.
+1xN block pruning (block1xn.py: block scores, masks, filter rearrangement over coupled channels, gradual pruning
+with fine-tuning and distillation from the dense network) runs here when a sparsity is asked for; FDDA int8
+quantization (quantize.py, fdda.py) and ReCU / SiMaN binarization (binary.py) move in here next. Without a
+sparsity, compression is the identity: every convolution and linear layer is planned dense fp32, so the plan codegen
+receives names every layer that has weights.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from ..artifacts import LayerPlan, Network
+from ..errors import UserError
+
+PRUNE_STEPS = 200  # as many as build fine-tunes a subnet: a few minutes on 2 cores
 
 
-def compress(network: Network, data=None) -> Network:
-    """The network with a plan for each weighted layer (dense fp32 in this version); its module is untouched."""
+def compress(network: Network, data=None, *, sparsity: float | None = None, block: int = 4,
+             steps: int = PRUNE_STEPS, kernels: tuple[int, ...] = (1,), teacher=None,
+             teacher_resolution: int | None = None, seed: int = 0,
+             progress: Callable[[int, int, str, float], None] | None = None) -> Network:
+    """The network with a plan for each weighted layer. Without `sparsity` (None or 0) every layer is dense fp32 and
+    the module is the network's own. With it, a copy of the module is pruned to that sparsity in 1xN blocks of
+    `block` output channels (block1xn.prune: `steps` of fine-tuning on `data`, a Dataset or a data spec, with
+    distillation from `teacher`, by default the dense network itself), and its pruned layers are planned
+    block-sparse ("bsr"); the input network's module is untouched. The returned accuracy is the pruned network's on
+    the validation split (None when it was pruned without data)."""
     from torch import nn
 
     plan = dict(network.plan)
-    for name, module in network.module.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and name not in plan:
+    module, accuracy = network.module, network.accuracy
+    if sparsity:
+        from .. import data as datasets
+        from ..training import accuracy as accuracy_of
+        from . import block1xn
+
+        if block not in block1xn.BLOCK_SIZES:
+            raise UserError(f"block {block}: the 1xN block size is one of {', '.join(map(str, block1xn.BLOCK_SIZES))}")
+        if not 0.0 < sparsity < 1.0:
+            raise UserError(f"sparsity {sparsity} must be above 0 and below 1 (the fraction of blocks pruned)")
+        if steps < 0:
+            raise UserError(f"steps {steps} must be at least 0")
+        if isinstance(data, (str, Path)):
+            data = datasets.load(data, seed=seed)
+        elif data is not None and not isinstance(data, datasets.Dataset):
+            raise UserError(f"data must be a Dataset or a data spec (a directory or a .npz), not {type(data).__name__}")
+        if data is None and steps:
+            raise UserError("pruning fine-tunes the network: pass its training data, or steps=0 for one-shot pruning")
+        resolution = int(network.input_shape[-1])
+        module = copy.deepcopy(network.module)
+        pruned = block1xn.prune(module, data, resolution, sparsity, block, steps, teacher=teacher,
+                                teacher_resolution=teacher_resolution, kernels=kernels, seed=seed, progress=progress)
+        plan.update(pruned.plan())
+        accuracy = accuracy_of(module, *data.val, resolution) if data is not None else None
+    for name, layer in module.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and name not in plan:
             plan[name] = LayerPlan(name)
-    return replace(network, plan=plan)
+    return replace(network, module=module, plan=plan, accuracy=accuracy)
