@@ -1,5 +1,6 @@
 """Reference networks written out in PyTorch (torchvision has no CPU build here): MobileNetV1, MobileNetV2,
-SqueezeNet 1.1 and ResNet-18, the networks of the published ARM latencies (../shared/docs/arm-targets.md).
+SqueezeNet 1.1 and ResNet-18, the networks of the published ARM latencies (../shared/docs/arm-targets.md), and
+MobileNetV3-Small, whose squeeze-excite and hardswish the dense benchmark weighs against the peers.
 
 They follow the published architectures layer for layer, so MAC counts match the papers (MobileNetV1 1.0 at 224 px:
 569M; MobileNetV2 1.0: 300M; SqueezeNet 1.1: 349M with 1000 classes; ResNet-18: 1.8G). Weights are random but
@@ -83,6 +84,62 @@ class MobileNetV1(_FeaturesPoolClassifier):
 
 
 
+class SqueezeExcite(nn.Module):
+    """Channel gate of MobileNetV3: x * hardsigmoid(fc(relu(fc(pool(x))))), the fcs as 1x1 convolutions with bias."""
+
+    def __init__(self, c: int, squeeze: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
+class V3Block(nn.Module):
+    """MobileNetV3's bottleneck: expand 1x1 (skipped when the width does not change), depthwise k x k, optional
+    squeeze-excite after the depthwise, linear 1x1 projection, residual when shapes allow."""
+
+    def __init__(self, cin: int, k: int, hidden: int, cout: int, se: bool, act: type[nn.Module], stride: int):
+        super().__init__()
+        self.use_res = stride == 1 and cin == cout
+        layers: list[nn.Module] = [] if hidden == cin else [conv_bn(cin, hidden, 1, 1, act=act)]
+        layers.append(conv_bn(hidden, hidden, k, stride, groups=hidden, act=act))
+        if se:
+            layers.append(SqueezeExcite(hidden, _make_divisible(hidden / 4)))
+        layers.append(conv_bn(hidden, cout, 1, 1, act=None))
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV3Small(_FeaturesPoolClassifier):
+    """MobileNetV3-Small (Howard et al. 2019, table 2): hardswish, 3x3 and 5x5 depthwise, squeeze-excite; 56M MACs at
+    224 px with width 1.0. The head is the paper's: pool, 1x1 to 1024 without BatchNorm, hardswish, classifier."""
+
+    # (kernel, expansion channels, output channels, squeeze-excite, activation, stride), table 2
+    SETTINGS = [(3, 16, 16, True, nn.ReLU, 2), (3, 72, 24, False, nn.ReLU, 2), (3, 88, 24, False, nn.ReLU, 1),
+                (5, 96, 40, True, nn.Hardswish, 2), (5, 240, 40, True, nn.Hardswish, 1),
+                (5, 240, 40, True, nn.Hardswish, 1), (5, 120, 48, True, nn.Hardswish, 1),
+                (5, 144, 48, True, nn.Hardswish, 1), (5, 288, 96, True, nn.Hardswish, 2),
+                (5, 576, 96, True, nn.Hardswish, 1), (5, 576, 96, True, nn.Hardswish, 1)]
+
+    def __init__(self, width: float = 1.0, num_classes: int = 1000):
+        super().__init__()
+        cin = _make_divisible(16 * width)
+        layers: list[nn.Module] = [conv_bn(3, cin, 3, 2, act=nn.Hardswish)]
+        for k, exp, c, se, act, stride in self.SETTINGS:
+            cout = _make_divisible(c * width)
+            layers.append(V3Block(cin, k, _make_divisible(exp * width), cout, se, act, stride))
+            cin = cout
+        last = _make_divisible(576 * width)
+        layers.append(conv_bn(cin, last, 1, 1, act=nn.Hardswish))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(last, 1024), nn.Hardswish(), nn.Linear(1024, num_classes))
+
+
 class Fire(nn.Module):
     def __init__(self, cin: int, squeeze: int, expand: int):
         super().__init__()
@@ -157,6 +214,8 @@ BENCH_NETWORKS = {
     # name: (constructor, input resolution)
     "mobilenetv2-1.0-224": (lambda: MobileNetV2(1.0), 224),
     "mobilenetv2-0.5-128": (lambda: MobileNetV2(0.5), 128),
+    "mobilenetv2-0.35-96": (lambda: MobileNetV2(0.35), 96),
+    "mobilenetv3-small-1.0-224": (lambda: MobileNetV3Small(1.0), 224),
     "resnet18-224": (ResNet18, 224),
 }
 
