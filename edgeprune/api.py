@@ -37,13 +37,15 @@ def targets() -> list[Target]:
 
 def compile(model: str | Path | Network | Any, target: str | Target = "host", out: str | Path = "build", *,
             input_shape: tuple[int, ...] | None = None, format: str | None = None, name: str | None = None,
-            tune_trials: int = 0) -> Build:
+            tune_trials: int = 0, sparse: str = "auto") -> Build:
     """Compile a model for `target` into the directory `out` (written atomically) and return the Build.
 
     model: an ONNX, torch.export (.pt2) or .tflite file; "builtin:NAME", one of the reference networks; a Network;
     or a torch.nn.Module, with input_shape (for example (1, 3, 224, 224)).
     format: "so" (a shared library for Linux boards) or "c" (a C package for firmware); the target's default
-    when None. tune_trials: refine the kernels with that many MetaSchedule trials (host only)."""
+    when None. tune_trials: refine the kernels with that many MetaSchedule trials (host only).
+    sparse: layers with 1xN zero blocks in their weights: "auto" (sparse where the latency model prices it
+    faster), "sparse" or "dense"."""
     from .codegen import compile_model
     from .targets import get_target
 
@@ -58,7 +60,7 @@ def compile(model: str | Path | Network | Any, target: str | Target = "host", ou
     if isinstance(model, Network) and input_shape is not None:
         raise UserError("input_shape does not apply to a Network: it carries its own")
     return compile_model(model, target, out, input_shape=input_shape, fmt=format, tune_trials=tune_trials,
-                         package_name=name)
+                         package_name=name, sparse=sparse)
 
 
 def _builtin(name: str) -> Network:

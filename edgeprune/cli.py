@@ -78,13 +78,18 @@ def _target_json(t) -> dict:
 
 def cmd_compile(args) -> int:
     build = api.compile(args.model, args.target, args.output, input_shape=args.input_shape, format=args.format,
-                        name=args.name, tune_trials=args.tune_trials)
+                        name=args.name, tune_trials=args.tune_trials, sparse=args.sparse)
     if args.json:
         print(json.dumps(build.to_json(), indent=2))
     else:
         ins = ", ".join(f"{s.name}{list(s.shape)}" for s in build.inputs)
         print(f"compiled {args.model} for {build.target} in {build.compile_seconds:.1f} s -> {args.output} "
               f"({len(build.kernels)} kernels; input {ins})")
+        sparse = [r for r in build.layers if r.family == "bsr"]
+        if sparse:
+            print(f"block-sparse: {len(sparse)} layers ("
+                  + ", ".join(f"{(r.sources or (r.kernel,))[0]} 1x{r.block} at {r.density:.0%}" for r in sparse[:4])
+                  + (", ..." if len(sparse) > 4 else "") + "); the rest dense")
         if build.memory:
             m = build.memory
             print(f"C package {m['package']}: arena {m['arena_bytes']:,} B for {m['intermediate_bytes']:,} B of "
@@ -418,6 +423,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="C package name, the prefix of its API (default: from the model file name)")
     s.add_argument("--tune-trials", type=_at_least(0), default=0, metavar="N",
                    help="refine the kernels with N MetaSchedule trials; records are cached per target")
+    s.add_argument("--sparse", choices=["auto", "sparse", "dense"], default="auto",
+                   help="layers whose weights have 1xN zero blocks: auto compiles each sparse or dense, whichever "
+                        "the target's latency model prices faster; sparse always; dense ignores the zeros "
+                        "(default: auto)")
     s.add_argument("--json", action="store_true", help="print the build report as JSON")
     s.set_defaults(fn=cmd_compile)
 

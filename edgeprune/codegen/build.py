@@ -74,7 +74,7 @@ def layer_table(scheduled) -> list[LayerCost]:
         consts.sort(key=lambda t: -t.nbytes)  # the main weight first, then bias and folded BatchNorm terms
         rows.append(family(str(tag_of(func, FAMILY, "dense"))).cost_row(
             str(tag_of(func, OP, "data")), [t.shape for t in acts], [t.shape for t in consts],
-            [t.shape for t in outs], int(tag_of(func, REDUCTION, 0)), step.kernel))
+            [t.shape for t in outs], int(tag_of(func, REDUCTION, 0)), step.kernel, tags=dict(func.attrs or {})))
     return rows
 
 
@@ -122,7 +122,14 @@ def compile_model(
     tune_trials: int = 0,
     package_name: str | None = None,
     use_rules: bool = True,
+    sparse: str = "auto",
+    table=None,
 ) -> Build:
+    """Compile a model file, an imported model or a Network for `target` into `out_dir`.
+
+    sparse: how layers whose weights have 1xN zero blocks are compiled (codegen/choose.py): "auto" prices
+    block-sparse against dense kernels with the device's latency model (`table`, else the target's prior) and keeps
+    the faster per layer; "sparse" runs every such layer sparse; "dense" ignores the zeros."""
     t0 = time.perf_counter()
     target = get_target(target) if isinstance(target, str) else target
     fmt = fmt or target.default_format
@@ -141,14 +148,17 @@ def compile_model(
     else:
         imported = model if isinstance(model, ImportedModel) else import_model(model, input_shape)
     try:
-        return _compile(imported, target, out_dir, fmt, tune_trials, package_name, use_rules, t0, scratch)
+        from .choose import chooser
+
+        choose = chooser(sparse, target, table)
+        return _compile(imported, target, out_dir, fmt, tune_trials, package_name, use_rules, t0, scratch, choose)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, tune_trials: int,
-             package_name: str | None, use_rules: bool, t0: float, scratch: Path | None) -> Build:
+             package_name: str | None, use_rules: bool, t0: float, scratch: Path | None, choose=None) -> Build:
     from .lower import compile_module, fused_module
 
     tvm_target = target.tvm_target()
@@ -160,9 +170,10 @@ def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, t
         database = tune(fused_module(imported.mod, tvm_target), target, tune_trials)
     outputs = output_specs(imported.mod)
     try:
-        ex, scheduled = compile_module(imported.mod, tvm_target, use_rules=use_rules)
+        threads = target.cores
+        ex, scheduled = compile_module(imported.mod, tvm_target, use_rules=use_rules, sparse=choose, threads=threads)
         if database is not None:
-            tuned_ex, tuned_sched = compile_module(imported.mod, tvm_target, database)
+            tuned_ex, tuned_sched = compile_module(imported.mod, tvm_target, database, sparse=choose, threads=threads)
             if _faster(tuned_ex, ex, imported.inputs):
                 ex, scheduled = tuned_ex, tuned_sched
             else:

@@ -19,7 +19,7 @@ from tvm.relax.dpl import is_op, wildcard
 from tvm.relax.dpl.rewrite import rewrite_call
 from tvm.s_tir import dlight as dl
 
-from .kernels import rules, tag_kernels
+from .kernels import bsr, rules, tag_kernels
 
 
 @tvm.transform.module_pass(opt_level=0, name="ClipToMinMax")
@@ -64,15 +64,19 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 
 def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None,
-                    use_rules: bool = True) -> tvm.IRModule:
+                    use_rules: bool = True, sparse: bsr.Chooser | None = None, threads: int = 2) -> tvm.IRModule:
     """Fused module with every kernel scheduled: tuning records first, then our kernel library.
 
     use_rules=False keeps TVM's plain legalized loops: slow, but an implementation independent of ours with the
     same kernel boundaries, which is what --debug-layers compares against.
+    sparse: picks a block-sparse kernel, or dense, for each kernel whose constant weight has 1xN zero blocks
+    (kernels/bsr.py); None compiles every kernel dense.
     """
     mod = tag_kernels(fused_module(mod, target))
     if not use_rules:
         return mod
+    if sparse is not None:
+        mod = bsr.sparsify(mod, target, sparse, threads)
     with target:
         # Weights are constants, so kernels may store them in whatever layout they read fastest: the schedules
         # mark the repacking copy, which is split out and folded into the constants here.
@@ -88,9 +92,9 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
 
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None,
-                   use_rules: bool = True):
+                   use_rules: bool = True, sparse: bsr.Chooser | None = None, threads: int = 2):
     """Relax module -> (tvm.runtime.Executable, the scheduled module it was built from)."""
-    scheduled = schedule_module(mod, target, database_dir, use_rules)
+    scheduled = schedule_module(mod, target, database_dir, use_rules, sparse, threads)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgepruneFinalize")
     def finalize(m: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -50,6 +50,21 @@ def ops_per_cycle(target: Target, row: LayerCost) -> float:
     return target.fp32_flop_per_cycle
 
 
+# A 1xN block-sparse kernel's rate on its kept MACs, as a fraction of the dense pointwise rate, by how much of a
+# SIMD vector one block fills (bench/sparse.py, host): a block as wide as the vector runs at the dense rate less
+# its index loads; narrower blocks are transposed into pixel vectors (kernels/bsr.py), which costs a pass over
+# the tile each way.
+BSR_EFFICIENCY = {1.0: 0.85, 0.5: 0.7, 0.25: 0.55}
+
+
+def bsr_efficiency(row: LayerCost, target: Target) -> float:
+    """The block-sparse rate factor of a row (1 for every other family)."""
+    if row.family != "bsr":
+        return 1.0
+    fill = min(1.0, row.block / max(1, target.simd_lanes))
+    return BSR_EFFICIENCY.get(fill, 0.55 if fill < 0.5 else 0.85)
+
+
 def fit_class(row: LayerCost) -> str:
     """What the fit keeps apart: the operator class, and the family when it is not dense fp32."""
     return row.op if row.family == "dense" else f"{row.op}/{row.family}"
@@ -82,6 +97,7 @@ def fitted_prior_ms(row: LayerCost, target: Target, threads: int | None = None, 
             eff *= target.prior_int8_efficiency
         macs = row.macs / winograd if winograd != 1.0 and winograd_eligible(row) else row.macs
         speedup = (threads or target.cores) ** target.prior_thread_scaling
+        eff *= bsr_efficiency(row, target)
         compute = 2 * macs / (target.clock_mhz * 1e3 * ops_per_cycle(target, row) * eff * speedup)
     return max(compute, memory_ms(row, target)) + target.prior_overhead_us / 1e3
 
@@ -132,9 +148,11 @@ class LatencyModel:
         if self.target.prior_fitted:
             return fitted_prior_ms(row, self.target, self.threads)
         compute, memory = terms(row, self.target, self.threads)
-        per_out = row.macs / max(1, np.prod(row.shapes[-1])) if row.shapes else 0
+        # MACs per output of the dense layer: a sparse layer keeps its class, it only skips blocks
+        per_out = row.macs / max(row.density, 1e-9) / max(1, np.prod(row.shapes[-1])) if row.shapes else 0
         cls = "depthwise" if row.op in ("pointwise", "conv") and per_out <= WINDOW_ONLY_MACS else row.op
-        return max(compute / PRIOR_EFFICIENCY[cls], memory) + PRIOR_OVERHEAD_MS
+        rate = PRIOR_EFFICIENCY[cls] * bsr_efficiency(row, self.target)
+        return max(compute / rate, memory) + PRIOR_OVERHEAD_MS
 
     def layer_ms(self, row: LayerCost) -> tuple[float, str]:
         key = row.key()

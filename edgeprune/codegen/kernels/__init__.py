@@ -2,17 +2,18 @@
 fused function, kernels/common.py), its schedule rules and the cost row it reports for each kernel call.
 
     dense.py   fp32: conv, depthwise, pointwise, dense, pooling, means, and data movement
-    (int8.py, bsr.py, binary.py arrive with compression: adding a family is adding a file and a line below)
+    bsr.py     1xN block-sparse pointwise and dense layers, swapped in for dense kernels by `bsr.sparsify`
+    (int8.py, binary.py arrive with compression: adding a family is adding a file and a line below)
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from . import dense
+from . import bsr, dense
 from .common import CpuSpec, tag_kernels
 
-FAMILIES: dict[str, ModuleType] = {dense.NAME: dense}
+FAMILIES: dict[str, ModuleType] = {dense.NAME: dense, bsr.NAME: bsr}
 
 __all__ = ["FAMILIES", "CpuSpec", "family", "rules", "tag_kernels"]
 

@@ -273,7 +273,9 @@ RULES: list[dl.base.ScheduleRule] = [ChannelsLastReduction(), Injective()]
 
 
 def cost_row(op: str, inputs: Sequence[Sequence[int]], weights: Sequence[Sequence[int]],
-             outputs: Sequence[Sequence[int]], reduction: int, kernel: str, sources: Sequence[str] = ()) -> LayerCost:
-    """The row a dense fp32 kernel reports: every weight kept, 32 bits everywhere."""
+             outputs: Sequence[Sequence[int]], reduction: int, kernel: str, sources: Sequence[str] = (),
+             tags: dict | None = None) -> LayerCost:
+    """The row a dense fp32 kernel reports: every weight kept, 32 bits everywhere. (`tags`, the kernel's
+    attributes, tell other families their bits and density; dense needs none.)"""
     return layer_cost(op, inputs, weights, outputs, reduction=reduction, plan=LayerPlan(kernel), family=NAME,
                       kernel=kernel, sources=sources)

@@ -1,0 +1,490 @@
+"""The block-sparse kernel family: 1xN BSR pointwise convolutions and dense layers.
+
+A 1xN block is N consecutive output channels' weights for one input channel (Lin et al., methods.md section 1).
+In HWIO (our layout) output channels are innermost, so a block is N contiguous floats of the weight [K, M]. Storage
+is BSR over block rows: ``data[nnz, N]``, ``indices[nnz]`` (the input channel of each kept block) and
+``indptr[M/N + 1]``; the constants replace the dense weight at the call site.
+
+TVM 0.27 has no sparse operator, so the kernels are written here as TIR with their schedule in the loops, and a
+module pass (`sparsify`) swaps them in for fused dense kernels after fusion: the fused epilogue (bias, folded
+BatchNorm, activation, residual add) is read off the dense kernel's last block and applied to the accumulators
+before they are stored, so the sparse kernel writes its output once, as the dense one does.
+
+Two ways to vectorize, each faster somewhere (measured in bench/sparse.py; the choice is per layer):
+  channels  one SIMD vector holds a block's N outputs; a tile of pixels is broadcast against it. Channels-last
+            data is read as it lies. Full rate where N fills a vector (N=16 on AVX-512, N=4 on NEON: one q
+            register per block), a fraction of it where N is narrower than the vector.
+  pixels    XNNPACK's way: one vector holds a tile of pixels of one channel, N accumulators per block. A
+            channels-last tile is transposed into a scratch buffer once and reused by every block row; the
+            stores transpose back. Full rate at any N, at the price of the two transposes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.s_tir import dlight as dl
+
+from ...artifacts import LayerCost, LayerPlan
+from ...cost.rows import layer_cost
+from . import dense
+from .common import FAMILY, FLOPS, OP, REDUCTION, CpuSpec, is_reduction, tag_of
+
+NAME = "bsr"
+BLOCKS = (16, 8, 4)  # the block sizes the kernels take, widest first
+VARIANTS = ("pixels", "channels")
+BLOCK, DENSITY, VARIANT = "edgeprune.block", "edgeprune.density", "edgeprune.variant"
+MAX_DENSITY = 0.9  # a weight with fewer zero blocks than this is not looked at as sparse
+RULES: list = []  # the kernels come scheduled: nothing for dlight to do
+
+
+@dataclass(frozen=True)
+class Bsr:
+    """A [K, M] weight (K input channels, M outputs) in 1xN block-sparse rows."""
+
+    data: np.ndarray  # [nnz, N] float32
+    indices: np.ndarray  # [nnz] int32: each kept block's input channel
+    indptr: np.ndarray  # [M / N + 1] int32
+    n: int
+    k: int
+    m: int
+
+    @property
+    def density(self) -> float:
+        return len(self.indices) / max(1, self.k * (self.m // self.n))
+
+
+def to_bsr(w: np.ndarray, n: int) -> Bsr:
+    """The BSR form of a [K, M] weight with 1xN blocks along M (M a multiple of N); all-zero blocks dropped."""
+    k, m = w.shape
+    blocks = w.reshape(k, m // n, n).transpose(1, 0, 2)  # [M/N, K, N]
+    keep = np.abs(blocks).sum(-1) != 0  # [M/N, K]
+    indptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype("int32")
+    rows, cols = np.nonzero(keep)
+    return Bsr(np.ascontiguousarray(blocks[rows, cols], dtype="float32"), cols.astype("int32"), indptr, n, k, m)
+
+
+def block_densities(w: np.ndarray) -> dict[int, float]:
+    """Kept-block density of a [K, M] weight for each N of BLOCKS that divides M."""
+    k, m = w.shape
+    nz = w != 0
+    return {n: float(nz.reshape(k, m // n, n).any(-1).mean()) for n in BLOCKS if m % n == 0}
+
+
+def candidates(w: np.ndarray) -> list[tuple[int, float]]:
+    """(N, density) choices worth pricing for a weight: each block size whose density is within 2 points of the
+    narrowest block's (a wider block with the same zeros is faster), when that is sparse enough to matter."""
+    dens = block_densities(w)
+    if not dens:
+        return []
+    floor = min(dens.values())
+    if floor > MAX_DENSITY:
+        return []
+    return [(n, d) for n, d in sorted(dens.items(), reverse=True) if d <= floor + 0.02]
+
+
+# ---------------------------------------------------------------- reading a fused dense kernel
+
+
+@dataclass
+class Fused:
+    """What the sparse kernel needs from a fused dense pointwise / dense-layer kernel."""
+
+    x: tirx.Buffer  # the activation input, [1, H, W, K] or [B, K]
+    weight: int  # the weight's parameter index
+    out: tirx.Buffer  # [1, H, W, M] or [B, M]
+    extras: list[int]  # parameter indices the epilogue reads (bias, residual), in order
+    acc: tirx.Buffer  # the reduction's output, which the epilogue reads
+    iters: list[tirx.Var]  # the epilogue's block iteration variables, one per output axis
+    value: tirx.PrimExpr  # the epilogue: the output element as a function of acc[iters] and iters
+    k: int
+    m: int
+    pixels: int  # P: H * W, or the batch of a dense layer
+    width: int  # W (1 for a dense layer)
+
+
+def read_fused(func: tirx.PrimFunc) -> Fused | None:
+    """The fused kernel's parts, if it is a stride-1 1x1 convolution or a dense layer reading a [K, M] constant
+    through one plain (unpadded) copy at most, followed by elementwise stages; None otherwise."""
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(dl.analysis.get_root_block(sch))
+    except Exception:  # noqa: BLE001 - not a single-nest function
+        return None
+    reds = [b for b in blocks if is_reduction(sch, b)]
+    if len(reds) != 1:
+        return None
+    names = [sch.get(b).name_hint for b in blocks]
+    pos = names.index(sch.get(reds[0]).name_hint)
+    before, after = blocks[:pos], blocks[pos + 1:]
+    params = list(func.params)
+    red = sch.get(reds[0])
+    out_buf = red.writes[0].source
+    # The input: a parameter, or a copy of one with the same shape (TVM's pad stage with nothing to pad).
+    copies = {}
+    for b in before:
+        blk = sch.get(b)
+        store = blk.body
+        if not (isinstance(store, tirx.BufferStore) and isinstance(store.value, _LOAD)
+                and len(blk.reads) == 1 and list(store.value.source.shape) == list(store.buffer.shape)
+                and all(i.same_as(v.var) for i, v in zip(store.value.indices, blk.iter_vars))
+                and all(i.same_as(v.var) for i, v in zip(store.indices, blk.iter_vars))):
+            return None
+        copies[store.buffer] = store.value.source
+    reads = [r.source for r in red.reads if not r.source.same_as(out_buf)]
+    if len(reads) != 2:
+        return None
+    red_vars = [iv.var for iv in red.iter_vars if int(iv.iter_type) == 2]
+    spatial = [iv.var for iv in red.iter_vars if int(iv.iter_type) != 2]
+    body = red.body
+    if not isinstance(body, tirx.BufferStore):
+        return None
+    loads = _loads(body.value)
+    x_buf = w_buf = None
+    for ld in loads:
+        if ld.source.same_as(out_buf):
+            continue
+        last = ld.indices[-1]
+        if isinstance(last, tirx.Var) and last.same_as(spatial[-1]) and len(ld.indices) >= 2 \
+                and isinstance(ld.indices[-2], tirx.Var) and any(ld.indices[-2].same_as(v) for v in red_vars):
+            w_buf = ld.source
+        else:
+            x_buf = ld.source
+    if x_buf is None or w_buf is None:
+        return None
+    x_buf = next((src for dst, src in copies.items() if dst.same_as(x_buf)), x_buf)
+    wshape = [int(d) for d in w_buf.shape]
+    if any(d != 1 for d in wshape[:-2]):
+        return None  # a k x k window: not a pointwise kernel
+    k, m = wshape[-2:]
+    xshape = [int(d) for d in x_buf.shape]
+    oshape = [int(d) for d in out_buf.shape]
+    if xshape[:-1] != oshape[:-1] or xshape[-1] != k or oshape[-1] != m or xshape[0] != 1 and len(xshape) == 4:
+        return None  # strided, batched or not the shapes of x @ W
+    w_index = next((i for i, p in enumerate(params) if p.same_as(w_buf)), None)
+    x_index = next((i for i, p in enumerate(params) if p.same_as(x_buf)), None)
+    if w_index is None or x_index is None:
+        return None
+    # The epilogue: every elementwise stage inlined into the last, which stores the output parameter.
+    try:
+        for b in after[:-1]:
+            sch.compute_inline(b)
+    except Exception:  # noqa: BLE001 - a stage that does not inline: not an elementwise tail
+        return None
+    if after:
+        last = sch.get(after[-1])
+        store = last.body
+        if not isinstance(store, tirx.BufferStore) or not all(
+                i.same_as(v.var) for i, v in zip(store.indices, last.iter_vars)):
+            return None
+        iters, value, out_param = [v.var for v in last.iter_vars], store.value, store.buffer
+    else:
+        iters = [tirx.Var(f"i{d}", "int64") for d in range(len(oshape))]
+        value, out_param = tirx.BufferLoad(out_buf, iters), out_buf
+    out_index = next((i for i, p in enumerate(params) if p.same_as(out_param)), None)
+    if out_index != len(params) - 1:
+        return None
+    extras = [i for i, p in enumerate(params) if i not in (x_index, w_index, out_index)]
+    if any(not any(ld.source.same_as(params[i]) for ld in _loads(value)) for i in extras):
+        return None  # a parameter the epilogue does not read: something we did not follow
+    pixels = int(np.prod(oshape[:-1]))
+    width = oshape[-2] if len(oshape) == 4 else 1
+    return Fused(params[x_index], w_index, params[out_index], extras, out_buf, iters, value, k, m, pixels, width)
+
+
+_LOAD = tvm.ir.TensorLoad  # what tirx.BufferLoad builds in 0.27: the buffer is `.source`
+
+
+def _loads(expr) -> list:
+    found: list = []
+
+    def walk(e):
+        if isinstance(e, _LOAD):
+            found.append(e)
+            for i in e.indices:
+                walk(i)
+        elif isinstance(e, tvm.ir.Call):
+            for a in e.args:
+                walk(a)
+        elif isinstance(e, tirx.Cast):
+            walk(e.value)
+        elif isinstance(e, tirx.Select):
+            walk(e.condition), walk(e.true_value), walk(e.false_value)
+        elif isinstance(e, tirx.Not):
+            walk(e.a)
+        elif hasattr(e, "a") and hasattr(e, "b"):
+            walk(e.a), walk(e.b)
+
+    walk(expr)
+    return found
+
+
+_BINARY = (tirx.Add, tirx.Sub, tirx.Mul, tirx.Div, tirx.Mod, tirx.FloorDiv, tirx.FloorMod, tirx.Min, tirx.Max,
+           tirx.EQ, tirx.NE, tirx.LT, tirx.LE, tirx.GT, tirx.GE, tirx.And, tirx.Or)
+
+
+def rebuild(expr, acc: tirx.Buffer, acc_value, env: dict) -> tirx.PrimExpr:
+    """`expr` with loads of `acc` replaced by `acc_value` and variables by env[var] (TVM 0.27 exposes no
+    expression substitution to Python; an epilogue is a handful of node kinds, and anything else raises)."""
+    def go(e):
+        if isinstance(e, _LOAD):
+            if e.source.same_as(acc):
+                return acc_value
+            return tirx.BufferLoad(e.source, [go(i) for i in e.indices])
+        if isinstance(e, tirx.Var):
+            for var, value in env.items():
+                if var.same_as(e):
+                    return value
+            return e
+        if isinstance(e, (tirx.IntImm, tirx.FloatImm, tvm.ir.StringImm)):
+            return e
+        if isinstance(e, _BINARY):
+            return type(e)(go(e.a), go(e.b))
+        if isinstance(e, tirx.Not):
+            return tirx.Not(go(e.a))
+        if isinstance(e, tirx.Cast):
+            return tirx.Cast(str(e.ty), go(e.value))
+        if isinstance(e, tirx.Select):
+            return tirx.Select(go(e.condition), go(e.true_value), go(e.false_value))
+        if isinstance(e, tvm.ir.Call):
+            return tvm.ir.Call(e.op, [go(a) for a in e.args], attrs=e.attrs, ret_ty=e.ty)
+        raise NotImplementedError(type(e).__name__)
+
+    return go(expr)
+
+
+# ---------------------------------------------------------------- the kernels
+
+
+def kernel(fused: Fused, params: Sequence[tirx.Buffer], bsr: Bsr, variant: str, spec: CpuSpec,
+           threads: int = 2) -> tirx.PrimFunc:
+    """The BSR kernel computing what `fused` computes, as a scheduled PrimFunc with parameters
+    (x, data, indices, indptr, *epilogue inputs, out)."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.tirx.script.builder import ir as T
+
+    rows, nnz = fused.m // bsr.n, max(1, len(bsr.indices))
+    with IRBuilder() as ib:
+        with T.prim_func():
+            x = T.arg("x", fused.x)
+            data = T.arg("data", T.buffer((nnz, bsr.n), "float32"))
+            indices = T.arg("indices", T.buffer((nnz,), "int32"))
+            indptr = T.arg("indptr", T.buffer((rows + 1,), "int32"))
+            for i in fused.extras:
+                T.arg(params[i].name, params[i])
+            T.arg("out", fused.out)
+            T.func_attr({"tirx.noalias": True})
+            # A root block with one block inside, around plain loops: Relax's layout-rewrite split expects both.
+            with T.sblock("root"), T.sblock("bsr"):
+                xf = T.decl_buffer((fused.pixels, fused.k), "float32", data=x.data)
+                body = _pixels if variant == "pixels" else _channels
+                body(T, fused, bsr.n, xf, data, indices, indptr, spec.lanes, spec.acc_regs, threads)
+    return ib.get()
+
+
+def _zero():
+    return tirx.FloatImm("float32", 0.0)
+
+
+def _store(T, fused: Fused, px, ch, value) -> None:
+    """out[pixel, channel] = epilogue(value): the dense kernel's tail, applied to an accumulator."""
+    i64 = "int64"
+    px, ch = tirx.Cast(i64, px), tirx.Cast(i64, ch)
+    if len(fused.iters) == 4:
+        w = tirx.IntImm(i64, fused.width)
+        where = [tirx.IntImm(i64, 0), tirx.FloorDiv(px, w), tirx.FloorMod(px, w), ch]
+    else:
+        where = [px, ch]
+    env = dict(zip(fused.iters, where))
+    T.buffer_store(fused.out, rebuild(fused.value, fused.acc, value, env), where)
+
+
+def _pixels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_regs: int, threads: int) -> None:
+    """Vectors over pixels: a tile of PT pixels is transposed into xt[K, PT] once, then every block row
+    accumulates N vectors of PT pixels (XNNPACK's sparse layout, here on channels-last data)."""
+    p, k, rows = fused.pixels, fused.k, fused.m // n
+    pt = lanes * 2 if n * 2 <= acc_regs // 2 else lanes  # N x PT/lanes accumulators in registers
+    tiles = -(-p // pt)
+    chunks = _chunks(tiles, rows, threads)
+    per = -(-rows // chunks)
+    with T.parallel(0, tiles * chunks) as tc:
+        t, c = tc // chunks, tc % chunks
+        xt = T.alloc_buffer((k, pt), "float32", scope="global")
+        with T.serial(0, k) as kk, T.vectorized(0, pt) as v:
+            px = t * pt + v
+            if p % pt == 0:
+                T.buffer_store(xt, xf[px, kk], [kk, v])
+            else:  # the last tile is padded with zeros, and only its real pixels are stored
+                T.buffer_store(xt, tirx.Select(px < p, xf[tirx.Min(px, p - 1), kk], _zero()), [kk, v])
+        with T.serial(0, per) as obi:
+            ob = c * per + obi
+            with T.If(ob < rows), T.Then():
+                acc = T.alloc_buffer((n, pt), "float32", scope="global")
+                with T.unroll(0, n) as j, T.vectorized(0, pt) as v:
+                    T.buffer_store(acc, _zero(), [j, v])
+                with T.serial(indptr[ob], indptr[ob + 1]) as e, T.unroll(0, n) as j, T.vectorized(0, pt) as v:
+                    T.buffer_store(acc, acc[j, v] + data[e, j] * xt[indices[e], v], [j, v])
+                with T.unroll(0, pt) as v, T.If(t * pt + v < p), T.Then(), T.vectorized(0, n) as j:
+                    _store(T, fused, t * pt + v, ob * n + j, acc[j, v])
+
+
+def _channels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_regs: int, threads: int) -> None:
+    """Vectors over a block's N outputs: PT pixels' inputs broadcast against each kept block."""
+    p, rows = fused.pixels, fused.m // n
+    pt = _pixel_tile(p, acc_regs // max(1, -(-n // lanes)))
+    tiles = p // pt
+    chunks = _chunks(tiles, rows, threads)
+    per = -(-rows // chunks)
+    with T.parallel(0, tiles * chunks) as tc:
+        t, c = tc // chunks, tc % chunks
+        with T.serial(0, per) as obi:
+            ob = c * per + obi
+            with T.If(ob < rows), T.Then():
+                acc = T.alloc_buffer((pt, n), "float32", scope="global")
+                with T.unroll(0, pt) as v, T.vectorized(0, n) as j:
+                    T.buffer_store(acc, _zero(), [v, j])
+                with T.serial(indptr[ob], indptr[ob + 1]) as e, T.unroll(0, pt) as v, T.vectorized(0, n) as j:
+                    T.buffer_store(acc, acc[v, j] + xf[t * pt + v, indices[e]] * data[e, j], [v, j])
+                with T.unroll(0, pt) as v, T.vectorized(0, n) as j:
+                    _store(T, fused, t * pt + v, ob * n + j, acc[v, j])
+
+
+def preferred(spec: CpuSpec, n: int, pixels: int) -> tuple[str, ...]:
+    """Both variants, the one that suits this CPU first: a block that fills a vector, or too few pixels to fill
+    one, vectorizes over channels; otherwise over pixels (bench/sparse.py measures both)."""
+    if n >= spec.lanes or pixels < spec.lanes:
+        return ("channels", "pixels")
+    return ("pixels", "channels")
+
+
+def _chunks(tiles: int, rows: int, threads: int) -> int:
+    """Split the block rows too when there are too few pixel tiles to keep every thread busy."""
+    chunks = 1
+    while tiles * chunks < 4 * threads and chunks * 2 <= rows:
+        chunks *= 2
+    return chunks
+
+
+def _pixel_tile(p: int, budget: int) -> int:
+    """The widest pixel tile up to `budget` (and 8) that divides P: no loop needs a predicate."""
+    for t in range(min(8, max(1, budget), p), 0, -1):
+        if p % t == 0:
+            return t
+    return 1
+
+
+# ---------------------------------------------------------------- the pass
+
+
+Chooser = Callable[[str, LayerCost, list[tuple[str, LayerCost]]], str | None]
+
+
+def sparsify(mod: tvm.IRModule, target, choose: Chooser, threads: int = 2) -> tvm.IRModule:
+    """Swap a BSR kernel in for each fused pointwise / dense-layer kernel whose constant weight has 1xN zero
+    blocks, where `choose(kernel, dense_row, [(option, sparse_row), ...])` picks an option ("<variant>:<N>") over
+    dense (None keeps the dense kernel)."""
+    spec = CpuSpec.of(target)
+    main = mod["main"]
+    calls = _calls(main)
+    replace: dict[str, tuple[tvm.ir.GlobalVar, list]] = {}
+    builder = relax.BlockBuilder(mod)  # add_func gives the new kernels' GlobalVars the type call_tir checks
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or tag_of(func, OP) not in ("pointwise", "matmul"):
+            continue
+        sites = calls.get(gv.name_hint, [])
+        if len(sites) != 1:
+            continue  # one kernel, one weight: a kernel called twice could have two
+        fused = read_fused(func)
+        if fused is None:
+            continue
+        arg = sites[0].args[1][fused.weight]
+        if not isinstance(arg, tvm.ir.Constant):
+            continue
+        w = arg.value.numpy().reshape(fused.k, fused.m)
+        options = candidates(w)
+        if not options:
+            continue
+        op, xs, os_ = str(tag_of(func, OP)), [_shape(fused.x)], [_shape(fused.out)]
+        dense_row = dense.cost_row(op, xs, [(1, 1, fused.k, fused.m)], os_, fused.k, gv.name_hint)
+        priced = [(f"{v}:{n}", cost_row(op, xs, [(1, 1, fused.k, fused.m)], os_, fused.k, gv.name_hint,
+                                        tags={BLOCK: n, DENSITY: d, VARIANT: v}))
+                  for n, d in options for v in preferred(spec, n, fused.pixels)]
+        pick = choose(gv.name_hint, dense_row, priced)
+        if pick is None:
+            continue
+        variant, n = pick.split(":")
+        bsr = to_bsr(w, int(n))
+        try:
+            new = kernel(fused, list(func.params), bsr, variant, spec, threads)
+        except NotImplementedError:
+            continue  # an epilogue node kind we do not rebuild: stays dense
+        new = new.with_attrs({OP: tag_of(func, OP), FAMILY: NAME, FLOPS: 2 * fused.pixels * bsr.n * len(bsr.indices),
+                              REDUCTION: fused.k, BLOCK: bsr.n, DENSITY: round(bsr.density, 6), VARIANT: variant,
+                              "tirx.is_scheduled": True, "tirx.noalias": True})
+        args = list(sites[0].args[1])
+        x_index = next(i for i, prm in enumerate(func.params) if prm.same_as(fused.x))
+        new_args = [args[x_index], relax.const(bsr.data), relax.const(bsr.indices), relax.const(bsr.indptr)]
+        new_args += [args[i] for i in fused.extras]
+        new_gv = builder.add_func(new, f"{gv.name_hint}_bsr{bsr.n}")
+        replace[gv.name_hint] = (new_gv, new_args)
+    if not replace:
+        return mod
+    mod = builder.get()
+    mod["main"] = _Rewriter(replace).visit_expr(main)
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def _shape(buf: tirx.Buffer) -> tuple[int, ...]:
+    return tuple(int(d) for d in buf.shape)
+
+
+def _calls(func: relax.Function) -> dict[str, list[relax.Call]]:
+    sites: dict[str, list[relax.Call]] = {}
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
+            sites.setdefault(e.args[0].name_hint, []).append(e)
+
+    relax.analysis.post_order_visit(func, visit)
+    return sites
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, replace: dict) -> None:
+        super().__init__()
+        self.replace = replace
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if getattr(call.op, "name", "") == "relax.call_tir" and call.args[0].name_hint in self.replace:
+            gv, args = self.replace[call.args[0].name_hint]
+            return relax.call_tir(gv, args, call.ty_args[0] if call.ty_args else call.ty)
+        return call
+
+
+def cost_row(op: str, inputs: Sequence[Sequence[int]], weights: Sequence[Sequence[int]],
+             outputs: Sequence[Sequence[int]], reduction: int, kernel: str, sources: Sequence[str] = (),
+             tags: dict | None = None) -> LayerCost:
+    """The row of a BSR kernel: priced as the dense layer it replaces, at its density and N. `weights` may be the
+    BSR constants of a compiled kernel (data, indices, indptr, then the epilogue's) or the dense weight's shape."""
+    tags = tags or {}
+    n, density = int(tags.get(BLOCK, 1)), float(tags.get(DENSITY, 1.0))
+    k = int(reduction)
+    m = int(outputs[0][-1])
+    nnz = int(round(density * k * (m // max(1, n))))
+    bsr_shapes = [(nnz, n), (nnz,), (m // max(1, n) + 1,)]
+    rest = []
+    for s in weights:
+        s = tuple(int(d) for d in s)
+        if s in bsr_shapes:
+            bsr_shapes.remove(s)
+        elif s != (1, 1, k, m):
+            rest.append(s)
+    plan = LayerPlan(kernel, "bsr", block=n, density=density)
+    return layer_cost(op, inputs, [(1, 1, k, m), *rest], outputs, reduction=k, plan=plan, family=NAME,
+                      kernel=kernel, sources=sources)
