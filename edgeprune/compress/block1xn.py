@@ -224,11 +224,12 @@ UPDATES = 16  # how many times the masks are recomputed over the ramp
 
 def prune(model: nn.Module, ds: data.Dataset | None, resolution: int, sparsity: float, n: int = 4, steps: int = 200,
           *, teacher: nn.Module | None = None, teacher_resolution: int | None = None, rearrange_first: bool = True,
-          kernels: tuple[int, ...] = (1,), lr: float = 1e-3, batch: int = 32, kd_weight: float = 1.0, seed: int = 0,
+          kernels: tuple[int, ...] = (1,), ramp: float = RAMP, lr: float = 1e-3, batch: int = 32,
+          kd_weight: float = 1.0, seed: int = 0,
           progress: Callable[[int, int, str, float], None] | None = None) -> Pruned:
     """Prune `model` in place to `sparsity` in 1xN blocks, gradually, while fine-tuning it, and return the masks.
 
-    Filters are rearranged first (strong ones share blocks). Over the first RAMP of the steps the sparsity rises
+    Filters are rearranged first (strong ones share blocks). Over the first `ramp` of the steps the sparsity rises
     along the cubic schedule and the masks are recomputed from the current weights UPDATES times, so the network
     can move weight into the blocks it keeps; after every optimizer step the masks are applied again, so pruned
     blocks stay zero. The loss is the labels' plus distillation from `teacher` (by default a frozen copy of the
@@ -255,7 +256,7 @@ def prune(model: nn.Module, ds: data.Dataset | None, resolution: int, sparsity: 
     if not steps:
         return apply_masks(model, sparsity, n, layers)
     teacher.eval().requires_grad_(False)
-    ramp = max(1, int(RAMP * steps))
+    ramp = max(1, int(ramp * steps))
     schedule = cubic_schedule(sparsity, ramp)
     every = max(1, ramp // UPDATES)
     current = [apply_masks(model, 0.0, n, layers)]
