@@ -22,7 +22,7 @@ Two ways to vectorize, each faster somewhere (measured in bench/sparse.py; the c
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
@@ -105,6 +105,7 @@ class Fused:
     m: int
     pixels: int  # P: H * W, or the batch of a dense layer
     width: int  # W (1 for a dense layer)
+    flat: list = field(default_factory=list)  # (buffer, its [P, M] alias) for the output and residuals
 
 
 def read_fused(func: tirx.PrimFunc) -> Fused | None:
@@ -227,13 +228,20 @@ _BINARY = (tirx.Add, tirx.Sub, tirx.Mul, tirx.Div, tirx.Mod, tirx.FloorDiv, tirx
            tirx.EQ, tirx.NE, tirx.LT, tirx.LE, tirx.GT, tirx.GE, tirx.And, tirx.Or)
 
 
-def rebuild(expr, acc: tirx.Buffer, acc_value, env: dict) -> tirx.PrimExpr:
+def rebuild(expr, acc: tirx.Buffer, acc_value, env: dict, flat: Sequence = (), iters: Sequence = (),
+            flat_index: Sequence = ()) -> tirx.PrimExpr:
     """`expr` with loads of `acc` replaced by `acc_value` and variables by env[var] (TVM 0.27 exposes no
-    expression substitution to Python; an epilogue is a handful of node kinds, and anything else raises)."""
+    expression substitution to Python; an epilogue is a handful of node kinds, and anything else raises).
+    A load of a buffer that has a flat alias in `flat` ((buffer, alias) pairs), at exactly `iters`, reads the alias
+    at `flat_index` instead: [pixel, channel] rather than [0, pixel // W, pixel % W, channel]."""
     def go(e):
         if isinstance(e, _LOAD):
             if e.source.same_as(acc):
                 return acc_value
+            alias = next((a for b, a in flat if b.same_as(e.source)), None)
+            if alias is not None and len(e.indices) == len(iters) and all(
+                    i.same_as(v) for i, v in zip(e.indices, iters)):
+                return tirx.BufferLoad(alias, list(flat_index))
             return tirx.BufferLoad(e.source, [go(i) for i in e.indices])
         if isinstance(e, tirx.Var):
             for var, value in env.items():
@@ -268,10 +276,11 @@ def kernel(fused: Fused, params: Sequence[tirx.Buffer], bsr: Bsr, variant: str, 
     from tvm.tirx.script.builder import ir as T
 
     rows, nnz = fused.m // bsr.n, max(1, len(bsr.indices))
+    width = packed_width(bsr.n, spec, variant)
     with IRBuilder() as ib:
         with T.prim_func():
             x = T.arg("x", fused.x)
-            data = T.arg("data", T.buffer((nnz, bsr.n), "float32"))
+            data = T.arg("data", T.buffer((nnz, width), "float32"))
             indices = T.arg("indices", T.buffer((nnz,), "int32"))
             indptr = T.arg("indptr", T.buffer((rows + 1,), "int32"))
             for i in fused.extras:
@@ -281,9 +290,25 @@ def kernel(fused: Fused, params: Sequence[tirx.Buffer], bsr: Bsr, variant: str, 
             # A root block with one block inside, around plain loops: Relax's layout-rewrite split expects both.
             with T.sblock("root"), T.sblock("bsr"):
                 xf = T.decl_buffer((fused.pixels, fused.k), "float32", data=x.data)
+                shape = _shape(fused.out)
+                fused.flat = [(b, T.decl_buffer((fused.pixels, fused.m), "float32", data=b.data))
+                              for b in [fused.out, *(params[i] for i in fused.extras)] if _shape(b) == shape]
                 body = _pixels if variant == "pixels" else _channels
                 body(T, fused, bsr.n, xf, data, indices, indptr, spec.lanes, spec.acc_regs, threads)
     return ib.get()
+
+
+def packed_width(n: int, spec: CpuSpec, variant: str) -> int:
+    """Floats per kept block in the kernel's `data`: N, or a whole vector for the pixels kernel (each weight
+    repeated lanes/N times, so one load feeds all R pixels of a vector)."""
+    return spec.lanes if variant == "pixels" else n
+
+
+def packed_data(bsr: Bsr, width: int) -> np.ndarray:
+    """`bsr.data` laid out as the kernel reads it: [nnz, width], weight c at lanes c*R .. c*R + R - 1."""
+    if width == bsr.n:
+        return bsr.data
+    return np.ascontiguousarray(np.repeat(bsr.data, width // bsr.n, axis=1))
 
 
 def _zero():
@@ -291,26 +316,38 @@ def _zero():
 
 
 def _store(T, fused: Fused, px, ch, value) -> None:
-    """out[pixel, channel] = epilogue(value): the dense kernel's tail, applied to an accumulator."""
+    """out[pixel, channel] = epilogue(value): the dense kernel's tail, applied to an accumulator. The output and
+    the epilogue's operands of the output's shape (a residual) are read through flat [P, M] aliases, so no
+    pixel // W and pixel % W are left for the compiler to undo."""
     i64 = "int64"
-    px, ch = tirx.Cast(i64, px), tirx.Cast(i64, ch)
+    px64, ch64 = tirx.Cast(i64, px), tirx.Cast(i64, ch)
     if len(fused.iters) == 4:
         w = tirx.IntImm(i64, fused.width)
-        where = [tirx.IntImm(i64, 0), tirx.FloorDiv(px, w), tirx.FloorMod(px, w), ch]
+        where = [tirx.IntImm(i64, 0), tirx.FloorDiv(px64, w), tirx.FloorMod(px64, w), ch64]
     else:
-        where = [px, ch]
+        where = [px64, ch64]
     env = dict(zip(fused.iters, where))
-    T.buffer_store(fused.out, rebuild(fused.value, fused.acc, value, env), where)
+    value = rebuild(fused.value, fused.acc, value, env, fused.flat, fused.iters, (px, ch))
+    out = next(a for b, a in fused.flat if b.same_as(fused.out))
+    T.buffer_store(out, value, [px, ch])
 
 
 def _pixels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_regs: int, threads: int) -> None:
-    """Vectors over pixels: a tile of PT pixels is transposed into xt[K, PT] once, then every block row
-    accumulates N vectors of PT pixels (XNNPACK's sparse layout, here on channels-last data)."""
+    """Vectors over R = lanes/N pixels x a block's N outputs, for blocks narrower than a vector (1x4 and 1x8 on
+    AVX-512). Lane c*R + r holds output channel c of pixel r: the R pixels' inputs of one channel are read as one
+    short vector from a transposed tile and broadcast N times (one broadcast load); the block's weights come
+    pre-expanded, each repeated R times (`data` is [nnz, lanes]). A tile of PT = G*R pixels keeps G accumulators;
+    the transposed tile xt[K, PT] is made once per tile and read by every block row."""
     p, k, rows = fused.pixels, fused.k, fused.m // n
-    pt = lanes * 2 if n * 2 <= acc_regs // 2 else lanes  # N x PT/lanes accumulators in registers
+    r = lanes // n
+    g_acc = _vectors_per_tile(p, r, max(1, min(8, acc_regs - 4)))
+    pt = g_acc * r
     tiles = -(-p // pt)
     chunks = _chunks(tiles, rows, threads)
     per = -(-rows // chunks)
+    i32 = "int32"
+    # the R pixels' short vector repeated N times (a Shuffle may not have more lanes out than in: N copies in)
+    spread = [tirx.IntImm(i32, i) for i in range(lanes)]
     with T.parallel(0, tiles * chunks) as tc:
         t, c = tc // chunks, tc % chunks
         xt = T.alloc_buffer((k, pt), "float32", scope="global")
@@ -323,13 +360,17 @@ def _pixels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_
         with T.serial(0, per) as obi:
             ob = c * per + obi
             with T.If(ob < rows), T.Then():
-                acc = T.alloc_buffer((n, pt), "float32", scope="global")
-                with T.unroll(0, n) as j, T.vectorized(0, pt) as v:
-                    T.buffer_store(acc, _zero(), [j, v])
-                with T.serial(indptr[ob], indptr[ob + 1]) as e, T.unroll(0, n) as j, T.vectorized(0, pt) as v:
-                    T.buffer_store(acc, acc[j, v] + data[e, j] * xt[indices[e], v], [j, v])
-                with T.unroll(0, pt) as v, T.If(t * pt + v < p), T.Then(), T.vectorized(0, n) as j:
-                    _store(T, fused, t * pt + v, ob * n + j, acc[j, v])
+                acc = T.alloc_buffer((g_acc, lanes), "float32", scope="global")
+                with T.unroll(0, g_acc) as g:
+                    T.buffer_store(acc, tirx.Broadcast(_zero(), lanes), [g, tirx.Ramp(0, 1, lanes)])
+                with T.serial(indptr[ob], indptr[ob + 1]) as e:
+                    w = data[e, tirx.Ramp(0, 1, lanes)]
+                    with T.unroll(0, g_acc) as g:
+                        x = tirx.Shuffle([xt[indices[e], tirx.Ramp(g * r, 1, r)]] * n, spread)
+                        T.buffer_store(acc, acc[g, tirx.Ramp(0, 1, lanes)] + x * w, [g, tirx.Ramp(0, 1, lanes)])
+                with T.unroll(0, g_acc) as g, T.unroll(0, r) as q, T.If(t * pt + g * r + q < p), T.Then():
+                    with T.vectorized(0, n) as j:
+                        _store(T, fused, t * pt + g * r + q, ob * n + j, acc[g, j * r + q])
 
 
 def _channels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_regs: int, threads: int) -> None:
@@ -354,11 +395,20 @@ def _channels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ac
 
 
 def preferred(spec: CpuSpec, n: int, pixels: int) -> tuple[str, ...]:
-    """Both variants, the one that suits this CPU first: a block that fills a vector, or too few pixels to fill
-    one, vectorizes over channels; otherwise over pixels (bench/sparse.py measures both)."""
-    if n >= spec.lanes or pixels < spec.lanes:
+    """The variants that apply, the one that suits this CPU first: a block that fills a vector runs "channels"
+    only; a narrower one packs pixels into the vector, unless there are too few pixels to fill a tile."""
+    if n >= spec.lanes:
+        return ("channels",)
+    if pixels < spec.lanes:
         return ("channels", "pixels")
     return ("pixels", "channels")
+
+
+def _vectors_per_tile(p: int, r: int, most: int) -> int:
+    """G accumulators of R pixels each: the G (4 or more when the map allows, so a weight load feeds 4 FMAs) whose
+    tiles waste the fewest padded pixels on this map; the larger G of equals."""
+    least = min(4, most, max(1, -(-p // r)))
+    return max(range(least, most + 1), key=lambda g: (p / (-(-p // (g * r)) * g * r), g))
 
 
 def _chunks(tiles: int, rows: int, threads: int) -> int:
@@ -417,6 +467,8 @@ def sparsify(mod: tvm.IRModule, target, choose: Chooser, threads: int = 2) -> tv
         if pick is None:
             continue
         variant, n = pick.split(":")
+        fits = preferred(spec, int(n), fused.pixels)
+        variant = variant if variant in fits else fits[0]  # a block as wide as a vector has one way to run
         bsr = to_bsr(w, int(n))
         try:
             new = kernel(fused, list(func.params), bsr, variant, spec, threads)
@@ -427,7 +479,8 @@ def sparsify(mod: tvm.IRModule, target, choose: Chooser, threads: int = 2) -> tv
                               "tirx.is_scheduled": True, "tirx.noalias": True})
         args = list(sites[0].args[1])
         x_index = next(i for i, prm in enumerate(func.params) if prm.same_as(fused.x))
-        new_args = [args[x_index], relax.const(bsr.data), relax.const(bsr.indices), relax.const(bsr.indptr)]
+        data = packed_data(bsr, packed_width(bsr.n, spec, variant))
+        new_args = [args[x_index], relax.const(data), relax.const(bsr.indices), relax.const(bsr.indptr)]
         new_args += [args[i] for i in fused.extras]
         new_gv = builder.add_func(new, f"{gv.name_hint}_bsr{bsr.n}")
         replace[gv.name_hint] = (new_gv, new_args)
