@@ -1,0 +1,182 @@
+"""The block-sparse kernel family (codegen/kernels/bsr.py): 1xN zeros found in any model's constant weights, compiled
+with BSR kernels that match onnxruntime on the dense twin (the same weights, zeros included) within 1e-4 relative,
+on host (both kernels), cortex-a7 and cortex-a53 (C packages under qemu-user); chosen per layer by the latency model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from helpers import assert_close
+from torch import nn
+
+from edgeprune.codegen.build import compile_model
+from edgeprune.codegen.kernels import bsr
+from edgeprune.measure import package
+from edgeprune.models import zoo
+
+
+class Net(nn.Module):
+    """Every shape of layer the family takes: a 1x1 convolution with BatchNorm and ReLU6, one with a residual add, a
+    3x3 convolution between (stays dense), a dense layer; 7x9 maps, so pixel tiles do not divide evenly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.expand = nn.Sequential(nn.Conv2d(32, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU6())
+        self.mix = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.project = nn.Conv2d(64, 32, 1)
+        self.fc = nn.Linear(32, 16)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.mix(self.expand(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def block_sparse(model: nn.Module, n: int, sparsity: float, seed: int = 0) -> nn.Module:
+    """Zero a random `sparsity` of the 1xN blocks (N output channels x 1 input channel) of every 1x1 convolution
+    and linear layer that reads more than 3 channels."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[1] > 3 and m.weight[0, 0].numel() == 1:
+                cout, cin = m.weight.shape[:2]
+                keep = (torch.rand(cout // n, cin, generator=g) >= sparsity).float().repeat_interleave(n, 0)
+                m.weight.mul_(keep.view(m.weight.shape))
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1, generator=g)
+                m.running_var.uniform_(0.5, 2, generator=g)
+    return model.eval()
+
+
+def run_so(build, x: np.ndarray) -> np.ndarray:
+    from edgeprune.measure.local import Session
+
+    return Session(build).run([x])[0]
+
+
+@pytest.fixture(scope="module")
+def sparse_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    model = block_sparse(Net(), 4, 0.6)
+    x = torch.randn(1, 3, 7, 9)
+    path = zoo.export_onnx(model, x, tmp_path_factory.mktemp("bsr") / "net.onnx")
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    return path, x.numpy(), ref, model
+
+
+def test_bsr_storage_round_trips_and_finds_the_block_size():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 32)).astype("float32")
+    keep = rng.random((24, 4)) > 0.5  # 1x8 blocks
+    w *= np.repeat(keep, 8, axis=1)
+    b = bsr.to_bsr(w, 8)
+    dense = np.zeros_like(w)
+    for row in range(32 // 8):
+        for j in range(b.indptr[row], b.indptr[row + 1]):
+            dense[b.indices[j], row * 8:(row + 1) * 8] = b.data[j]
+    np.testing.assert_array_equal(dense, w)
+    assert b.density == pytest.approx(keep.mean())
+    # 1x8 zeros are 1x4 zeros too, at the same density: the widest N is offered first, 1x16 is not (denser)
+    options = bsr.candidates(w)
+    assert [n for n, _ in options] == [8, 4]
+    assert bsr.candidates(rng.standard_normal((24, 32)).astype("float32")) == []  # no zero blocks: dense
+
+
+@pytest.mark.parametrize("variant", ["pixels", "channels"])
+def test_host_kernels_match_onnxruntime(sparse_onnx, variant):
+    import tvm
+    from tvm import relax
+
+    from edgeprune.codegen.importers import import_model
+    from edgeprune.codegen.lower import compile_module
+    from edgeprune.targets import get_target
+
+    path, x, ref, _ = sparse_onnx
+    chosen = []
+
+    def choose(kernel, dense, options):
+        chosen.append(kernel)
+        return f"{variant}:4"
+
+    ex, scheduled = compile_module(import_model(path).mod, get_target("host").tvm_target(), sparse=choose)
+    families = [str(f.attrs["edgeprune.family"]) for _, f in scheduled.functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(chosen) == 3 and families.count("bsr") == 3  # expand, project (+ residual), fc
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert_close(out, ref)
+
+
+def test_build_reports_each_layers_choice(sparse_onnx, tmp_path, cli):
+    path, x, ref, _ = sparse_onnx
+    build = compile_model(path, "host", tmp_path / "b", sparse="sparse")
+    rows = [r for r in build.layers if r.family == "bsr"]
+    assert len(rows) == 3 and all(r.block == 4 and 0.3 < r.density < 0.5 for r in rows)
+    assert all(r.macs < r.shapes[-1][-1] * np.prod(r.shapes[-1][:-1]) * r.shapes[1][-2] for r in rows)
+    saved = json.loads((tmp_path / "b" / "build.json").read_text())
+    assert sum(layer["family"] == "bsr" for layer in saved["layers"]) == 3
+    assert_close(run_so(build, x), ref)
+    dense = compile_model(path, "host", tmp_path / "d", sparse="dense")
+    assert not any(r.family == "bsr" for r in dense.layers)
+    rc, out, err = cli("compile", path, "-o", tmp_path / "c", "--sparse", "sparse")
+    assert rc == 0 and "block-sparse: 3 layers" in out, err
+
+
+def test_auto_compiles_sparse_where_the_model_prices_it_faster(tmp_path):
+    from edgeprune.codegen.choose import chooser
+    from edgeprune.codegen.kernels import dense
+    from edgeprune.targets import get_target
+
+    choose = chooser("auto", get_target("host"))
+    shape_in, weight, shape_out = (1, 28, 28, 256), (1, 1, 256, 256), (1, 28, 28, 256)
+    dense_row = dense.cost_row("pointwise", [shape_in], [weight], [shape_out], 256, "k")
+
+    def option(density):
+        tags = {bsr.BLOCK: 4, bsr.DENSITY: density, bsr.VARIANT: "pixels"}
+        return [("pixels:4", bsr.cost_row("pointwise", [shape_in], [weight], [shape_out], 256, "k", tags=tags))]
+
+    assert choose("k", dense_row, option(0.25)) == "pixels:4"  # a quarter of the work: sparse
+    assert choose("k", dense_row, option(0.9)) is None  # 10% fewer MACs at a lower rate: dense
+    # and end to end: a wide 1x1 layer at 75% 1x4 sparsity compiles sparse, a tiny one stays dense
+    wide = block_sparse(nn.Sequential(nn.Conv2d(256, 256, 1), nn.ReLU()), 4, 0.75)
+    x = torch.randn(1, 256, 28, 28)
+    build = compile_model(zoo.export_onnx(wide, x, tmp_path / "wide.onnx"), "host", tmp_path / "b", sparse="auto")
+    assert [r.family for r in build.layers if r.op == "pointwise"] == ["bsr"]
+    with torch.no_grad():
+        assert_close(run_so(build, x.numpy()), wide(x).numpy())
+
+
+def test_dense_enough_weights_stay_dense(tmp_path):
+    torch.manual_seed(1)
+    model = block_sparse(Net(), 4, 0.05)  # 5% of blocks zero: below what the family looks at
+    x = torch.randn(1, 3, 7, 9)
+    path = zoo.export_onnx(model, x, tmp_path / "dense.onnx")
+    build = compile_model(path, "host", tmp_path / "b", sparse="sparse")
+    assert not any(r.family == "bsr" for r in build.layers)
+
+
+def test_sparsity_is_found_in_a_torch_export(tmp_path):
+    torch.manual_seed(2)
+    model = block_sparse(Net(), 8, 0.7)
+    x = torch.randn(1, 3, 7, 9)
+    pt2 = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(model, (x,)), pt2)
+    build = compile_model(pt2, "host", tmp_path / "b", sparse="sparse")
+    rows = [r for r in build.layers if r.family == "bsr"]
+    assert len(rows) == 3 and {r.block for r in rows} == {8}
+    with torch.no_grad():
+        assert_close(run_so(build, x.numpy()), model(x).numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["cortex-a7", "cortex-a53"])
+def test_arm_packages_match_onnxruntime_under_qemu(sparse_onnx, tmp_path, target):
+    path, x, ref, _ = sparse_onnx
+    build = compile_model(path, target, tmp_path / "pkg", fmt="c", sparse="sparse")
+    assert sum(r.family == "bsr" for r in build.layers) == 3
+    assert_close(package.run(build, [x], f"qemu://{target}")[0], ref)
