@@ -218,7 +218,7 @@ def _check(sparsity: float, n: int) -> None:
         raise ValueError(f"sparsity {sparsity} must be at least 0 and below 1")
 
 
-RAMP = 0.75  # the share of the steps over which sparsity rises; the rest fine-tunes at the target (Zhu & Gupta)
+RAMP = 0.5  # the share of the steps over which sparsity rises; the rest fine-tunes at the target (Zhu & Gupta)
 UPDATES = 16  # how many times the masks are recomputed over the ramp
 
 
