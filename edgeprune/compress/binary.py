@@ -242,10 +242,12 @@ class SiMaNConv2d(BinaryConv2d):
         """The released code's projection of the latent weights: |w - mean_c(w)| clamped to the layer's
         [p, 100 - p] percentiles (p from `siman_percent`), sign kept. At p = 0 it only centres the channels."""
         w1 = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
-        p = siman_percent(float(self.progress)) / 100
         mag = w1.abs().flatten()
-        lo, hi = torch.quantile(mag, torch.tensor([p, 1 - p], dtype=mag.dtype)).tolist()
-        self.weight.copy_(w1.abs().clamp(lo, hi) * torch.sign(w1))
+        k = int(siman_percent(float(self.progress)) / 100 * mag.numel())
+        if k >= 1:  # order statistics (a selection, not a sort: this runs every training step)
+            lo, hi = float(mag.kthvalue(k).values), float(mag.kthvalue(mag.numel() - k + 1).values)
+            w1 = w1.abs().clamp(lo, hi) * torch.sign(w1)
+        self.weight.copy_(w1)
 
     def magnitudes(self) -> torch.Tensor:
         w = self.weight
