@@ -191,11 +191,13 @@ def cmd_measure(args) -> int:
     if not m.real_time:
         print("  note: emulated runs; these times are not the device's latency")
     if m.layers:
-        print(f"  {'layer (kernel where the model has no name for it)':<64} {'ms':>8} {'share':>6} {'GFLOP/s':>8}")
+        print(f"  {'layer (kernel where the model has no name for it)':<56} {'kernel':<16} {'ms':>8} {'share':>6} "
+              f"{'GFLOP/s':>8}")
         for row in m.layers:
             names = row.get("sources") or [row["name"]]
             label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} alike)"
-            print(f"  {label[:64]:<64} {row['ms']:>8.4f} {row['share'] * 100:>5.1f}% {row['gflops']:>8.1f}")
+            print(f"  {label[:56]:<56} {row.get('kernel', 'dense'):<16} {row['ms']:>8.4f} "
+                  f"{row['share'] * 100:>5.1f}% {row['gflops']:>8.1f}")
     return 0
 
 

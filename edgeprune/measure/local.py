@@ -134,12 +134,21 @@ class Session:
         rows = sorted(own.items(), key=lambda r: -r[1])
         # The user's layers each kernel ran (a kernel shared by identical layers runs several).
         sources: dict[str, list[str]] = {}
+        kinds: dict[str, str] = {}
         for row in self.build.layers:
             sources.setdefault(row.kernel, []).extend(row.sources)
+            kinds[row.kernel] = kernel_kind(row)
         return [{"name": n, "ms": round(t, 5), "share": round(t / whole, 4), "calls": per_run_calls[n],
                  "gflops": round(flops[n] * per_run_calls[n] / (t * 1e6), 2) if t > 0 else 0.0,
-                 "sources": sources.get(n, [])}
+                 "sources": sources.get(n, []), "kernel": kinds.get(n, "dense")}
                 for n, t in rows]
+
+
+def kernel_kind(row) -> str:
+    """How a layer runs, as `measure` lists it: dense, or block-sparse with its N and kept fraction."""
+    if row.family == "bsr":
+        return f"1x{row.block} sparse {row.density:.0%}"
+    return row.family
 
 
 def random_inputs(build: Build, seed: int = 0) -> list[np.ndarray]:
