@@ -37,7 +37,7 @@ CE_WEIGHT, BNS_WEIGHT, CENTRAL_WEIGHT, DISTORT_WEIGHT = 0.5, 0.2, 0.01, 0.9
 EPS_MEAN, EPS_VAR = 0.5, 1.0
 PER_CLASS = 4  # real images per class for the centres (the issue's `--per-class 4`)
 IMAGES_PER_CLASS = 4  # synthetic images per class
-STEPS = 60
+STEPS = 40
 LR = 0.2
 # The valid range of a normalized input (uint8 pixels through data.tensors): synthetic pixels are kept inside it.
 BOUNDS = ((0 - data.MEAN) / data.STD, (255 - data.MEAN) / data.STD)

@@ -422,14 +422,18 @@ def calibration_images(model: nn.Module, source: str, resolution: int, images: n
                        progress: Progress | None = None) -> _fdda.Synthetic:
     """Calibration images from `source`: "real" (`real_images` of `images`), "fdda" (`per_class` real images per
     class give the BN-statistics centres; `images_per_class` synthetic images per class), "zeroq" and "noise"
-    (no real data; as many images as FDDA makes). `images` are uint8 (N,H,W,3) as the datasets hold them."""
+    (no real data; as many images as FDDA makes: `classes`, or the labels' count, or 10, times
+    `images_per_class`). `images` are uint8 (N,H,W,3) as the datasets hold them. The synthetic sources are made
+    on a copy of `model` with its BatchNorm layers, which they need."""
     if source not in SOURCES:
         raise UserError(f"unknown calibration source '{source}'; choose one of {', '.join(SOURCES)}")
     if source in ("real", "fdda") and (images is None or len(images) == 0):
         raise UserError(f"calibration '{source}' needs real images (and labels for fdda); pass images=...")
     if source == "fdda" and (labels is None or len(labels) != len(images)):
         raise UserError("calibration 'fdda' needs one label per image for its per-class BN-statistics centres")
-    count = images_per_class * (classes or 10)
+    if classes is None:
+        classes = int(np.max(labels)) + 1 if labels is not None and len(labels) else 10
+    count = images_per_class * classes
     if source == "real":
         order = np.random.default_rng(seed).permutation(len(images))[:real_images]
         return _fdda.Synthetic(data.tensors(images[order], resolution), torch.as_tensor(labels[order]) if
@@ -440,7 +444,6 @@ def calibration_images(model: nn.Module, source: str, resolution: int, images: n
     if source == "zeroq":
         return _fdda.zeroq(model, count, resolution, steps=steps, seed=seed, progress=progress)
     labels_t = torch.as_tensor(np.asarray(labels))
-    classes = classes or int(labels_t.max()) + 1
     pick = np.concatenate([np.flatnonzero(np.asarray(labels) == c)[:per_class] for c in range(classes)])
     centres = _fdda.class_centres(model, data.tensors(images[pick], resolution), labels_t[pick], classes, per_class)
     return _fdda.fdda(model, centres, resolution, images_per_class, steps, seed=seed, progress=progress)
