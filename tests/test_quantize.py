@@ -271,3 +271,22 @@ def test_bad_input_is_named(tiny):
         Q.ptq(tiny, RES, "fdda")
     with pytest.raises(UserError, match="class"):
         fdda.class_centres(tiny, x, torch.zeros(4, dtype=torch.long), CLASSES)
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "grouped", "mobilenetv3", "shufflenet", "split_branches",
+                                  "pooling", "gated_add"])
+def test_zoo_networks_quantize_close_to_fp32(name):
+    """Other graphs than MobileNetV2's: projection shortcuts, grouped convs, hardswish and squeeze-excite, split,
+    chunk, cat and channel shuffle, padded pooling, gated branches. Every weighted layer is exported, and at W8A8
+    the output stays within a few percent of fp32."""
+    from edgeprune.models import zoo
+
+    model, _ = zoo.make(name, zoo.ZOO[name][1][0])
+    res = zoo.ZOO[name][1][0]
+    calib = torch.randn(16, 3, res, res, generator=torch.Generator().manual_seed(0))
+    q = Q.quantize(model, calib, bits=(8, 8))
+    weighted = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert set(q.layers) == weighted
+    with torch.no_grad():
+        ref, out = model(calib[:4]), q.module(calib[:4])
+    assert float((out - ref).norm() / ref.norm()) < 0.06

@@ -20,9 +20,9 @@ Scheme (the one TFLite's int8 spec and onnxruntime's QDQ u8s8/s8s8 use, so both 
 BatchNorm is folded into the convolutions here, after any synthetic calibration data was made (FDDA and ZeroQ align
 images to the BN statistics; methods.md 5.6). Where activations are quantized: the network input, after every
 convolution or linear layer (after its ReLU/ReLU6 when one follows it alone: the fused activation), after every other
-computing node (residual adds, pooling), and not after layout-only nodes (flatten, reshape, max pooling, dropout),
-whose output stays on their input's grid. This is where an integer graph holds int8 tensors, so the simulation and
-the kernels agree to within one step of the output grid.
+computing node (residual adds, concatenation, pooling), and not after layout-only nodes (flatten, reshape,
+transpose, split, indexing, max pooling, dropout), whose output stays on their input's grid. This is where an
+integer graph holds int8 tensors, so the simulation and the kernels agree to within one step of the output grid.
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ REAL_IMAGES = 256  # real calibration images (activation ranges settle well befo
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 _ACT_FUNCTIONS = (F.relu, torch.relu, F.relu6)
 _LAYOUT_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.MaxPool2d)
-_LAYOUT_FUNCTIONS = (torch.flatten, torch.reshape, F.max_pool2d, F.dropout)
-_LAYOUT_METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous")
+_LAYOUT_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.split, torch.chunk,
+                     torch.squeeze, torch.unsqueeze, F.max_pool2d, F.dropout, operator.getitem)
+_LAYOUT_METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "transpose", "permute",
+                   "split", "chunk")
 _SHAPE_METHODS = ("size", "dim")
 
 
@@ -225,6 +227,8 @@ class ActQuant(nn.Module):
         self.scale, self.zero_point = 1.0, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return x  # a node the graph rules took for an activation but is not one (shapes, indices)
         if self.observing:
             self.lo = torch.minimum(self.lo, x.detach().min())
             self.hi = torch.maximum(self.hi, x.detach().max())
@@ -255,9 +259,10 @@ def _layout(node: fx.Node, modules: dict) -> bool:
 def _not_a_tensor(node: fx.Node) -> bool:
     if node.op in ("output", "get_attr"):
         return True
-    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+    if node.op == "call_method" and node.target in _SHAPE_METHODS or \
+            node.op == "call_function" and node.target is getattr:  # x.shape, x.size(1), ...
         return True
-    return node.op == "call_function" and node.target in (operator.getitem, getattr) and \
+    return node.op == "call_function" and node.target is operator.getitem and \
         isinstance(node.args[0], fx.Node) and _not_a_tensor(node.args[0])
 
 
