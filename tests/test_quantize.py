@@ -290,3 +290,16 @@ def test_zoo_networks_quantize_close_to_fp32(name):
     with torch.no_grad():
         ref, out = model(calib[:4]), q.module(calib[:4])
     assert float((out - ref).norm() / ref.norm()) < 0.06
+
+
+def test_each_calibration_source_gives_its_images(tiny):
+    real, labels = _images(30, seed=8)
+    pixels = ((real.permute(0, 2, 3, 1) * 64 + 127.5).clamp(0, 255)).to(torch.uint8).numpy()
+    made = {s: Q.calibration_images(tiny, s, RES, pixels, labels.numpy(), steps=2) for s in Q.SOURCES}
+    assert len(made["real"].images) == 30 and (made["real"].labels >= 0).all()
+    assert {len(made[s].images) for s in ("fdda", "zeroq", "noise")} == {CLASSES * fdda.IMAGES_PER_CLASS}
+    assert made["fdda"].labels.tolist() == sorted(made["fdda"].labels.tolist())  # each class's images together
+    noise = made["noise"].images
+    assert abs(float(noise.mean())) < 0.1 and 0.8 < float(noise.std()) < 1.1
+    q_noise, q_real = (Q.quantize(tiny, made[s].images) for s in ("noise", "real"))
+    assert q_noise.layers["expand.0"].input_scale != q_real.layers["expand.0"].input_scale  # the source matters
