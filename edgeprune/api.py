@@ -139,16 +139,21 @@ def check(build: Build | str | Path, budget_ms: float, device: str = "local", ru
 def build(target: str, budget_ms: float, out: str | Path, *, device: str | None = None, data: str | None = None,
           supernet: str | Path | None = None, table: str | Path | None = None, rounds: int = 3,
           format: str | None = None, runs: int = 50, statistic: str = "p90", seed: int = 0,
-          finetune_steps: int | None = None, optimistic: bool = False, quiet: bool = True) -> dict:
+          finetune_steps: int | None = None, optimistic: bool = False, quiet: bool = True,
+          sparsity: float | str | None = None, block: int = 4, prune_steps: int | None = None) -> dict:
     """Search (and fine-tune the chosen subnet for `finetune_steps`, default 200), compress, compile and (with a
     device) measure a network that meets `budget_ms` on `target`; writes `out` atomically and returns the report
     (report.json). With no device the prior's prediction is judged at the slow edge of its band (boards of one core
-    differ), or at its centre with `optimistic`. Raises BudgetError when nothing fits."""
+    differ), or at its centre with `optimistic`. `sparsity` prunes the subnet in 1xN blocks of `block` channels
+    (a fraction of blocks, or "auto": the most accurate of several, each searched with sparse pricing), fine-tuning
+    for `prune_steps` (default 200). Raises BudgetError when nothing fits."""
+    from .compress import PRUNE_STEPS
     from .pipeline import FINETUNE_STEPS, SUPERNET, Request
     from .pipeline import run as run_pipeline
 
     req = Request(target=target, budget_ms=budget_ms, out=Path(out), device=device, data=data,
                   supernet=Path(supernet) if supernet else SUPERNET, table=Path(table) if table else None,
                   rounds=rounds, fmt=format, runs=runs, statistic=statistic, seed=seed, quiet=quiet,
-                  finetune_steps=FINETUNE_STEPS if finetune_steps is None else finetune_steps, optimistic=optimistic)
+                  finetune_steps=FINETUNE_STEPS if finetune_steps is None else finetune_steps, optimistic=optimistic,
+                  sparsity=sparsity, block=block, prune_steps=PRUNE_STEPS if prune_steps is None else prune_steps)
     return run_pipeline(req)

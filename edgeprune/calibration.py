@@ -2,7 +2,8 @@
 device's latency table (calibrate/<device>.json) that the latency model fits.
 
 The suite is MobileNetV2-style pieces (stem convolutions, pointwise expansions, depthwise 3/5/7, projections with
-residual adds, pooling and classifier heads) at widths and resolutions from the search space, and whole subnets
+residual adds, pooling and classifier heads) at widths and resolutions from the search space, some of them with
+their 1x1 layers pruned in 1xN blocks (the block-sparse kernels, N 4/8/16, at 50-90% sparsity), and whole subnets
 of the search space, drawn with a fixed seed so every device is timed on the same suite. It runs the pipeline's own
 stages: compile every network (all before any is timed: compiling beside a measurement would skew it), measure
 them together (measure.batch: interleaved rounds on `local`, every board of an rpc:// key at once), and learn.
@@ -39,6 +40,7 @@ def suite(count: int, seed: int = 1234) -> list[Network]:
     from .search.space import Space
 
     rng, space_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    sparse_rng = np.random.default_rng(seed + 2)  # its own stream: the dense suite stays what it was
     nets = []
     for i in range(count):
         torch.manual_seed(seed + i)
@@ -64,7 +66,13 @@ def suite(count: int, seed: int = 1234) -> list[Network]:
             cin = cout
         head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, int(rng.choice([10, 100, 1000])))]
         model = randomize_bn(nn.Sequential(*layers, *head), seed + i)
-        nets.append(Network(model, (1, 3, res, res), name=f"cal{i:03d}"))
+        plan = {}
+        if i % 3 == 1:  # every third: its 1x1 layers 1xN block-sparse, so the table times the sparse kernels too
+            from .compress.block1xn import apply_masks
+
+            sparsity, n = float(sparse_rng.choice([0.5, 0.75, 0.9])), int(sparse_rng.choice([4, 8, 16]))
+            plan = apply_masks(model, sparsity, n).plan()
+        nets.append(Network(model, (1, 3, res, res), name=f"cal{i:03d}", plan=plan))
     return nets
 
 
@@ -72,7 +80,10 @@ def compile_all(networks: list[Network], target: Target, directory: Path, fmt: s
                 progress: Callable[[str], None] | None = None) -> Iterator[Build]:
     """Each network compiled for `target` into directory/<its name>, one at a time, in order."""
     for i, net in enumerate(networks):
-        build = compile_model(net, target, directory / net.name, fmt=fmt)
+        # A network pruned in 1xN blocks runs sparse wherever it can, so its table rows time the sparse kernels
+        # (auto would keep some dense by the very prices the table is for).
+        sparse = "sparse" if any(p.scheme == "bsr" for p in net.plan.values()) else "auto"
+        build = compile_model(net, target, directory / net.name, fmt=fmt, sparse=sparse)
         if progress:
             progress(f"[{i + 1}/{len(networks)}] {net.name}: compiled")
         yield build

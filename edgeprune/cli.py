@@ -290,7 +290,8 @@ def cmd_build(args) -> int:
                            supernet=args.supernet, table=args.table, rounds=args.rounds, format=args.format,
                            runs=args.runs, statistic="median" if args.median else "p90", seed=args.seed,
                            finetune_steps=args.finetune_steps, optimistic=args.optimistic,
-                           quiet=args.quiet or args.json)
+                           quiet=args.quiet or args.json, sparsity=args.sparsity, block=args.block,
+                           prune_steps=args.prune_steps)
     except BudgetError as e:
         print(f"edgeprune: {e}", file=sys.stderr)
         return 1
@@ -309,12 +310,30 @@ def cmd_build(args) -> int:
               f"{acc['before_finetune']['test']:.1%}; unpruned {acc['unpruned_test']:.1%}), "
               f"{report['macs'] / 1e6:.1f}M MACs, {report['parameters'] / 1e6:.2f}M parameters, "
               f"{report['architecture']['resolution']} px")
+        sp = report.get("sparsity") or {}
+        if sp.get("requested") is not None:
+            tried = "; ".join(f"{t['sparsity']:.0%}: {t['val_accuracy']:.1%} val at {t['predicted_ms']:.3g} ms "
+                              f"predicted" for t in sp["tried"])
+            print(f"  1x{sp['block']} sparsity {sp['chosen']:.0%} ({sp['why']}; tried {tried}); "
+                  f"{sp['layers_sparse']} of {sp['layers_pointwise']} pointwise layers compiled sparse")
         print(f"  report: {out / 'report.html'}")
     if not report["met"]:
         print(f"edgeprune: the budget was missed; the smallest latency reached is {report.get('smallest_ms') or 0:.3f} "
               "ms", file=sys.stderr)
         return 1
     return 0
+
+
+def _sparsity(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a sparsity; write a fraction like 0.5, or auto") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be at least 0 and below 1 (the fraction of blocks pruned)")
+    return value
 
 
 def _resolutions(text: str) -> tuple[int, ...]:
@@ -383,6 +402,12 @@ def parser() -> argparse.ArgumentParser:
                         "differ by ~1.5x)")
     s.add_argument("--finetune-steps", type=_at_least(0),
                    help="steps fine-tuning the chosen subnet, distilled from the largest (default: 200; 0: none)")
+    s.add_argument("--sparsity", type=_sparsity,
+                   help="prune the subnet's pointwise layers in 1xN blocks: a fraction of blocks (0.5, 0.75), or auto "
+                        "(try none, 0.5 and 0.75, each searched with sparse pricing, and keep the most accurate) "
+                        "(default: none)")
+    s.add_argument("--block", type=int, choices=(4, 8, 16), default=4, help="N of the 1xN blocks (default: 4)")
+    s.add_argument("--prune-steps", type=_at_least(0), help="fine-tuning steps while pruning (default: 200)")
     s.add_argument("--seed", type=int, default=0, help="data split seed")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress lines")

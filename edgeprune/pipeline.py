@@ -3,7 +3,9 @@
 Each stage is a function over the typed artifacts (edgeprune.artifacts); this module only sequences them:
   search    search.select: pool subnets priced on the target's latency model, the best refined by the knapsack;
             returns a Network (BatchNorm recalibrated);
-  compress  compress.compress: every layer's plan (dense fp32 in this version);
+  compress  compress.compress: every layer's plan; with --sparsity, the fine-tuned subnet pruned in 1xN blocks
+            (the search then prices its pointwise layers sparse, so a wider subnet fits the budget; "auto" tries
+            several sparsities and keeps the most accurate);
   compile   codegen.compile_model: the Network, in memory, to a Build for the target;
   measure   on the device when one is attached; with none, the predicted latency stands and the report says so;
   learn     cost.learn: the measurement enters the device's latency table, the model is refitted, and a miss
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import Build, LatencyTable, Measurement, Network
+from .compress import PRUNE_STEPS
 from .errors import UserError
 from .search import space as S
 from .search.select import BudgetError, Candidate, latency_function, priced_by  # noqa: F401 - the pipeline's API
@@ -70,6 +73,22 @@ class Request:
     quiet: bool = False
     finetune_steps: int = FINETUNE_STEPS
     optimistic: bool = False  # with no device, judge the prior's centre instead of its band's upper edge
+    sparsity: float | str | None = None  # 1xN block pruning: a fraction of blocks, "auto" (tried: SPARSITIES), none
+    block: int = 4  # N of the 1xN blocks
+    prune_steps: int = PRUNE_STEPS
+
+
+SPARSITIES = (0.0, 0.5, 0.75)  # what --sparsity auto weighs against each other
+
+
+@dataclass
+class Trial:
+    """One sparsity's turn in a round: the subnet searched under its pricing, fine-tuned, then pruned."""
+
+    sparsity: float
+    candidate: Candidate
+    network: Network
+    finetune: dict
 
 
 @dataclass
@@ -79,6 +98,7 @@ class Round:
     measured_ms: float | None = None
     measurement: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)  # steps, accuracy before and after
+    trials: list = field(default_factory=list)  # each sparsity tried (Trial)
 
 
 def _log(req: Request, msg: str) -> None:
@@ -119,6 +139,25 @@ def realize(network: Network, target: Target, out_dir: Path, device=None, table:
     return Realized(build, m, value)
 
 
+def _sparsities(sparsity: float | str | None, block: int) -> tuple[float, ...]:
+    """The sparsities a build tries: none, the one asked for, or SPARSITIES for "auto"."""
+    from .compress.block1xn import BLOCK_SIZES
+
+    if block not in BLOCK_SIZES:
+        raise UserError(f"--block {block}: the 1xN block size is one of {', '.join(map(str, BLOCK_SIZES))}")
+    if sparsity in (None, 0, 0.0):
+        return (0.0,)
+    if sparsity == "auto":
+        return SPARSITIES
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError):
+        raise UserError(f"--sparsity {sparsity}: give a fraction of blocks to prune (0.5, 0.75) or auto") from None
+    if not 0.0 <= value < 1.0:
+        raise UserError(f"--sparsity {sparsity}: the fraction of blocks pruned must be at least 0 and below 1")
+    return (value,)
+
+
 def _table_for(req: Request, device, target) -> tuple[Path | None, LatencyTable]:
     from .cost import find_table, load_table, new_table, table_path
 
@@ -134,6 +173,21 @@ def _table_for(req: Request, device, target) -> tuple[Path | None, LatencyTable]
     return path, new_table(device.identity(target) if device else None)
 
 
+def _sparsity_report(req: Request, final: Round, build: Build) -> dict:
+    """What the build chose about 1xN sparsity, and why: each sparsity tried with its subnet, prediction and
+    accuracy, and how many layers compile ran sparse (it keeps a layer dense where the model prices that faster)."""
+    chosen = next((tr for tr in final.trials if tr.network is not None and tr.candidate is final.candidate), None)
+    sparse_rows = [r for r in build.layers if r.family == "bsr"]
+    tried = [{"sparsity": tr.sparsity, "predicted_ms": round(tr.candidate.predicted_ms, 4),
+              "macs": S.macs(tr.candidate.arch), "resolution": tr.candidate.arch.resolution,
+              "val_accuracy": round(float(tr.network.accuracy), 4)} for tr in final.trials]
+    why = ("the most accurate on validation images of the sparsities tried, each with the widest subnet its pricing "
+           "fits in the budget" if len(tried) > 1 else "as requested")
+    return {"requested": req.sparsity, "block": req.block, "chosen": chosen.sparsity if chosen else 0.0,
+            "layers_sparse": len(sparse_rows), "layers_pointwise": sum(1 for p in build.layers if p.op == "pointwise"),
+            "tried": tried, "why": why}
+
+
 def _prepare_out(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").exists())):
         raise UserError(f"{out} exists and is not an edgeprune build output; choose another -o directory")
@@ -147,6 +201,7 @@ def run(req: Request) -> dict:
 
     from . import data
     from .codegen.build import _replace_dir
+    from .compress import compress
     from .cost import model_for
     from .measure.devices import get_device
     from .search.evaluate import accuracy, subnet
@@ -155,6 +210,7 @@ def run(req: Request) -> dict:
     from .search.train import load
     from .targets import get_target
 
+    sparsities = _sparsities(req.sparsity, req.block)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     target = get_target(req.target)
@@ -188,22 +244,42 @@ def run(req: Request) -> dict:
             known = len(table.entries)
             _log(req, f"round {r + 1}: search on {target.name} for {req.budget_ms:g} ms, aiming at {aim:.3g} ms "
                       f"({f'{known} measured networks' if known else 'no measurements: the prior'})")
-            best, stats = search(supernet, ckpt, ds, latency, aim, resolutions, lambda m: _log(req, m))
-            evaluated += stats["evaluated"]
-            times[f"search_{r + 1}"] = time.perf_counter() - t
-            source = model.predict(S.layers(best.arch)).source
-            rounds.append(Round(best, source))
-            t = time.perf_counter()
-            network = network_of(supernet, best.arch, ds.train[0], predicted_ms=best.predicted_ms,
-                                 accuracy=best.val_accuracy)
-            with progress_bar(req.finetune_steps, "fine-tune", quiet=req.quiet) as bar:
-                network.module, tuned = before_after(network.module, best.arch.resolution, teacher,
-                                                     largest.resolution, ds, req.finetune_steps, req.seed, bar)
-            network.accuracy = tuned["after"]["val"]
-            rounds[-1].finetune = tuned
-            _log(req, f"  fine-tuned {req.finetune_steps} steps: val accuracy {tuned['before']['val']:.1%} -> "
-                      f"{tuned['after']['val']:.1%}")
-            times[f"finetune_{r + 1}"] = time.perf_counter() - t
+            trials = []
+            for sparsity in sparsities:
+                if len(sparsities) > 1:
+                    _log(req, f"  with {'no' if not sparsity else f'{sparsity:.0%} 1x{req.block}'} sparsity:")
+                t = time.perf_counter()
+                priced = priced_by(model, (sparsity, req.block) if sparsity else None)
+                best, stats = search(supernet, ckpt, ds, priced, aim, resolutions, lambda m: _log(req, m))
+                evaluated += stats["evaluated"]
+                times[f"search_{r + 1}"] = times.get(f"search_{r + 1}", 0.0) + time.perf_counter() - t
+                t = time.perf_counter()
+                network = network_of(supernet, best.arch, ds.train[0], predicted_ms=best.predicted_ms,
+                                     accuracy=best.val_accuracy)
+                with progress_bar(req.finetune_steps, "fine-tune", quiet=req.quiet) as bar:
+                    network.module, tuned = before_after(network.module, best.arch.resolution, teacher,
+                                                         largest.resolution, ds, req.finetune_steps, req.seed, bar)
+                network.accuracy = tuned["after"]["val"]
+                _log(req, f"  fine-tuned {req.finetune_steps} steps: val accuracy {tuned['before']['val']:.1%} -> "
+                          f"{tuned['after']['val']:.1%}")
+                if sparsity:
+                    with progress_bar(req.prune_steps, f"prune 1x{req.block}", quiet=req.quiet) as bar:
+                        network = compress(network, ds, sparsity=sparsity, block=req.block, steps=req.prune_steps,
+                                           seed=req.seed, progress=bar)
+                    _log(req, f"  pruned to {sparsity:.0%} in 1x{req.block} blocks ({req.prune_steps} steps): val "
+                              f"accuracy {network.accuracy:.1%}")
+                times[f"finetune_{r + 1}"] = times.get(f"finetune_{r + 1}", 0.0) + time.perf_counter() - t
+                trials.append(Trial(sparsity, best, network, tuned))
+            # The most accurate on validation images; of equals, the one predicted faster.
+            chosen = max(trials, key=lambda tr: (round(tr.network.accuracy, 4), -tr.candidate.predicted_ms))
+            best, network = chosen.candidate, chosen.network
+            source = model.predict(S.layers(best.arch, sparse=(chosen.sparsity, req.block)
+                                            if chosen.sparsity else None)).source
+            rounds.append(Round(best, source, finetune=chosen.finetune))
+            rounds[-1].trials = trials
+            if len(trials) > 1:
+                _log(req, f"  chose {'no' if not chosen.sparsity else f'{chosen.sparsity:.0%}'} sparsity: the most "
+                          f"accurate within the aim ({network.accuracy:.1%} val)")
             t = time.perf_counter()
             done = realize(network, target, stage / "build", device, table, table_path, req.runs, req.statistic,
                            req.fmt)
@@ -254,6 +330,7 @@ def run(req: Request) -> dict:
             "parameters": int(sum(p.numel() for p in net.parameters())),
             "architecture": final.candidate.arch.to_dict(),
             "origin": final.candidate.origin,
+            "sparsity": _sparsity_report(req, final, done.build),
             "search": {"evaluated": evaluated, "rounds": len(rounds), "pool_subnets": len(ckpt["pools"])},
             "dataset": ds.name,
             "classes": ds.classes,

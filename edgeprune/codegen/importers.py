@@ -57,15 +57,16 @@ def import_network(network: Network, onnx_path: str | Path) -> ImportedModel:
     """An in-memory network: its module is written to `onnx_path` (opset 17, one input named ``input``), which
     becomes the build's source (so --debug-layers can rebuild its reference), and imported like any ONNX file.
 
-    The per-layer plan travels beside the module in the Network; this version compiles dense fp32 layers only."""
+    The per-layer plan travels beside the module in the Network. Block-sparse ("bsr") layers need nothing more: their
+    zeros are in the weights, where compile finds them (kernels/bsr.py). int8 and binary plans are not compiled yet."""
     import warnings
 
     import torch
 
-    other = sorted({p.scheme for p in network.plan.values()} - {"dense"})
+    other = sorted({p.scheme for p in network.plan.values()} - {"dense", "bsr"})
     if other:
         raise UserError(f"layers planned as {', '.join(other)} cannot be compiled by this version; "
-                        "plan them dense (the compression stage's kernels are not built yet)")
+                        "plan them dense or bsr (the int8 and binary kernels are not built yet)")
     x = torch.zeros(*network.input_shape)
     onnx_path = Path(onnx_path)
     with warnings.catch_warnings(), torch.no_grad():

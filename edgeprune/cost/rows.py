@@ -24,7 +24,7 @@ def _nbytes(shape: Shape, bits: int) -> int:
 
 
 def layer_cost(op: str, inputs: Sequence[Shape], weights: Sequence[Shape], outputs: Sequence[Shape], *,
-               reduction: int | None = None, plan: LayerPlan | None = None, family: str = "dense",
+               reduction: int | None = None, plan: LayerPlan | None = None, family: str | None = None,
                kernel: str = "", sources: Sequence[str] = ()) -> LayerCost:
     """The row of one kernel call.
 
@@ -38,6 +38,7 @@ def layer_cost(op: str, inputs: Sequence[Shape], weights: Sequence[Shape], outpu
     if op not in OP_CLASSES:
         raise ValueError(f"unknown operator class {op!r}; one of {', '.join(OP_CLASSES)}")
     plan = plan or LayerPlan("")
+    family = family or ("bsr" if plan.scheme == "bsr" else "dense")  # the kernel family that runs such a plan
     w = tuple(weights[0]) if weights else ()
     if reduction:
         per_out = reduction

@@ -35,9 +35,18 @@ class BudgetError(UserError):
                          f"({how}); raise --latency or choose a faster target")
 
 
-def priced_by(model: LatencyModel) -> Callable[[S.Arch], float]:
-    """Predicted ms of a subnet: its analytic cost rows priced by `model`."""
-    return lambda arch: model.predict(S.layers(arch)).ms
+def priced_by(model: LatencyModel, sparse: tuple[float, int] | None = None) -> Callable[[S.Arch], float]:
+    """Predicted ms of a subnet: its analytic cost rows priced by `model`. With `sparse` = (sparsity, N), its
+    pointwise layers pruned to that sparsity in 1xN blocks, each priced as compile will run it: sparse or dense,
+    whichever the model prices faster."""
+    if not sparse or not sparse[0]:
+        return lambda arch: model.predict(S.layers(arch)).ms
+
+    def price(arch: S.Arch) -> float:
+        pairs = zip(S.layers(arch), S.layers(arch, sparse=sparse))
+        return sum(min(model.layer_ms(d)[0], model.layer_ms(s)[0]) for d, s in pairs)
+
+    return price
 
 
 def latency_function(target: str, table=None) -> Callable[[S.Arch], float]:

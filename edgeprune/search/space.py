@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..artifacts import LayerCost
+from ..artifacts import LayerCost, LayerPlan
 from ..cost import rows as rows_of
 
 GROUP = 8
@@ -103,21 +103,28 @@ def macs(arch: Arch, num_classes: int = 10) -> int:
     return sum(row.macs for row in layers(arch, num_classes) if row.op in ("pointwise", "conv", "depthwise", "matmul"))
 
 
-def layers(arch: Arch, num_classes: int = 10) -> list[LayerCost]:
+def layers(arch: Arch, num_classes: int = 10, sparse: tuple[float, int] | None = None) -> list[LayerCost]:
     """The cost rows of a subnet's kernels, made by the same function a compiled build's kernels are
     (edgeprune.cost.rows): what the latency model prices. Convolutions carry their BatchNorm, activation and
-    residual add, as TVM fuses them."""
+    residual add, as TVM fuses them. With `sparse` = (sparsity, N), the 1x1 convolutions 1xN pruning takes (those
+    whose outputs are whole blocks of N) are rows of block-sparse kernels at that density."""
+    def pw(cin: int, cout: int, size: int, residual: bool = False) -> LayerCost:
+        plan = None
+        if sparse and sparse[0] > 0 and cout % sparse[1] == 0:
+            plan = LayerPlan("", "bsr", block=sparse[1], density=1.0 - sparse[0])
+        return rows_of.conv(cin, cout, 1, 1, size, residual=residual, plan=plan)
+
     r = arch.resolution
     rows = [rows_of.data([(1, 3, r, r)], [(1, r, r, 3)])]  # the NCHW -> NHWC input transform
     rows.append(rows_of.conv(3, arch.stem, 3, 2, r))
     size = (r + 1) // 2
     for b in blocks(arch):
         if b.stage >= 0:
-            rows.append(rows_of.conv(b.cin, b.mid, 1, 1, b.size))
+            rows.append(pw(b.cin, b.mid, b.size))
         rows.append(rows_of.conv(b.mid, b.mid, b.kernel, b.stride, b.size, depthwise=True))
         size = (b.size + b.stride - 1) // b.stride
-        rows.append(rows_of.conv(b.mid, b.cout, 1, 1, size, residual=b.residual))
-    rows.append(rows_of.conv(arch.widths[-1], arch.last, 1, 1, size))
+        rows.append(pw(b.mid, b.cout, size, residual=b.residual))
+    rows.append(pw(arch.widths[-1], arch.last, size))
     rows.append(rows_of.global_mean(size, arch.last))
     rows.append(rows_of.dense(arch.last, num_classes))
     return rows
