@@ -394,12 +394,14 @@ def _channels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ac
                     _store(T, fused, t * pt + v, ob * n + j, acc[v, j])
 
 
-def preferred(spec: CpuSpec, n: int, pixels: int) -> tuple[str, ...]:
-    """The variants that apply, the one that suits this CPU first: a block that fills a vector runs "channels"
-    only; a narrower one packs pixels into the vector, unless there are too few pixels to fill a tile."""
+def preferred(spec: CpuSpec, n: int, pixels: int, outputs: int = 0, density: float = 1.0) -> tuple[str, ...]:
+    """The variants that apply, the one that suits this CPU first. A block that fills a vector runs "channels"
+    only. A narrower one packs pixels into the vector when the transposed tile is shared by enough kept blocks per
+    input channel (outputs x density >= 4 vectors' worth) and there are pixels enough to fill a tile; otherwise
+    its partly filled vectors still cost less than the transposes (bench/sparse.py, kernels)."""
     if n >= spec.lanes:
         return ("channels",)
-    if pixels < spec.lanes:
+    if pixels < spec.lanes or outputs * density < 4 * spec.lanes:
         return ("channels", "pixels")
     return ("pixels", "channels")
 
@@ -464,12 +466,12 @@ def sparsify(mod: tvm.IRModule, target, choose: Chooser, threads: int = 2) -> tv
         dense_row = dense.cost_row(op, xs, [(1, 1, fused.k, fused.m)], os_, fused.k, gv.name_hint)
         priced = [(f"{v}:{n}", cost_row(op, xs, [(1, 1, fused.k, fused.m)], os_, fused.k, gv.name_hint,
                                         tags={BLOCK: n, DENSITY: d, VARIANT: v}))
-                  for n, d in options for v in preferred(spec, n, fused.pixels)]
+                  for n, d in options for v in preferred(spec, n, fused.pixels, fused.m, d)]
         pick = choose(gv.name_hint, dense_row, priced)
         if pick is None:
             continue
         variant, n = pick.split(":")
-        fits = preferred(spec, int(n), fused.pixels)
+        fits = preferred(spec, int(n), fused.pixels, fused.m)
         variant = variant if variant in fits else fits[0]  # a block as wide as a vector has one way to run
         bsr = to_bsr(w, int(n))
         try:
