@@ -27,6 +27,7 @@ class CpuSpec:
 
     lanes: int  # fp32 lanes in one SIMD register
     acc_regs: int  # SIMD registers we let the accumulator tile use
+    split_512: bool = False  # 512-bit operations run as two 256-bit halves (AMD Zen 4): 256-bit code loses nothing
 
     @staticmethod
     def of(target: Target) -> CpuSpec:
@@ -45,9 +46,10 @@ class CpuSpec:
             bits, regs = 128, 16  # armv7 NEON: 16 q registers
         bits = int(width) if width else bits
         lanes = max(1, bits // 32)
+        split = bits == 512 and str(target.attrs.get("mcpu", "")).startswith("znver")
         # Leave a quarter of the register file for the broadcast inputs and weight vectors (half on a scalar FPU,
         # where every operand is its own register).
-        return CpuSpec(lanes, regs // 2 if lanes == 1 else regs * 3 // 4)
+        return CpuSpec(lanes, regs // 2 if lanes == 1 else regs * 3 // 4, split)
 
 
 def extent(sch: s_tir.Schedule, loop) -> int | None:
