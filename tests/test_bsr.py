@@ -180,3 +180,21 @@ def test_arm_packages_match_onnxruntime_under_qemu(sparse_onnx, tmp_path, target
     build = compile_model(path, target, tmp_path / "pkg", fmt="c", sparse="sparse")
     assert sum(r.family == "bsr" for r in build.layers) == 3
     assert_close(package.run(build, [x], f"qemu://{target}")[0], ref)
+
+
+def test_squeeze_excite_and_hardswish_tails(tmp_path):
+    """MobileNetV3's tails: hardswish after a pointwise layer is rebuilt onto the sparse accumulators; a squeeze-excite
+    gate (a 1x1 layer on a 1x1 map whose tail multiplies a whole feature map) is not one output per MAC and stays
+    dense. The network matches onnxruntime either way."""
+    from edgeprune.compress.block1xn import apply_masks
+    from edgeprune.models.reference import MobileNetV3Small
+
+    torch.manual_seed(3)
+    model = MobileNetV3Small(1.0).eval()
+    apply_masks(model, 0.6, 4)
+    x = torch.randn(1, 3, 64, 64)
+    path = zoo.export_onnx(model, x, tmp_path / "v3.onnx")
+    build = compile_model(path, "host", tmp_path / "b", sparse="sparse")
+    assert sum(r.family == "bsr" for r in build.layers) >= 10
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert_close(run_so(build, x.numpy()), ref)

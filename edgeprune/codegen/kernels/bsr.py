@@ -187,8 +187,8 @@ def read_fused(func: tirx.PrimFunc) -> Fused | None:
         iters = [tirx.Var(f"i{d}", "int64") for d in range(len(oshape))]
         value, out_param = tirx.BufferLoad(out_buf, iters), out_buf
     out_index = next((i for i, p in enumerate(params) if p.same_as(out_param)), None)
-    if out_index != len(params) - 1:
-        return None
+    if out_index != len(params) - 1 or [int(d) for d in out_param.shape] != oshape:
+        return None  # the tail broadcasts the result (a squeeze-excite gate times its map): not one output per MAC
     extras = [i for i, p in enumerate(params) if i not in (x_index, w_index, out_index)]
     if any(not any(ld.source.same_as(params[i]) for ld in _loads(value)) for i in extras):
         return None  # a parameter the epilogue does not read: something we did not follow
