@@ -218,7 +218,9 @@ def _check(sparsity: float, n: int) -> None:
         raise ValueError(f"sparsity {sparsity} must be at least 0 and below 1")
 
 
-RAMP = 0.5  # the share of the steps over which sparsity rises; the rest fine-tunes at the target (Zhu & Gupta)
+RAMP = 0.3  # the share of the steps over which sparsity rises; the rest fine-tunes at the target (Zhu & Gupta)
+# On bench/sparse_accuracy.py's subnet (300 steps, 50%, 1x4), validation accuracy with the ramp over 0.75 / 0.5 /
+# 0.3 / 0.2 of the steps: 96.3% (at lr 1e-3) / 97.2% / 98.0% / 97.9%: a short ramp leaves time to recover.
 UPDATES = 16  # how many times the masks are recomputed over the ramp
 
 
