@@ -79,9 +79,9 @@ def test_measure_and_check_through_the_api(tiny_build):
 
 
 def test_a_layer_planned_for_a_kernel_not_built_yet_is_refused(tmp_path):
-    net = Network(Tiny().eval(), (1, 3, 32, 32), plan={"expand.0": LayerPlan("expand.0", "bsr", block=4,
-                                                                                density=0.5)})
-    with pytest.raises(edgeprune.UserError, match="bsr"):
+    net = Network(Tiny().eval(), (1, 3, 32, 32), plan={"expand.0": LayerPlan("expand.0", "int8", weight_bits=8,
+                                                                                act_bits=8)})
+    with pytest.raises(edgeprune.UserError, match="int8"):
         edgeprune.compile(net, "host", tmp_path / "b")
     assert not (tmp_path / "b").exists()
     with pytest.raises(edgeprune.UserError, match="input_shape"):
