@@ -19,6 +19,8 @@ Sections, all in one run, each printing a table, then one GOAL line per goal; ex
    faster than onnxruntime at 50 and 75%.
 3. Accuracy (bench/sparse_accuracy.py): a subnet pruned and fine-tuned to 50% with N=4, against its dense twin and
    filter pruning at the same parameter count.
+4. The build loop: `build --target host --device local --sparsity auto` against the dense-only build at 30% and 50%
+   of the largest subnet's latency. Goals: at least as accurate on test images, and measured within budget.
 
 Run `python bench/sparse.py --help` for the options (--quick for a smoke run: fewer shapes, rounds and seconds).
 """
@@ -319,6 +321,65 @@ def network_section(args: argparse.Namespace, workdir: Path) -> tuple[str, list[
     return table, goals
 
 
+# ---------------------------------------------------------------- 4. the build loop
+
+
+LOOP_FRACTIONS = (0.3, 0.5)
+
+
+def loop_section(args: argparse.Namespace, workdir: Path) -> tuple[str, list[tuple[str, bool]]]:
+    """`edgeprune build --target host --device local` with --sparsity auto against the dense-only build, at budgets
+    of 30% and 50% of the largest subnet's measured latency (its lowest median of three, as bench/search.py)."""
+    from edgeprune import data
+    from edgeprune.cost import load_table, new_table, save_table
+    from edgeprune.measure.devices import LocalDevice
+    from edgeprune.pipeline import SUPERNET, Request, realize, run
+    from edgeprune.search import space as S
+    from edgeprune.search.select import network_of
+    from edgeprune.search.train import load
+    from edgeprune.targets import get_target
+
+    target, device = get_target("host"), LocalDevice()
+    supernet, ckpt = load(SUPERNET)
+    ds = data.load(None, seed=0)
+    largest = S.Space(resolutions=tuple(ckpt["space"]["resolutions"])).largest(max(ckpt["space"]["resolutions"]))
+    table_path = workdir / "table.json"
+    table = new_table(device.identity(target))
+    save_table(table_path, table)
+    tops = []
+    for i in range(3):
+        net = network_of(supernet, largest, ds.train[0], name=f"largest-{i}")
+        tops.append(realize(net, target, workdir / f"largest-{i}", device, table, table_path, 50, "median",
+                            layers=False).value_ms)
+    top = min(tops)
+    log(f"loop: largest subnet {top:.3f} ms")
+    rows, goals = [], []
+    for f in LOOP_FRACTIONS:
+        budget = round(top * f, 3)
+        result = {}
+        for name, sparsity in (("dense", None), ("sparse", "auto")):
+            t0 = time.perf_counter()
+            report = run(Request(target="host", budget_ms=budget, out=workdir / f"{name}-{f}", device="local",
+                                 table=table_path, runs=50, statistic="median", quiet=True, sparsity=sparsity))
+            table.entries = load_table(table_path).entries
+            result[name] = report
+            log(f"loop {f:.0%} {name}: {report['latency']['measured_ms']:.3f} ms of {budget:.3f}, test "
+                f"{report['accuracy']['test']:.1%} ({time.perf_counter() - t0:.0f} s)")
+        d, s = result["dense"], result["sparse"]
+        sp = s["sparsity"]
+        rows.append(f"| {f:.0%} ({budget:.3f} ms) | {d['latency']['measured_ms']:.3f} ms, "
+                    f"{d['accuracy']['test']:.1%} | {s['latency']['measured_ms']:.3f} ms, "
+                    f"{s['accuracy']['test']:.1%} | {sp['chosen']:.0%} "
+                    f"({sp['layers_sparse']} of {sp['layers_pointwise']} pointwise layers sparse) | "
+                    + "; ".join(f"{t['sparsity']:.0%}: {t['val_accuracy']:.1%} val" for t in sp["tried"]) + " |")
+        diff = (s["accuracy"]["test"] - d["accuracy"]["test"]) * 100
+        goals.append(goal_line(f"loop-accuracy-vs-dense-{int(f * 100)}", diff, ">=", 0.0, unit=" points"))
+        goals.append(goal_line(f"loop-within-budget-{int(f * 100)}", budget / s["latency"]["measured_ms"], ">=", 1.0))
+    table_text = ("| budget (of the largest) | dense-only build: measured, test | --sparsity auto: measured, test | "
+                  "chosen | tried (validation) |\n|---|---|---|---|---|\n" + "\n".join(rows))
+    return table_text, goals
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -331,6 +392,10 @@ def main(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             results.append(network_section(args, Path(tmp)))
         print("## Whole network\n\n" + results[-1][0] + "\n", flush=True)
+    if "loop" in args.sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            results.append(loop_section(args, Path(tmp)))
+        print("## The build loop (host, local)\n\n" + results[-1][0] + "\n", flush=True)
     if "accuracy" in args.sections:
         from sparse_accuracy import accuracy_goals
 
@@ -345,8 +410,8 @@ def main(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", nargs="+", default=["kernels", "network", "accuracy"],
-                   choices=["kernels", "network", "accuracy"])
+    p.add_argument("--sections", nargs="+", default=["kernels", "network", "accuracy", "loop"],
+                   choices=["kernels", "network", "accuracy", "loop"])
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (lowest round median kept)")
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per network run and round")
     p.add_argument("--kernel-seconds", type=float, default=0.05, help="timed seconds per kernel and round")

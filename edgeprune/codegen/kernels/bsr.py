@@ -407,8 +407,8 @@ def preferred(spec: CpuSpec, n: int, pixels: int, outputs: int = 0, density: flo
     only. A narrower one packs pixels into the vector when the transposed tile is shared by enough kept blocks per
     input channel (outputs x density >= 4 vectors' worth) and there are pixels enough to fill a tile; otherwise
     its partly filled vectors still cost less than the transposes (bench/sparse.py, kernels)."""
-    if n >= spec.lanes:
-        return ("channels",)
+    if n >= pixel_lanes(spec):
+        return ("channels",)  # R = lanes / N would be 1: nothing to pack
     if pixels < spec.lanes or outputs * density < 4 * spec.lanes:
         return ("channels", "pixels")
     return ("pixels", "channels")
