@@ -198,3 +198,17 @@ def test_squeeze_excite_and_hardswish_tails(tmp_path):
     assert sum(r.family == "bsr" for r in build.layers) >= 10
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     assert_close(run_so(build, x.numpy()), ref)
+
+
+def test_identical_layers_sharing_a_kernel_each_get_their_own(tmp_path):
+    """Identical layers share one fused dense kernel, called with their own weights: each call is made sparse on
+    its own weights (MobileNetV2 repeats its blocks: 24 of its 34 pointwise layers share a kernel)."""
+    torch.manual_seed(4)
+    model = block_sparse(nn.Sequential(nn.Conv2d(32, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1), nn.ReLU(),
+                                       nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1)), 4, 0.5)
+    x = torch.randn(1, 32, 14, 14)
+    build = compile_model(zoo.export_onnx(model, x, tmp_path / "m.onnx"), "host", tmp_path / "b", sparse="sparse")
+    rows = [r for r in build.layers if r.family == "bsr"]
+    assert len(rows) == 4 and len({r.kernel for r in rows}) == 4
+    with torch.no_grad():
+        assert_close(run_so(build, x.numpy()), model(x).numpy())

@@ -444,63 +444,74 @@ Chooser = Callable[[str, LayerCost, list[tuple[str, LayerCost]]], str | None]
 
 
 def sparsify(mod: tvm.IRModule, target, choose: Chooser, threads: int = 2) -> tvm.IRModule:
-    """Swap a BSR kernel in for each fused pointwise / dense-layer kernel whose constant weight has 1xN zero
+    """Swap a BSR kernel in at each call of a fused pointwise / dense-layer kernel whose constant weight has 1xN zero
     blocks, where `choose(kernel, dense_row, [(option, sparse_row), ...])` picks an option ("<variant>:<N>") over
-    dense (None keeps the dense kernel)."""
+    dense (None keeps the dense kernel). Identical layers share one dense kernel, called with their own weights:
+    each call is decided, and gets its kernel, on its own weights."""
     spec = CpuSpec.of(target)
     main = mod["main"]
-    calls = _calls(main)
-    replace: dict[str, tuple[tvm.ir.GlobalVar, list]] = {}
+    replace: list[tuple[relax.Call, tvm.ir.GlobalVar, list]] = []
     builder = relax.BlockBuilder(mod)  # add_func gives the new kernels' GlobalVars the type call_tir checks
-    for gv, func in list(mod.functions_items()):
-        if not isinstance(func, tirx.PrimFunc) or tag_of(func, OP) not in ("pointwise", "matmul"):
+    funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    read: dict[str, Fused | None] = {}
+    for name, sites in _calls(main).items():
+        func = funcs.get(name)
+        if func is None or tag_of(func, OP) not in ("pointwise", "matmul"):
             continue
-        sites = calls.get(gv.name_hint, [])
-        if len(sites) != 1:
-            continue  # one kernel, one weight: a kernel called twice could have two
-        if not any(_has_zero_blocks(a) for a in sites[0].args[1]):
-            continue  # the cheap test first: most kernels of most models have no 1xN zeros at all
-        fused = read_fused(func)
-        if fused is None:
-            continue
-        arg = sites[0].args[1][fused.weight]
-        if not isinstance(arg, tvm.ir.Constant):
-            continue
-        w = arg.value.numpy().reshape(fused.k, fused.m)
-        options = candidates(w)
-        if not options:
-            continue
-        op, xs, os_ = str(tag_of(func, OP)), [_shape(fused.x)], [_shape(fused.out)]
-        dense_row = dense.cost_row(op, xs, [(1, 1, fused.k, fused.m)], os_, fused.k, gv.name_hint)
-        priced = [(f"{v}:{n}", cost_row(op, xs, [(1, 1, fused.k, fused.m)], os_, fused.k, gv.name_hint,
-                                        tags={BLOCK: n, DENSITY: d, VARIANT: v}))
-                  for n, d in options for v in preferred(spec, n, fused.pixels, fused.m, d)]
-        pick = choose(gv.name_hint, dense_row, priced)
-        if pick is None:
-            continue
-        variant, n = pick.split(":")
-        fits = preferred(spec, int(n), fused.pixels, fused.m)
-        variant = variant if variant in fits else fits[0]  # a block as wide as a vector has one way to run
-        bsr = to_bsr(w, int(n))
-        try:
-            new = kernel(fused, list(func.params), bsr, variant, spec, threads)
-        except NotImplementedError:
-            continue  # an epilogue node kind we do not rebuild: stays dense
-        new = new.with_attrs({OP: tag_of(func, OP), FAMILY: NAME, FLOPS: 2 * fused.pixels * bsr.n * len(bsr.indices),
-                              REDUCTION: fused.k, BLOCK: bsr.n, DENSITY: round(bsr.density, 6), VARIANT: variant,
-                              "tirx.is_scheduled": True, "tirx.noalias": True})
-        args = list(sites[0].args[1])
-        x_index = next(i for i, prm in enumerate(func.params) if prm.same_as(fused.x))
-        data = packed_data(bsr, packed_width(bsr.n, spec, variant))
-        new_args = [args[x_index], relax.const(data), relax.const(bsr.indices), relax.const(bsr.indptr)]
-        new_args += [args[i] for i in fused.extras]
-        new_gv = builder.add_func(new, f"{gv.name_hint}_bsr{bsr.n}")
-        replace[gv.name_hint] = (new_gv, new_args)
+        for i, site in enumerate(sites):
+            if not any(_has_zero_blocks(a) for a in site.args[1]):
+                continue  # the cheap test first: most kernels of most models have no 1xN zeros at all
+            if name not in read:
+                read[name] = read_fused(func)
+            fused = read[name]
+            if fused is None:
+                break
+            made = _sparse_call(fused, func, site, f"{name}_{i}" if len(sites) > 1 else name, spec, choose, threads)
+            if made is not None:
+                new, kernel_name, args = made
+                replace.append((site, builder.add_func(new, kernel_name), args))
     if not replace:
         return mod
     mod = builder.get()
     mod["main"] = _Rewriter(replace).visit_expr(main)
     return relax.transform.DeadCodeElimination()(mod)
+
+
+def _sparse_call(fused: Fused, func: tirx.PrimFunc, site: relax.Call, name: str, spec: CpuSpec, choose: Chooser,
+                 threads: int) -> tuple[tirx.PrimFunc, str, list] | None:
+    """The BSR kernel and arguments for one call of a fused kernel, if `choose` picks one for its weights."""
+    args = list(site.args[1])
+    arg = args[fused.weight]
+    if not isinstance(arg, tvm.ir.Constant):
+        return None
+    w = arg.value.numpy().reshape(fused.k, fused.m)
+    options = candidates(w)
+    if not options:
+        return None
+    op, xs, os_ = str(tag_of(func, OP)), [_shape(fused.x)], [_shape(fused.out)]
+    dense_row = dense.cost_row(op, xs, [(1, 1, fused.k, fused.m)], os_, fused.k, name)
+    priced = [(f"{v}:{n}", cost_row(op, xs, [(1, 1, fused.k, fused.m)], os_, fused.k, name,
+                                    tags={BLOCK: n, DENSITY: d, VARIANT: v}))
+              for n, d in options for v in preferred(spec, n, fused.pixels, fused.m, d)]
+    pick = choose(name, dense_row, priced)
+    if pick is None:
+        return None
+    variant, n = pick.split(":")
+    fits = preferred(spec, int(n), fused.pixels, fused.m)
+    variant = variant if variant in fits else fits[0]  # a block as wide as a vector has one way to run
+    bsr = to_bsr(w, int(n))
+    try:
+        new = kernel(fused, list(func.params), bsr, variant, spec, threads)
+    except NotImplementedError:
+        return None  # an epilogue node kind we do not rebuild: stays dense
+    new = new.with_attrs({OP: op, FAMILY: NAME, FLOPS: 2 * fused.pixels * bsr.n * len(bsr.indices),
+                          REDUCTION: fused.k, BLOCK: bsr.n, DENSITY: round(bsr.density, 6), VARIANT: variant,
+                          "tirx.is_scheduled": True, "tirx.noalias": True})
+    x_index = next(i for i, prm in enumerate(func.params) if prm.same_as(fused.x))
+    data = packed_data(bsr, packed_width(bsr.n, spec, variant))
+    new_args = [args[x_index], relax.const(data), relax.const(bsr.indices), relax.const(bsr.indptr)]
+    new_args += [args[i] for i in fused.extras]
+    return new, f"{name}_bsr{bsr.n}", new_args
 
 
 def _has_zero_blocks(arg) -> bool:
@@ -530,16 +541,17 @@ def _calls(func: relax.Function) -> dict[str, list[relax.Call]]:
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, replace: dict) -> None:
+    """Each replaced call (matched by identity) becomes a call of its BSR kernel with the BSR constants."""
+
+    def __init__(self, replace: list) -> None:
         super().__init__()
         self.replace = replace
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if getattr(call.op, "name", "") == "relax.call_tir" and call.args[0].name_hint in self.replace:
-            gv, args = self.replace[call.args[0].name_hint]
-            return relax.call_tir(gv, args, call.ty_args[0] if call.ty_args else call.ty)
-        return call
+        for site, gv, args in self.replace:
+            if call.same_as(site):
+                return relax.call_tir(gv, args, call.ty_args[0] if call.ty_args else call.ty)
+        return super().visit_call_(call)
 
 
 def cost_row(op: str, inputs: Sequence[Sequence[int]], weights: Sequence[Sequence[int]],
