@@ -22,17 +22,16 @@ Two ways to vectorize, each faster somewhere (measured in bench/sparse.py; the c
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
-from tvm.s_tir import dlight as dl
 
 from ...artifacts import LayerCost, LayerPlan
 from ...cost.rows import layer_cost
 from . import dense
-from .common import FAMILY, FLOPS, OP, REDUCTION, CpuSpec, is_reduction, tag_of
+from .common import FAMILY, FLOPS, OP, REDUCTION, CpuSpec, split_at_reduction, tag_of
 
 NAME = "bsr"
 BLOCKS = (16, 8, 4)  # the block sizes the kernels take, widest first
@@ -113,17 +112,14 @@ def read_fused(func: tirx.PrimFunc) -> Fused | None:
     through one plain (unpadded) copy at most, followed by elementwise stages; None otherwise."""
     try:
         sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(dl.analysis.get_root_block(sch))
+        parts = split_at_reduction(sch)  # the tail inlined into its last stage, as the dense rule does
     except Exception:  # noqa: BLE001 - not a single-nest function
         return None
-    reds = [b for b in blocks if is_reduction(sch, b)]
-    if len(reds) != 1:
+    if parts is None:
         return None
-    names = [sch.get(b).name_hint for b in blocks]
-    pos = names.index(sch.get(reds[0]).name_hint)
-    before, after = blocks[:pos], blocks[pos + 1:]
+    before, red_rv, after = parts
     params = list(func.params)
-    red = sch.get(reds[0])
+    red = sch.get(red_rv)
     out_buf = red.writes[0].source
     # The input: a parameter, or a copy of one with the same shape (TVM's pad stage with nothing to pad).
     copies = {}
@@ -136,8 +132,7 @@ def read_fused(func: tirx.PrimFunc) -> Fused | None:
                 and all(i.same_as(v.var) for i, v in zip(store.indices, blk.iter_vars))):
             return None
         copies[store.buffer] = store.value.source
-    reads = [r.source for r in red.reads if not r.source.same_as(out_buf)]
-    if len(reads) != 2:
+    if sum(not r.source.same_as(out_buf) for r in red.reads) != 2:
         return None
     red_vars = [iv.var for iv in red.iter_vars if int(iv.iter_type) == 2]
     spatial = [iv.var for iv in red.iter_vars if int(iv.iter_type) != 2]
@@ -170,12 +165,7 @@ def read_fused(func: tirx.PrimFunc) -> Fused | None:
     x_index = next((i for i, p in enumerate(params) if p.same_as(x_buf)), None)
     if w_index is None or x_index is None:
         return None
-    # The epilogue: every elementwise stage inlined into the last, which stores the output parameter.
-    try:
-        for b in after[:-1]:
-            sch.compute_inline(b)
-    except Exception:  # noqa: BLE001 - a stage that does not inline: not an elementwise tail
-        return None
+    # The epilogue: the last stage, which stores the output parameter.
     if after:
         last = sch.get(after[-1])
         store = last.body
@@ -291,8 +281,10 @@ def kernel(fused: Fused, params: Sequence[tirx.Buffer], bsr: Bsr, variant: str, 
             with T.sblock("root"), T.sblock("bsr"):
                 xf = T.decl_buffer((fused.pixels, fused.k), "float32", data=x.data)
                 shape = _shape(fused.out)
-                fused.flat = [(b, T.decl_buffer((fused.pixels, fused.m), "float32", data=b.data))
-                              for b in [fused.out, *(params[i] for i in fused.extras)] if _shape(b) == shape]
+                # a copy: `fused` is read once per kernel and shared by every call of it
+                fused = replace(fused, flat=[(b, T.decl_buffer((fused.pixels, fused.m), "float32", data=b.data))
+                                             for b in [fused.out, *(params[i] for i in fused.extras)]
+                                             if _shape(b) == shape])
                 body = _pixels if variant == "pixels" else _channels
                 lanes = pixel_lanes(spec) if variant == "pixels" else spec.lanes
                 body(T, fused, bsr.n, xf, data, indices, indptr, lanes, spec.acc_regs, threads)

@@ -61,6 +61,24 @@ def is_reduction(sch: s_tir.Schedule, block) -> bool:
     return any(int(iv.iter_type) == REDUCE for iv in sch.get(block).iter_vars)
 
 
+def split_at_reduction(sch: s_tir.Schedule) -> tuple[list, object, list] | None:
+    """(the blocks before, the one reduction block, the blocks after) of a fused kernel, with every elementwise
+    stage after the reduction but the last inlined into that last one, which then writes the output; None when
+    the kernel has not exactly one reduction or its tail does not inline."""
+    blocks = sch.get_child_blocks(dl.analysis.get_root_block(sch))
+    reds = [b for b in blocks if is_reduction(sch, b)]
+    if len(reds) != 1:
+        return None
+    pos = [sch.get(b).name_hint for b in blocks].index(sch.get(reds[0]).name_hint)
+    before, after = blocks[:pos], blocks[pos + 1:]
+    try:
+        for b in after[:-1]:
+            sch.compute_inline(b)
+    except Exception:  # noqa: BLE001 - a stage that cannot inline: not an elementwise tail
+        return None
+    return before, reds[0], after[-1:]
+
+
 def tag_of(func: tirx.PrimFunc, key: str, default=None):
     attrs = func.attrs or {}
     return attrs[key] if key in attrs else default

@@ -27,7 +27,7 @@ from tvm.target import Target
 
 from ...artifacts import LayerCost, LayerPlan
 from ...cost.rows import layer_cost
-from .common import FAMILY, OP, REDUCE, REDUCTION, CpuSpec, extent, is_reduction, tag_of
+from .common import FAMILY, OP, REDUCE, REDUCTION, CpuSpec, extent, is_reduction, split_at_reduction, tag_of
 
 NAME = "dense"
 log = logging.getLogger(__name__)
@@ -140,20 +140,11 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
             return None
 
     def _schedule(self, sch: s_tir.Schedule, spec: CpuSpec, window_only: bool):
-        blocks = sch.get_child_blocks(dl.analysis.get_root_block(sch))
-        reds = [b for b in blocks if is_reduction(sch, b)]
-        if len(reds) != 1:
+        # Epilogue: every elementwise stage inlined into the last one, which then writes the output.
+        parts = split_at_reduction(sch)
+        if parts is None:
             return None
-        red = reds[0]
-        pos = [sch.get(b).name_hint for b in blocks].index(sch.get(red).name_hint)
-        before, after = blocks[:pos], blocks[pos + 1 :]
-
-        # Epilogue: inline every elementwise stage into the last one, which then writes the output.
-        for b in after[:-1]:
-            try:
-                sch.compute_inline(b)
-            except Exception:  # noqa: BLE001 - a stage that cannot inline means this rule does not fit
-                return None
+        before, red, after = parts
         epilogue = after[-1] if after else sch.cache_write(red, 0, "global")
         if is_reduction(sch, epilogue):
             return None
