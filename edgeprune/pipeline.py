@@ -98,7 +98,7 @@ class Round:
     measured_ms: float | None = None
     measurement: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)  # steps, accuracy before and after
-    trials: list = field(default_factory=list)  # each sparsity tried (Trial)
+    trials: list[Trial] = field(default_factory=list)  # each sparsity tried
 
 
 def _log(req: Request, msg: str) -> None:
@@ -176,7 +176,7 @@ def _table_for(req: Request, device, target) -> tuple[Path | None, LatencyTable]
 def _sparsity_report(req: Request, final: Round, build: Build) -> dict:
     """What the build chose about 1xN sparsity, and why: each sparsity tried with its subnet, prediction and
     accuracy, and how many layers compile ran sparse (it keeps a layer dense where the model prices that faster)."""
-    chosen = next((tr for tr in final.trials if tr.network is not None and tr.candidate is final.candidate), None)
+    chosen = next((tr for tr in final.trials if tr.candidate is final.candidate), None)
     sparse_rows = [r for r in build.layers if r.family == "bsr"]
     tried = [{"sparsity": tr.sparsity, "predicted_ms": round(tr.candidate.predicted_ms, 4),
               "macs": S.macs(tr.candidate.arch), "resolution": tr.candidate.arch.resolution,
@@ -275,8 +275,7 @@ def run(req: Request) -> dict:
             best, network = chosen.candidate, chosen.network
             source = model.predict(S.layers(best.arch, sparse=(chosen.sparsity, req.block)
                                             if chosen.sparsity else None)).source
-            rounds.append(Round(best, source, finetune=chosen.finetune))
-            rounds[-1].trials = trials
+            rounds.append(Round(best, source, finetune=chosen.finetune, trials=trials))
             if len(trials) > 1:
                 _log(req, f"  chose {'no' if not chosen.sparsity else f'{chosen.sparsity:.0%}'} sparsity: the most "
                           f"accurate within the aim ({network.accuracy:.1%} val)")

@@ -56,6 +56,7 @@ from torch import nn
 from .. import data, training
 from ..artifacts import LayerPlan
 from ..errors import UserError
+from .trace import forward_hooked
 
 METHODS = ("sign", "recu", "siman")
 RECU_TAU = (0.85, 0.99)  # tau_min, tau_max (z-hXu/ReCU imagenet/main.py cpt_tau)
@@ -302,25 +303,15 @@ def _trace(model: nn.Module, example: torch.Tensor) -> tuple[list[str], dict[str
     order: list[str] = []
     inputs: dict[str, torch.Tensor] = {}
     reads_image: set[str] = set()
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            def hook(mod, args, out, name=name):
-                order.append(name)
-                if isinstance(mod, nn.Conv2d):
-                    inputs.setdefault(name, args[0].detach())
-                    if args[0] is example:
-                        reads_image.add(name)
-            hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+
+    def on_layer(name: str, mod: nn.Module, args: tuple) -> None:
+        order.append(name)
+        if isinstance(mod, nn.Conv2d):
+            inputs.setdefault(name, args[0].detach())
+            if args[0] is example:
+                reads_image.add(name)
+
+    forward_hooked(model, example, on_layer)
     if order and order[0] in inputs:
         reads_image.add(order[0])  # the first conv run is the stem even if the model preprocesses the image
     return order, inputs, reads_image

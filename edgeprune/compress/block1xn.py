@@ -28,6 +28,7 @@ from torch import nn
 from .. import data
 from ..artifacts import LayerPlan
 from ..training import distill
+from .trace import forward_hooked
 
 BLOCK_SIZES = (4, 8, 16)
 
@@ -83,17 +84,7 @@ def prunable(model: nn.Module, kernels: tuple[int, ...] = (1,),
 def _run_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     """The convolutions and linear layers in the order a forward pass on `example` runs them (each once)."""
     order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: order.append(name) if name not in order else None)
-             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    forward_hooked(model, example, lambda name, mod, args: order.append(name) if name not in order else None)
     return order
 
 
