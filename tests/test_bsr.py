@@ -212,3 +212,16 @@ def test_identical_layers_sharing_a_kernel_each_get_their_own(tmp_path):
     assert len(rows) == 4 and len({r.kernel for r in rows}) == 4
     with torch.no_grad():
         assert_close(run_so(build, x.numpy()), model(x).numpy())
+
+
+def test_bad_sparse_modes_are_one_line_errors(sparse_onnx, tmp_path):
+    import edgeprune
+
+    path = sparse_onnx[0]
+    with pytest.raises(edgeprune.UserError, match="unknown sparse mode 'lots'; one of: auto, sparse, dense"):
+        compile_model(path, "host", tmp_path / "b", sparse="lots")
+    for bad, needle in (("lots", "give a fraction"), (1.5, "below 1")):
+        with pytest.raises(edgeprune.UserError, match=needle) as e:
+            edgeprune.build("host", 1.0, tmp_path / "o", sparsity=bad)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "o").exists()
