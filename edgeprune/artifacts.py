@@ -95,6 +95,44 @@ class LayerPlan:
 
 
 @dataclass
+class IntegerOp:
+    """One operation of an int8 program. Tensors are named; every int8 tensor is on its own grid (scale, zero
+    point), given by the op that makes it. Kinds and their params (arrays are numpy; shapes NCHW as in PyTorch):
+
+      quantize    float input -> int8: clamp(round_half_even(x / scale) + zero_point)
+      conv        a convolution or dense layer: weight int8 (OIHW / OI), bias int32, multiplier, shift (per
+                  output channel), input_zero_point, output_zero_point, act_min, act_max, stride, padding,
+                  dilation, groups; acc = sum (x - zx) w + bias, out = clamp(zo + round(acc * m / 2**shift))
+      add         two int8 inputs: multipliers (ma, mb), shift s, input zero points, output zero point, clamp;
+                  out = clamp(zo + ((ma (a - za) + mb (b - zb) + 2**(s-1)) >> s))
+      mean        over H, W: multiplier, shift, input and output zero points; out = clamp(zo + round(sum (x - zx)
+                  * m / 2**shift))
+      requant     one input to another grid (a ReLU on its own is a requant with a clamp): multiplier, shift,
+                  zero points, act_min, act_max
+      maxpool     kernel, stride, padding (the grid is kept)
+      flatten     [N, C, 1, 1] or [N, C, H, W] -> [N, C*H*W] in PyTorch's order (the grid is kept)
+      dequantize  int8 -> float: (q - zero_point) * scale
+    """
+
+    kind: str
+    inputs: list[str]
+    output: str
+    params: dict = field(default_factory=dict)
+    name: str = ""  # the layer's module path (conv), for reports
+
+
+@dataclass
+class IntegerProgram:
+    """A whole network in integer arithmetic, op by op: compress writes it, codegen compiles it, and a numpy
+    interpreter of it (compress/integer.py) is the reference compiled int8 networks match bit for bit."""
+
+    input: str
+    input_shape: tuple[int, ...]
+    ops: list[IntegerOp]
+    output: str
+
+
+@dataclass
 class Network:
     """An in-memory network on its way to codegen: a module (torch.nn.Module), an example input shape, and the
     per-layer plan. It goes to codegen without a file in between (torch.export)."""
@@ -106,6 +144,7 @@ class Network:
     arch: dict | None = None  # the search-space architecture, when it came from the supernet
     predicted_ms: float | None = None
     accuracy: float | None = None  # validation accuracy, when known
+    integer: IntegerProgram | None = None  # int8 layers: the program codegen compiles (compress/integer.py)
 
 
 @dataclass

@@ -139,7 +139,13 @@ def compile_model(
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / BUILD_JSON).exists())):
         raise UserError(f"{out_dir} exists and is not an edgeprune build; choose another -o directory")
     scratch = None
-    if isinstance(model, Network):  # in memory: its ONNX form is kept in the build as the source
+    if isinstance(model, Network) and model.integer is not None:  # int8: the integer program, no float source
+        from .integer import import_program
+
+        mod, spec, digest = import_program(model.integer, target.tvm_target(), target.cores)
+        imported = ImportedModel(mod, [spec], f"{model.name} (int8 program)", "int8", digest)
+        package_name = package_name or model.name
+    elif isinstance(model, Network):  # in memory: its ONNX form is kept in the build as the source
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.src-", dir=out_dir.parent))
         imported = import_network(model, scratch / SOURCE)

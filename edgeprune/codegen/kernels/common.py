@@ -136,7 +136,7 @@ def family_of(func: tirx.PrimFunc) -> str:
 def tag_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Tag every fused PrimFunc with its operator class, family, FLOPs and reduction (see the module docstring)."""
     for gv, f in list(mod.functions_items()):
-        if isinstance(f, tirx.PrimFunc):
+        if isinstance(f, tirx.PrimFunc) and FAMILY not in (f.attrs or {}):  # families that write their own tag them
             try:
                 op, flops, per_out = classify(f)
             except Exception:  # noqa: BLE001 - TVM raises its own errors on nests it cannot schedule

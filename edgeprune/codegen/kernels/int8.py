@@ -1,0 +1,348 @@
+"""The int8 kernel family: quantized convolutions (any kernel size, stride, padding, dilation), depthwise and
+pointwise convolutions and dense layers, with int32 accumulation and the requantization, the fused activation and
+the output's int8 store in the same loop nest.
+
+The arithmetic is the one `edgeprune.integer.requantize` defines and compress/quantize.py simulates: per output
+channel, acc = sum (x - zx) * w + bias in int32, then out = clamp(zo + (acc * multiplier + 2**(shift-1)) >> shift)
+with the product in int64. The input zero point is folded: the kernels sum x * w over the raw int8 input and add
+bias - zx * sum(w), with padding filled with zx, so the border needs no correction.
+
+TVM 0.27 has no int8 schedule for CPUs, so the kernels are TIR written here with their schedule in the loops, as the
+block-sparse ones are. Two variants, chosen by the CPU (`variants`):
+  vnni     x86 with AVX-512 VNNI: vpdpbusd multiplies 4 unsigned by 4 signed bytes and adds the four products to a
+           32-bit lane, 64 MACs per instruction. The input is flipped to unsigned (x ^ 0x80 = x + 128) and the
+           flip is folded into the bias: sum (x + 128) w - (zx + 128) sum w = sum (x - zx) w. Weights are packed
+           [O/16, K/4, 16, 4]: one 64-byte load feeds 16 output channels for 4 reduction steps. The reduction runs
+           over (kh, kw, c) with c padded to a multiple of 4 (zero weights), so a stem over 3 channels works.
+  widen    everything else (NEON, AVX2 without VNNI, depthwise everywhere): int8 values widened to int16, their
+           products to int32, vectorized over output channels; LLVM turns the widening multiply-add into
+           vmlal.s16 on armv7 and smlal on aarch64. No 16-bit intermediate sum, so nothing saturates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import tirx
+
+from ...artifacts import LayerCost, LayerPlan
+from ...cost.rows import layer_cost
+from .common import FAMILY, FLOPS, OP, REDUCTION, CpuSpec
+
+NAME = "int8"
+VARIANT, SOURCE = "edgeprune.variant", "edgeprune.source"  # SOURCE: the layer's module path
+RULES: list = []  # the kernels come scheduled: nothing for dlight to do
+_VNNI_LANES = 16  # int32 lanes of a zmm register
+
+
+@dataclass(frozen=True)
+class Conv:
+    """One quantized layer's shape and integer parameters, channels-last. A dense layer is a 1x1 convolution on a
+    1x1 map; depthwise is groups == c == o."""
+
+    h: int
+    w: int
+    c: int
+    o: int
+    kh: int = 1
+    kw: int = 1
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    depthwise: bool = False
+    input_zero_point: int = 0
+    output_zero_point: int = 0
+    act_min: int = -128
+    act_max: int = 127
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        return ((self.h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1,
+                (self.w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1)
+
+    @property
+    def reduction(self) -> int:
+        return self.kh * self.kw * (1 if self.depthwise else self.c)
+
+    @property
+    def op(self) -> str:
+        if self.depthwise:
+            return "depthwise"
+        return "pointwise" if self.kh == self.kw == 1 else "conv"
+
+
+def has_vnni(target) -> bool:
+    from tvm.target import codegen
+
+    triple = str(target.attrs.get("mtriple", ""))
+    return triple.startswith("x86_64") and bool(codegen.llvm_cpu_has_features(["avx512vnni"], target))
+
+
+def variant_for(conv: Conv, target) -> str:
+    return "vnni" if has_vnni(target) and not conv.depthwise else "widen"
+
+
+# ---------------------------------------------------------------- weights as the kernels read them
+
+
+def _c4(c: int) -> int:
+    return -(-c // 4) * 4
+
+
+def pack(conv: Conv, weight: np.ndarray, bias: np.ndarray, variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """(packed weight, folded int32 bias) for `variant` from PyTorch's OIHW int8 weight (OI for dense, O1HW for
+    depthwise) and the layer's int32 bias."""
+    o = conv.o
+    w = weight.reshape(o, -1, conv.kh, conv.kw).astype(np.int8)
+    sums = w.astype(np.int64).reshape(o, -1).sum(1)
+    zx = conv.input_zero_point
+    if variant == "vnni":
+        c4 = _c4(conv.c)
+        hwio = np.zeros((conv.kh, conv.kw, c4, o), np.int8)
+        hwio[:, :, :conv.c] = w.transpose(2, 3, 1, 0)
+        k = conv.kh * conv.kw * c4
+        ob = -(-o // _VNNI_LANES)
+        flat = np.zeros((k, ob * _VNNI_LANES), np.int8)
+        flat[:, :o] = hwio.reshape(k, o)
+        # [K/4, 4, OB, 16] -> [OB, K/4, 16, 4], each (16, 4) group read as 16 int32 words
+        packed = flat.reshape(k // 4, 4, ob, _VNNI_LANES).transpose(2, 0, 3, 1)
+        folded = bias.astype(np.int64) - (zx + 128) * sums
+        folded = np.pad(folded, (0, ob * _VNNI_LANES - o))
+        return np.ascontiguousarray(packed).view(np.int32).reshape(ob, k // 4, _VNNI_LANES), _int32(folded)
+    hwio = w.transpose(2, 3, 1, 0)  # [KH, KW, C (1 for depthwise), O]
+    if conv.depthwise:
+        hwio = hwio.reshape(conv.kh, conv.kw, o)
+    return np.ascontiguousarray(hwio), _int32(bias.astype(np.int64) - zx * sums)
+
+
+def _int32(a: np.ndarray) -> np.ndarray:
+    if np.abs(a).max(initial=0) >= 2 ** 31:
+        raise ValueError("a folded int32 bias overflows; the layer's scales are degenerate")
+    return a.astype(np.int32)
+
+
+# ---------------------------------------------------------------- the kernels
+
+
+def kernel(conv: Conv, variant: str, threads: int = 2) -> tirx.PrimFunc:
+    """The scheduled kernel for `conv`, parameters (x [1, H, W, C] int8, weight (packed), bias int32, multiplier
+    int32 [O'], shift int32 [O'], out [1, OH, OW, O] int8), O' = O rounded up to the vector the kernel stores."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.tirx.script.builder import ir as T
+
+    oh, ow = conv.out_hw
+    if variant == "vnni":
+        ob = -(-conv.o // _VNNI_LANES)
+        wshape, wdtype, width = (ob, conv.kh * conv.kw * _c4(conv.c) // 4, _VNNI_LANES), "int32", ob * _VNNI_LANES
+    else:
+        wshape = (conv.kh, conv.kw, conv.o) if conv.depthwise else (conv.kh, conv.kw, conv.c, conv.o)
+        wdtype, width = "int8", conv.o
+    with IRBuilder() as ib:
+        with T.prim_func():
+            x = T.arg("x", T.buffer((1, conv.h, conv.w, conv.c), "int8"))
+            wt = T.arg("weight", T.buffer(wshape, wdtype))
+            bias = T.arg("bias", T.buffer((width,), "int32"))
+            mult = T.arg("multiplier", T.buffer((width,), "int32"))
+            shift = T.arg("shift", T.buffer((width,), "int32"))
+            out = T.arg("out", T.buffer((1, oh, ow, conv.o), "int8"))
+            T.func_attr({"tirx.noalias": True})
+            with T.sblock("root"), T.sblock("int8"):
+                q = _Requant(conv, bias, mult, shift)
+                if variant == "vnni":
+                    _vnni(T, conv, x, wt, q, out, threads)
+                else:
+                    _widen(T, conv, x, wt, q, out, threads)
+    func = ib.get()
+    return func.with_attrs({OP: conv.op, FAMILY: NAME, FLOPS: 2 * oh * ow * conv.o * conv.reduction,
+                            REDUCTION: conv.reduction, VARIANT: variant, "tirx.is_scheduled": True,
+                            "tirx.noalias": True})
+
+
+@dataclass
+class _Requant:
+    """The epilogue: int32 accumulator (bias not yet added) -> int8, per output channel."""
+
+    conv: Conv
+    bias: tirx.Buffer
+    mult: tirx.Buffer
+    shift: tirx.Buffer
+
+    def __call__(self, acc, ch, lanes: int = 1):
+        idx = tirx.Ramp(ch, 1, lanes) if lanes > 1 else ch
+        i64 = f"int64x{lanes}" if lanes > 1 else "int64"
+        total = tirx.Cast(i64, acc + self.bias[idx])
+        sh = tirx.Cast(i64, self.shift[idx])
+        one = tirx.Broadcast(tirx.IntImm("int64", 1), lanes) if lanes > 1 else tirx.IntImm("int64", 1)
+        scaled = tirx.shift_right(total * tirx.Cast(i64, self.mult[idx]) + tirx.shift_left(one, sh - one), sh)
+        c = self.conv
+        lo, hi = (tirx.IntImm("int64", v) for v in (c.act_min, c.act_max))
+        if lanes > 1:
+            lo, hi = tirx.Broadcast(lo, lanes), tirx.Broadcast(hi, lanes)
+            zo = tirx.Broadcast(tirx.IntImm("int64", c.output_zero_point), lanes)
+        else:
+            zo = tirx.IntImm("int64", c.output_zero_point)
+        return tirx.Cast(f"int8x{lanes}" if lanes > 1 else "int8", tirx.Min(tirx.Max(scaled + zo, lo), hi))
+
+
+def _padded(T, conv: Conv, x, c_alloc: int, flip: bool):
+    """The input with its border filled with the zero point (and channels padded to `c_alloc` the same way), or
+    `x` itself when nothing needs padding; flipped to unsigned (x ^ 0x80) for vpdpbusd when `flip`."""
+    (ph, pw) = conv.padding
+    if ph == pw == 0 and c_alloc == conv.c and not flip:
+        return x, 0, 0
+    hp, wp = conv.h + 2 * ph, conv.w + 2 * pw
+    xp = T.alloc_buffer((hp, wp, c_alloc), "int8", scope="global")
+    fill = tirx.IntImm("int8", conv.input_zero_point ^ -128 if flip else conv.input_zero_point)  # x ^ 0x80
+    with T.parallel(0, hp) as i, T.serial(0, wp) as j, T.vectorized(0, c_alloc) as c:
+        inside = tirx.all(i >= ph, i < ph + conv.h, j >= pw, j < pw + conv.w, c < conv.c)
+        v = x[0, tirx.Min(tirx.Max(i - ph, 0), conv.h - 1), tirx.Min(tirx.Max(j - pw, 0), conv.w - 1),
+              tirx.Min(c, conv.c - 1)]
+        if flip:
+            v = tirx.bitwise_xor(v, tirx.IntImm("int8", -128))
+        T.buffer_store(xp, tirx.Select(inside, v, fill), [i, j, c])
+    return xp, ph, pw
+
+
+def _tile(n: int, most: int) -> int:
+    for t in range(min(most, n), 0, -1):
+        if n % t == 0:
+            return t
+    return 1
+
+
+def _vnni(T, conv: Conv, x, wt, q: _Requant, out, threads: int) -> None:
+    """A tile of TW output pixels x KV vectors of 16 output channels, accumulated with vpdpbusd over (kh, kw, c/4)."""
+    oh, ow = conv.out_hw
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    c4 = _c4(conv.c)
+    xp, _, _ = _padded(T, conv, x, c4, flip=True)
+    padded = xp is not x
+    ob = -(-conv.o // _VNNI_LANES)
+    kv = _tile(ob, 4)
+    tw = _tile(ow, max(1, 24 // kv))
+    lanes = _VNNI_LANES
+    i32x = f"int32x{lanes}"
+    with T.parallel(0, oh * (ob // kv)) as job:
+        r, blk = job // (ob // kv), job % (ob // kv)
+        with T.serial(0, ow // tw) as tt:
+            acc = T.alloc_buffer((tw, kv, lanes), "int32", scope="global")
+            with T.unroll(0, tw) as t, T.unroll(0, kv) as v:
+                T.buffer_store(acc, tirx.Broadcast(tirx.IntImm("int32", 0), lanes), [t, v, tirx.Ramp(0, 1, lanes)])
+            with T.serial(0, conv.kh) as i, T.serial(0, conv.kw) as j, T.serial(0, c4 // 4) as cg:
+                kg = (i * conv.kw + j) * (c4 // 4) + cg
+                with T.unroll(0, tw) as t:
+                    px = tt * tw + t
+                    row, col = r * sh + i * dh, px * sw + j * dw
+                    if padded:
+                        word = xp[row, col, tirx.Ramp(cg * 4, 1, 4)]
+                    else:
+                        word = tirx.bitwise_xor(x[0, row, col, tirx.Ramp(cg * 4, 1, 4)],
+                                                tirx.Broadcast(tirx.IntImm("int8", -128), 4))
+                    a = tirx.Broadcast(tirx.call_intrin("int32", "tirx.reinterpret", word), lanes)
+                    with T.unroll(0, kv) as v:
+                        w = wt[blk * kv + v, kg, tirx.Ramp(0, 1, lanes)]
+                        cur = acc[t, v, tirx.Ramp(0, 1, lanes)]
+                        T.buffer_store(acc, tirx.call_llvm_pure_intrin(
+                            i32x, "llvm.x86.avx512.vpdpbusd.512", cur, *_bytes(a, w)),
+                            [t, v, tirx.Ramp(0, 1, lanes)])
+            with T.unroll(0, tw) as t, T.unroll(0, kv) as v:
+                ch = (blk * kv + v) * lanes
+                res = q(acc[t, v, tirx.Ramp(0, 1, lanes)], ch, lanes)
+                px = tt * tw + t
+                if conv.o % lanes == 0:
+                    T.buffer_store(out, res, [0, r, px, tirx.Ramp(ch, 1, lanes)])
+                else:
+                    tmp = T.alloc_buffer((lanes,), "int8", scope="local")
+                    T.buffer_store(tmp, res, [tirx.Ramp(0, 1, lanes)])
+                    with T.serial(0, lanes) as e, T.If(ch + e < conv.o), T.Then():
+                        T.buffer_store(out, tmp[e], [0, r, px, ch + e])
+
+
+def _bytes(*vectors):
+    """LLVM 20 and later declare the VNNI intrinsics over <64 x i8> (earlier ones over <16 x i32>)."""
+    if _llvm_major() < 20:
+        return vectors
+    return [tirx.call_intrin("int8x64", "tirx.reinterpret", v) for v in vectors]
+
+
+def _llvm_major() -> int:
+    from tvm.target.codegen import llvm_version_major
+
+    return int(llvm_version_major())
+
+
+def _vector(o: int, most: int) -> int:
+    v = most
+    while v > 1 and o % v:
+        v //= 2
+    return v
+
+
+def _widen(T, conv: Conv, x, wt, q: _Requant, out, threads: int) -> None:
+    """Vectors over output channels, widening int8 -> int16 -> int32 multiply-adds; a tile of TW pixels."""
+    oh, ow = conv.out_hw
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    xp, _, _ = _padded(T, conv, x, conv.c, flip=False)
+    src = (lambda row, col, c: xp[row, col, c]) if xp is not x else (lambda row, col, c: x[0, row, col, c])
+    vec = _vector(conv.o, 16)
+    groups = conv.o // vec
+    kv = _tile(groups, 4)
+    tw = _tile(ow, max(1, 16 // kv))
+
+    def widen(v):
+        return tirx.Cast("int32", tirx.Cast("int16", v))
+
+    with T.parallel(0, oh * (groups // kv)) as job:
+        r, blk = job // (groups // kv), job % (groups // kv)
+        with T.serial(0, ow // tw) as tt:
+            acc = T.alloc_buffer((tw, kv * vec), "int32", scope="global")
+            with T.unroll(0, tw) as t, T.vectorized(0, kv * vec) as e:
+                T.buffer_store(acc, tirx.IntImm("int32", 0), [t, e])
+            base = blk * kv * vec
+            if conv.depthwise:
+                with T.serial(0, conv.kh) as i, T.serial(0, conv.kw) as j, T.unroll(0, tw) as t, \
+                        T.vectorized(0, kv * vec) as e:
+                    row, col = r * sh + i * dh, (tt * tw + t) * sw + j * dw
+                    T.buffer_store(acc, acc[t, e] + widen(src(row, col, base + e)) * widen(wt[i, j, base + e]),
+                                   [t, e])
+            else:
+                with T.serial(0, conv.kh) as i, T.serial(0, conv.kw) as j, T.serial(0, conv.c) as c, \
+                        T.unroll(0, tw) as t, T.vectorized(0, kv * vec) as e:
+                    row, col = r * sh + i * dh, (tt * tw + t) * sw + j * dw
+                    T.buffer_store(acc, acc[t, e] + widen(src(row, col, c)) * widen(wt[i, j, c, base + e]), [t, e])
+            with T.unroll(0, tw) as t, T.vectorized(0, kv * vec) as e:
+                T.buffer_store(out, q(acc[t, e], base + e), [0, r, tt * tw + t, base + e])
+
+
+# ---------------------------------------------------------------- cost
+
+
+def cost_row(op: str, inputs: Sequence[Sequence[int]], weights: Sequence[Sequence[int]],
+             outputs: Sequence[Sequence[int]], reduction: int, kernel: str, sources: Sequence[str] = (),
+             tags: dict | None = None) -> LayerCost:
+    """An int8 kernel's row: its MACs at 8-bit weights and activations, named after the layer it computes."""
+    plan = LayerPlan(kernel, "int8", weight_bits=8, act_bits=8)
+    source = str((tags or {}).get(SOURCE, ""))
+    return layer_cost(op, inputs, list(weights), outputs, reduction=int(reduction), plan=plan, family=NAME,
+                      kernel=kernel, sources=tuple(sources) or ((source,) if source else ()))
+
+
+def build_module(conv: Conv, weight: np.ndarray, bias: np.ndarray, multiplier: np.ndarray, shift: np.ndarray,
+                 target, variant: str | None = None, threads: int = 2):
+    """One layer as a compiled TIR module plus its packed constants, for tests and benchmarks: returns
+    (runtime module, [packed weight, bias, multiplier, shift])."""
+    variant = variant or variant_for(conv, target)
+    w, b = pack(conv, weight, bias, variant)
+    width = b.shape[0]
+    m = np.pad(np.asarray(multiplier, np.int32), (0, width - conv.o))
+    s = np.pad(np.asarray(shift, np.int32), (0, width - conv.o), constant_values=1)
+    func = kernel(conv, variant, threads).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    return lib, [w, b, m, s]
+
+
+__all__ = ["Conv", "CpuSpec", "NAME", "RULES", "build_module", "cost_row", "kernel", "pack", "variant_for"]
