@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..artifacts import Network, TensorSpec
 from ..errors import UserError
@@ -162,6 +165,7 @@ def _onnx(path: Path, input_shape):
         specs.append(TensorSpec(gi.name, shape, dtype))
         shape_dict[gi.name] = list(shape)
     model = _fold_shape_arithmetic(model, shape_dict)
+    _check_onnx_nodes(path, model)
     try:
         with _onnx_clip_as_ops(), quiet_native():
             mod = from_onnx(model, shape_dict=shape_dict, dtype_dict={s.name: s.dtype for s in specs},
@@ -172,6 +176,53 @@ def _onnx(path: Path, input_shape):
         raise UserError(f"{path}: the ONNX importer failed ({_first_line(e)}); check the model's shapes and ops") \
             from None
     return mod, specs, source_layers(model)
+
+
+def check_finite(path: Path, named: Iterable[tuple[str, np.ndarray]]) -> None:
+    """Refuse a model whose weights hold NaN or Inf: it would compile and compute NaN on the device."""
+    for name, arr in named:
+        if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+            bad = "NaN" if np.isnan(arr).any() else "Inf"
+            raise UserError(f"{path}: weight tensor '{name}' holds {bad} ({int((~np.isfinite(arr)).sum())} of "
+                            f"{arr.size} values); fix or retrain the model")
+
+
+def _check_onnx_nodes(path: Path, model) -> None:
+    """What TVM would import and then fail on, or compute differently from onnxruntime, named by its node:
+    non-finite weights, grouped ConvTranspose, and Resize by a scale that gives a fractional size (TVM rounds the
+    size and derives its sampling from it; onnxruntime samples by the scale)."""
+    import onnx
+    from onnx import numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = a.t
+    check_finite(path, ((n, numpy_helper.to_array(t)) for n, t in consts.items()))
+    shapes = None
+    for i, node in enumerate(model.graph.node):
+        where = f"node '{node.name or f'#{i}'}'"
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "ConvTranspose" and int(attrs.get("group", 1)) != 1:
+            raise UserError(f"{path}: ConvTranspose with group={attrs['group']} at {where} is not supported "
+                            "(group 1 is); replace it in the model")
+        if node.op_type == "Resize" and len(node.input) > 2 and node.input[2] in consts:
+            scales = numpy_helper.to_array(consts[node.input[2]])
+            if scales.size == 0:
+                continue
+            if shapes is None:
+                inferred = onnx.shape_inference.infer_shapes(model)
+                shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                          for v in [*inferred.graph.value_info, *inferred.graph.input]}
+            dims = shapes.get(node.input[0])
+            if dims and len(dims) == scales.size:
+                sizes = [d * float(s) for d, s in zip(dims, scales)]
+                if any(d and abs(v - round(v)) > 1e-6 for d, v in zip(dims, sizes)):
+                    raise UserError(f"{path}: Resize at {where} scales {dims} by {scales.tolist()} to a fractional "
+                                    "size, which is not supported; resize to a size (F.interpolate(size=...)) "
+                                    "or by a scale that gives whole sizes")
 
 
 def _fold_shape_arithmetic(model, shape_dict: dict[str, list[int]]):
@@ -222,6 +273,8 @@ def _pt2(path: Path, input_shape):
                         "torch.export.save(torch.export.export(model, (x,)), 'model.pt2')") from None
     if input_shape is not None:
         raise UserError("--input-shape does not apply to .pt2 files: their shapes are fixed at export")
+    check_finite(path, ((k, v.detach().float().numpy()) for k, v in {**ep.state_dict, **ep.constants}.items()
+                        if isinstance(v, torch.Tensor) and v.is_floating_point()))
     ep = ep.run_decompositions()
     known = ExportedProgramImporter().create_convert_map()
     for node in ep.graph.nodes:
@@ -251,8 +304,18 @@ def _pt2(path: Path, input_shape):
 # ---------------------------------------------------------------- TFLite
 
 
+def _tflite_float_weights(model, sub) -> Iterable[tuple[str, np.ndarray]]:
+    import tflite
+
+    for i in range(sub.TensorsLength()):
+        t = sub.Tensors(i)
+        if t.Type() == tflite.TensorType.FLOAT32 and t.Buffer() < model.BuffersLength():
+            buf = model.Buffers(t.Buffer())
+            if buf.DataLength():
+                yield t.Name().decode(errors="replace"), buf.DataAsNumpy().view(np.float32)
+
+
 def _tflite(path: Path, input_shape):
-    import numpy as np
     import tflite
     from tvm.relax.frontend.tflite import from_tflite
     from tvm.relax.frontend.tflite.tflite_frontend import OperatorConverter
@@ -268,6 +331,7 @@ def _tflite(path: Path, input_shape):
     if model.SubgraphsLength() != 1:
         raise UserError(f"{path}: models with {model.SubgraphsLength()} subgraphs are not supported; use one")
 
+    check_finite(path, _tflite_float_weights(model, sub))
     # Operator check with the node named, before the frontend's own check that names only op types.
     names = {v: k for k, v in tflite.BuiltinOperator.__dict__.items() if not k.startswith("_")}
     try:

@@ -19,6 +19,7 @@ from tvm.relax.dpl import is_op, wildcard
 from tvm.relax.dpl.rewrite import rewrite_call
 from tvm.s_tir import dlight as dl
 
+from . import legalize
 from .kernels import bsr, rules, tag_kernels
 
 
@@ -60,6 +61,8 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The module after fusion and before scheduling: the tuning tasks and the per-layer view."""
     with target:
         mod = canonicalize()(mod)
+        # ours first for what TVM cannot legalize in NHWC (legalize.py); TVM's own for the rest
+        mod = relax.transform.LegalizeOps(customize_legalize_map=legalize.CUSTOM)(mod)
         return tvm.transform.Sequential(cpu.legalize_passes(target))(mod)
 
 
@@ -74,7 +77,7 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
     """
     mod = tag_kernels(fused_module(mod, target))
     if not use_rules:
-        return mod
+        return legalize.narrow_indices(mod, target)
     if sparse is not None:
         mod = bsr.sparsify(mod, target, sparse, threads)
     with target:
@@ -84,11 +87,11 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
         if database_dir is not None:
             mod = relax.transform.MetaScheduleApplyDatabase(database_dir)(mod)
         mod = dl.ApplyDefaultSchedule(*rules())(mod)
-        return tvm.transform.Sequential([
+        return legalize.narrow_indices(tvm.transform.Sequential([
             relax.transform.SplitLayoutRewritePreproc(),
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(),
-        ])(mod)
+        ])(mod), target)
 
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None,

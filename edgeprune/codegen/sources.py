@@ -13,7 +13,7 @@ from ..artifacts import LayerCost
 
 # ONNX operator -> the row classes its kernel can have
 _GROUPS = {
-    "conv": ({"Conv"}, {"pointwise", "conv", "depthwise"}),
+    "conv": ({"Conv", "ConvTranspose"}, {"pointwise", "conv", "depthwise"}),
     "matmul": ({"Gemm", "MatMul"}, {"matmul"}),
     "pool": ({"MaxPool", "AveragePool"}, {"pool"}),
     "reduce": ({"GlobalAveragePool", "ReduceMean"}, {"reduce"}),
@@ -30,6 +30,8 @@ def source_layers(model) -> list[tuple[str, str, int | None]]:
                 channels = None
                 if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
                     channels = inits[node.input[1]][0]
+                elif node.op_type == "ConvTranspose" and len(node.input) > 1 and node.input[1] in inits:
+                    channels = inits[node.input[1]][1]  # [in, out per group, kh, kw]; group 1 only
                 elif node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in inits:
                     trans_b = any(a.name == "transB" and a.i for a in node.attribute)
                     dims = inits[node.input[1]]

@@ -13,6 +13,8 @@ Coverage, by network:
   pooling         average pooling with padding and stride (count_include_pad both ways), max pooling, flatten,
                   two Linear layers with ReLU, odd input size
   gated_add       elementwise add and mul of branches, sigmoid, hardsigmoid, hardswish, bias=True and False
+  fpn_decoder     an FPN-style decoder: lateral 1x1 convs, nearest 2x upsample by scale and bilinear by size,
+                  concat, transposed convs (3x3 stride 2 with output padding, 4x4 stride 2), a dense output map
 """
 
 from __future__ import annotations
@@ -228,6 +230,31 @@ class GatedAdd(nn.Module):
         return self.tail(y) + 0.5 * nn.functional.hardswish(self.tail(y))
 
 
+class FPNDecoder(nn.Module):
+    """An encoder of stride-2 convs and an FPN-style decoder back to half the input size: lateral 1x1 convs,
+    transposed convs (3x3 stride 2 with output padding 1; 4x4 stride 2 padding 1), bilinear resize by size, nearest
+    upsample by scale, concats and adds. The output is a 4-channel map, as a text or object detector's head."""
+
+    def __init__(self, res: int):
+        super().__init__()
+        self.quarter = res // 4
+        self.c1, self.c2, self.c3 = _cbr(3, 16, 3, 2), _cbr(16, 24, 3, 2), _cbr(24, 32, 3, 2)
+        self.l1, self.l2, self.l3 = nn.Conv2d(16, 16, 1), nn.Conv2d(24, 16, 1), nn.Conv2d(32, 16, 1)
+        self.up3 = nn.ConvTranspose2d(16, 16, 3, 2, 1, output_padding=1)
+        self.fuse = _cbr(48, 16, 3)
+        self.up2 = nn.ConvTranspose2d(16, 8, 4, 2, 1, bias=False)
+        self.out = nn.Conv2d(24, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c1 = self.c1(x)
+        c2 = self.c2(c1)
+        p3 = self.l3(self.c3(c2))
+        wide = nn.functional.interpolate(p3, size=(self.quarter, self.quarter), mode="bilinear", align_corners=False)
+        p2 = self.fuse(torch.cat((self.l2(c2), torch.relu(self.up3(p3)), wide), 1))
+        p1 = self.l1(c1) + nn.functional.interpolate(p2, scale_factor=2, mode="nearest")
+        return self.out(torch.cat((p1, torch.relu(self.up2(p2))), 1))
+
+
 # ---------------------------------------------------------------- registry
 
 Constructor = Callable[[int], nn.Module]
@@ -241,6 +268,7 @@ ZOO: dict[str, tuple[Constructor, list[int]]] = {
     "split_branches": (lambda res: SplitBranches(), [32, 40]),
     "pooling": (Pooling, [35, 48]),
     "gated_add": (lambda res: GatedAdd(), [40, 56]),
+    "fpn_decoder": (FPNDecoder, [32, 48]),
 }
 
 
@@ -255,8 +283,10 @@ def _he_init(model: nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                fan_in = m.weight[0].numel()
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
+                # a transposed conv's output pixel sums in_channels x the taps of one phase
+                fan_in = (m.weight[0].numel() if not isinstance(m, nn.ConvTranspose2d) else
+                          m.in_channels * m.weight[0, 0].numel() // (m.stride[0] * m.stride[1]))
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
                 if m.bias is not None:
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
@@ -279,14 +309,17 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of the convolutions and Linear layers on input ``x``."""
     total = 0
 
-    def hook(m, _inp, out):
+    def hook(m, inp, out):
         nonlocal total
         if isinstance(m, nn.Conv2d):
             total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
         elif isinstance(m, nn.Linear):
             total += out.numel() * m.in_features
+        elif isinstance(m, nn.ConvTranspose2d):  # each input pixel meets every tap once
+            total += inp[0].numel() * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    kinds = (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():
             model(x)
