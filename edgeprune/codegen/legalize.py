@@ -167,7 +167,17 @@ def narrow_indices(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule
     triple = str(target.attrs.get("mtriple", ""))
     if not triple.startswith(("arm", "thumb")):
         return mod
-    return tvm.tirx.transform.ForceNarrowIndexToInt32()(mod)
+    # Kernels that compute in int64 (int8 requantization, integer means) are left alone: the pass refuses int64
+    # buffers ("buffer parameter ... has dtype int64") and narrows int64 arithmetic in the int8 family's kernels,
+    # whose indices are int32 already.
+    narrow = tvm.tirx.transform.ForceNarrowIndexToInt32()
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and (func.attrs or {}).get("edgeprune.family") != "int8":
+            try:
+                mod[gv] = narrow(tvm.IRModule({gv: func}))[gv]
+            except Exception:  # noqa: BLE001 - TVM raises its own error types
+                continue
+    return mod
 
 
 CUSTOM = {"relax.nn.conv2d_transpose": conv2d_transpose, "relax.image.resize2d": resize2d}

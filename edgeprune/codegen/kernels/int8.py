@@ -197,13 +197,12 @@ def _padded(T, conv: Conv, x, c_alloc: int, flip: bool):
     hp, wp = conv.h + 2 * ph, conv.w + 2 * pw
     xp = T.alloc_buffer((hp, wp, c_alloc), "int8", scope="global")
     fill = tirx.IntImm("int8", conv.input_zero_point ^ -128 if flip else conv.input_zero_point)  # x ^ 0x80
+    # the border (and any padding channels) first, then the interior rows: plain affine loops that vectorize
     with T.parallel(0, hp) as i, T.serial(0, wp) as j, T.vectorized(0, c_alloc) as c:
-        inside = tirx.all(i >= ph, i < ph + conv.h, j >= pw, j < pw + conv.w, c < conv.c)
-        v = x[0, tirx.Min(tirx.Max(i - ph, 0), conv.h - 1), tirx.Min(tirx.Max(j - pw, 0), conv.w - 1),
-              tirx.Min(c, conv.c - 1)]
-        if flip:
-            v = tirx.bitwise_xor(v, tirx.IntImm("int8", -128))
-        T.buffer_store(xp, tirx.Select(inside, v, fill), [i, j, c])
+        T.buffer_store(xp, fill, [i, j, c])
+    with T.parallel(0, conv.h) as i, T.serial(0, conv.w) as j, T.vectorized(0, conv.c) as c:
+        v = x[0, i, j, c]
+        T.buffer_store(xp, tirx.bitwise_xor(v, tirx.IntImm("int8", -128)) if flip else v, [i + ph, j + pw, c])
     return xp, ph, pw
 
 
@@ -229,7 +228,7 @@ def _vnni(T, conv: Conv, x, wt, q: _Requant, out, threads: int) -> None:
     with T.parallel(0, oh * (ob // kv)) as job:
         r, blk = job // (ob // kv), job % (ob // kv)
         with T.serial(0, ow // tw) as tt:
-            acc = T.alloc_buffer((tw, kv, lanes), "int32", scope="global")
+            acc = T.alloc_buffer((tw, kv, lanes), "int32", scope="local")
             with T.unroll(0, tw) as t, T.unroll(0, kv) as v:
                 T.buffer_store(acc, tirx.Broadcast(tirx.IntImm("int32", 0), lanes), [t, v, tirx.Ramp(0, 1, lanes)])
             with T.serial(0, conv.kh) as i, T.serial(0, conv.kw) as j, T.serial(0, c4 // 4) as cg:
@@ -293,29 +292,32 @@ def _widen(T, conv: Conv, x, wt, q: _Requant, out, threads: int) -> None:
     kv = _tile(groups, 4)
     tw = _tile(ow, max(1, 16 // kv))
 
-    def widen(v):
-        return tirx.Cast("int32", tirx.Cast("int16", v))
+    def mac(acc, a, b):
+        # |int8 x int8| <= 16256 fits int16: one 16-bit multiply (vpmullw; vmull.s8 on NEON) per two lanes of
+        # 32-bit ones, widened once into the int32 sum
+        return acc + tirx.Cast("int32", tirx.Cast("int16", a) * tirx.Cast("int16", b))
 
+    # vectors of `vec` lanes (16 int32 = one zmm), kv of them unrolled: LLVM legalizes power-of-two vectors
+    # cleanly where a 48-lane one was partly scalarized
     with T.parallel(0, oh * (groups // kv)) as job:
         r, blk = job // (groups // kv), job % (groups // kv)
         with T.serial(0, ow // tw) as tt:
-            acc = T.alloc_buffer((tw, kv * vec), "int32", scope="global")
-            with T.unroll(0, tw) as t, T.vectorized(0, kv * vec) as e:
-                T.buffer_store(acc, tirx.IntImm("int32", 0), [t, e])
-            base = blk * kv * vec
+            acc = T.alloc_buffer((tw, kv, vec), "int32", scope="local")
+            with T.unroll(0, tw) as t, T.unroll(0, kv) as v, T.vectorized(0, vec) as e:
+                T.buffer_store(acc, tirx.IntImm("int32", 0), [t, v, e])
             if conv.depthwise:
                 with T.serial(0, conv.kh) as i, T.serial(0, conv.kw) as j, T.unroll(0, tw) as t, \
-                        T.vectorized(0, kv * vec) as e:
-                    row, col = r * sh + i * dh, (tt * tw + t) * sw + j * dw
-                    T.buffer_store(acc, acc[t, e] + widen(src(row, col, base + e)) * widen(wt[i, j, base + e]),
-                                   [t, e])
+                        T.unroll(0, kv) as v, T.vectorized(0, vec) as e:
+                    row, col, ch = r * sh + i * dh, (tt * tw + t) * sw + j * dw, (blk * kv + v) * vec + e
+                    T.buffer_store(acc, mac(acc[t, v, e], src(row, col, ch), wt[i, j, ch]), [t, v, e])
             else:
                 with T.serial(0, conv.kh) as i, T.serial(0, conv.kw) as j, T.serial(0, conv.c) as c, \
-                        T.unroll(0, tw) as t, T.vectorized(0, kv * vec) as e:
-                    row, col = r * sh + i * dh, (tt * tw + t) * sw + j * dw
-                    T.buffer_store(acc, acc[t, e] + widen(src(row, col, c)) * widen(wt[i, j, c, base + e]), [t, e])
-            with T.unroll(0, tw) as t, T.vectorized(0, kv * vec) as e:
-                T.buffer_store(out, q(acc[t, e], base + e), [0, r, tt * tw + t, base + e])
+                        T.unroll(0, tw) as t, T.unroll(0, kv) as v, T.vectorized(0, vec) as e:
+                    row, col, ch = r * sh + i * dh, (tt * tw + t) * sw + j * dw, (blk * kv + v) * vec + e
+                    T.buffer_store(acc, mac(acc[t, v, e], src(row, col, c), wt[i, j, c, ch]), [t, v, e])
+            with T.unroll(0, tw) as t, T.unroll(0, kv) as v, T.vectorized(0, vec) as e:
+                ch = (blk * kv + v) * vec + e
+                T.buffer_store(out, q(acc[t, v, e], ch), [0, r, tt * tw + t, ch])
 
 
 # ---------------------------------------------------------------- cost
