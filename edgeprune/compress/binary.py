@@ -476,3 +476,40 @@ def plans(model: nn.Module) -> dict[str, LayerPlan]:
     return {name: LayerPlan(name, scheme="binary", weight_bits=1, act_bits=1,
                             params={"method": m.method, "codes": m.code_set, "activation": m.act_mode})
             for name, m in binary_modules(model).items()}
+
+
+# ---------------------------------------------------------------- what the compiler reads
+
+
+class ExportedBinaryConv(nn.Module):
+    """A binary layer as the plain float operators it computes at inference (from its BinaryWeights):
+    conv2d(where(x >= threshold, 1, -1), codes x scale) + bias, the threshold static or the sample's mean. Any
+    runtime runs it; codegen/binarized.py finds the pattern and runs it as a bit-packed kernel."""
+
+    def __init__(self, bw: BinaryWeights) -> None:
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.mode = bw.stride, bw.padding, bw.dilation, bw.act_mode
+        codes = torch.from_numpy(bw.codes.astype(np.float32))
+        self.register_buffer("weight", codes * torch.from_numpy(bw.scale).view(-1, 1, 1, 1))
+        self.register_buffer("threshold", torch.from_numpy(bw.act_threshold).view(1, -1, 1, 1))
+        self.register_buffer("bias", None if bw.bias is None else torch.from_numpy(bw.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.mean((1, 2, 3), keepdim=True) if self.mode == "sample-mean" else self.threshold
+        return F.conv2d(torch.where(x >= t, 1.0, -1.0), self.weight, self.bias, self.stride, self.padding,
+                        self.dilation)
+
+
+def export_form(model: nn.Module, layers: dict[str, BinaryWeights] | None = None) -> nn.Module:
+    """A copy of `model`, in eval mode, with each binary convolution an ExportedBinaryConv (the same outputs).
+    `layers` (binary_layers(model)) freezes the codes once where the caller also keeps them: SiMaN's top half is
+    recomputed on each call, and weights at the median can fall either side from one call to the next."""
+    import copy
+
+    layers = binary_layers(model) if layers is None else layers
+    if not layers:
+        raise UserError("the model has no binary convolution (binarize or convert makes them)")
+    out = copy.deepcopy(model).eval()
+    for name, bw in layers.items():
+        _set(out, name, ExportedBinaryConv(bw))
+    return out
