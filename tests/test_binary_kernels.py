@@ -225,10 +225,11 @@ def test_arm_packages_are_bit_exact_under_qemu(target, tmp_path):
     the reference on the device's own output."""
     torch.manual_seed(0)
     model = TwoLayers().eval()
-    model.a, model.b = binary.ReCUConv2d(model.a), binary.SiMaNConv2d(model.b)
+    model.a, model.b = binary.ReCUConv2d(model.a), binary.SiMaNConv2d(model.b)  # in training mode, as made
     model.a.act_threshold.uniform_(-0.2, 0.2)
     x = torch.randn(1, 70, 9, 11)
     layers = binary.binary_layers(model)
+    assert all(np.array_equal(a.codes, b.codes) for a, b in zip(layers.values(), binary.binary_layers(model).values()))
     build, _ = compile_binarized(binary.export_form(model, layers), target, tmp_path / "pkg",
                                  input_shape=tuple(x.shape), fmt="c")
     assert [r.family for r in build.layers if r.op == "conv"] == ["binary", "binary"]

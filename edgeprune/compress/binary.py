@@ -166,8 +166,14 @@ class BinaryConv2d(nn.Conv2d):
 
     @torch.no_grad()
     def codes(self) -> torch.Tensor:
-        """The inference codes, int8, in {-1, +1} or {0, 1}."""
-        return self.binary_weight().detach().round().to(torch.int8)
+        """The inference codes, int8, in {-1, +1} or {0, 1}, computed as in eval mode: reading them from a module
+        left in training mode must not move SiMaN's latent weights (its training forward clips them)."""
+        training = self.training
+        self.train(False)
+        try:
+            return self.binary_weight().detach().round().to(torch.int8)
+        finally:
+            self.train(training)
 
     def _centred(self, x: torch.Tensor) -> torch.Tensor:
         return x - self.act_threshold.view(1, -1, 1, 1)
@@ -502,8 +508,7 @@ class ExportedBinaryConv(nn.Module):
 
 def export_form(model: nn.Module, layers: dict[str, BinaryWeights] | None = None) -> nn.Module:
     """A copy of `model`, in eval mode, with each binary convolution an ExportedBinaryConv (the same outputs).
-    `layers` (binary_layers(model)) freezes the codes once where the caller also keeps them: SiMaN's top half is
-    recomputed on each call, and weights at the median can fall either side from one call to the next."""
+    `layers` (binary_layers(model)) are used when given, so a caller holding them compiles exactly those."""
     import copy
 
     layers = binary_layers(model) if layers is None else layers
