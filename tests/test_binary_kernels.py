@@ -240,3 +240,43 @@ def test_arm_packages_are_bit_exact_under_qemu(target, tmp_path):
                       act="sample-mean" if bw.act_mode == "sample-mean" else "static")
         _same(out.transpose(0, 2, 3, 1), conv, x=xh, codes=bw.codes, mul=bw.scale, add=bw.bias,
               threshold=bw.act_threshold, residual=None, next_threshold=None)
+
+
+class Plain(nn.Module):
+    """XNOR-Net style: binary conv -> BatchNorm -> Hardtanh -> binary conv, no shortcut between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.Hardtanh())
+        self.conv1, self.bn1 = nn.Conv2d(64, 72, 3, padding=1, bias=False), nn.BatchNorm2d(72)
+        self.conv2, self.bn2 = nn.Conv2d(72, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64)
+        self.act1, self.act2 = nn.Hardtanh(), nn.Hardtanh()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(self.stem(x)))))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("target", ["host", "cortex-a7"])
+def test_next_layers_binarization_is_fused(target, tmp_path):
+    """A binary layer read only by the next one's binarization writes that layer's input bits (exact integer
+    thresholds), and the next reads them packed; the network still matches PyTorch (cortex-a7: 32-bit words, a C
+    package under qemu)."""
+    torch.manual_seed(5)
+    model, x = Plain().eval(), torch.randn(1, 3, 12, 10)
+    assert binary.convert(model, "recu", x) == ["conv1", "conv2"]
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    build, report = compile_binarized(binary.export_form(model), target, tmp_path / "b", input_shape=tuple(x.shape),
+                                      fmt="so" if target == "host" else "c")
+    assert report.binary_layers[0].endswith("bits out") and report.binary_layers[1].endswith("packed in")
+    if target == "host":
+        out = Session(build).run([x.numpy()])[0]
+    else:
+        out = package.run(build, [x.numpy()], f"qemu://{target}")[0]
+    with torch.no_grad():
+        assert_close(out, model(x).numpy())

@@ -9,7 +9,9 @@ canonicalization (BatchNorm folded, channels-last) each such pattern is found ag
 by one call of a binary kernel (kernels/binary.py), with the codes read back from the folded weight (a binary
 layer's weight is codes x one value per output channel, exactly) and the elementwise tail that follows it (bias,
 folded BatchNorm, a per-channel multiply, one residual add, clamps such as Hardtanh and ReLU) fused into the
-kernel. Everything else compiles as usual (kernels/dense.py), into shared libraries and C packages alike.
+kernel. A layer whose output only the next binary layer's binarization reads writes that layer's input bits, and
+the next reads them packed (XNOR-Net-style stacks; Bi-Real shortcuts read the float map, so there it stays float).
+Everything else compiles as usual (kernels/dense.py), into shared libraries and C packages alike.
 
     build, report = compile_binarized(export_form(model), "host", "out/", input_shape=(1, 3, 64, 64))
     report.binary_layers, report.weight_bytes, report.fp32_weight_bytes   # 1-bit layers at ~1/32 of fp32
@@ -18,7 +20,7 @@ kernel. Everything else compiles as usual (kernels/dense.py), into shared librar
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,9 @@ class Found:
     threshold: np.ndarray
     residual: relax.Expr | None
     last: relax.Var  # the variable the kernel's output replaces
+    conv_var: relax.Var | None = None  # the conv2d's own variable
+    sign_var: relax.Var | None = None  # the comparison x >= t
+    next_threshold: np.ndarray | None = None  # bits out: the next binary layer's threshold
 
 
 @dataclass
@@ -190,8 +195,38 @@ def find(func: relax.Function, word: int) -> list[Found]:
         conv = binary.Conv(xshape[1], xshape[2], xshape[3], int(w.shape[3]), (int(w.shape[0]), int(w.shape[1])),
                            _ints(call.attrs.strides), _pad(call.attrs.padding), _ints(call.attrs.dilation),
                            codes, mode, "float", residual is not None, (clamp[0], clamp[1]), word)
-        found.append(Found(conv, x, split[1], mul, add, threshold, residual, last))
+        found.append(Found(conv, x, split[1], mul, add, threshold, residual, last, var, _sign_var(g, call.args[0])))
+    return _chain(g, found)
+
+
+def _sign_var(g: _Graph, data) -> relax.Var:
+    where, _ = g.through_permutes(data)
+    return g.through_permutes(g.bound(where).args[0])[0]
+
+
+def _chain(g: _Graph, found: list[Found]) -> list[Found]:
+    """Where a binary layer's output is read only by the next binary layer's binarization (a static threshold, no
+    residual between), the first writes the second's input bits and the second reads them packed: the float map
+    between them is never written."""
+    by_sign = {f.sign_var: f for f in found}
+    for f in found:
+        nxt = g.single_user(f.last)
+        second = by_sign.get(nxt) if nxt is not None else None
+        if second is None or f.residual is not None or second.conv.act != "static" \
+                or not second.x.same_as(f.last) or not _only_path(g, nxt, second.conv_var):
+            continue
+        f.conv, f.next_threshold = replace(f.conv, out="bits"), second.threshold
+        second.conv = replace(second.conv, act="packed")
     return found
+
+
+def _only_path(g: _Graph, var, end) -> bool:
+    """Whether `var`'s value reaches `end` and nothing else: each step the only user, through where and permutes."""
+    while not var.same_as(end):
+        var = g.single_user(var)
+        if var is None or not (var.same_as(end) or _op(g.bound(var)) in ("relax.where", "relax.permute_dims")):
+            return False
+    return True
 
 
 def _pad(padding) -> tuple[int, int]:
@@ -264,28 +299,36 @@ def binarize_module(mod: tvm.IRModule, target, threads: int = 2) -> tuple[tvm.IR
     report = Report()
     if not found:
         return mod, report
-    builder = relax.BlockBuilder(mod)
-    calls = []
-    bound = _Graph(mod["main"]).value
+    made = []
     for i, f in enumerate(found):
-        consts = binary.constants(f.conv, f.codes, f.mul, f.add, f.threshold)
+        consts = binary.constants(f.conv, f.codes, f.mul, f.add, f.threshold, f.next_threshold)
         func = binary.kernel(f.conv, target, threads, kind)
         func = func.with_attrs({OP: "conv" if f.conv.taps > 1 else "pointwise", FAMILY: binary.NAME,
                                 FLOPS: 2 * f.conv.macs, REDUCTION: f.conv.taps * f.conv.cin,
                                 binary.CODES: f.conv.codes, binary.ACT: f.conv.act, "op_pattern": 8,
                                 "tirx.is_scheduled": True, "tirx.noalias": True})
-        gv = builder.add_func(func, f"binary_conv{i}_{f.conv.kernel[0]}x{f.conv.kernel[1]}")
         args = [f.x, *(relax.const(a) for a in consts.arrays(f.conv))]
         args += [f.residual] if f.residual is not None else []
-        out = relax.TensorType((1, f.conv.oh, f.conv.ow, f.conv.cout), "float32")
-        calls.append((bound[f.last], relax.call_tir(gv, args, out)))
+        out = relax.TensorType((1, f.conv.oh, f.conv.ow, f.conv.out_words), f.conv.udtype) \
+            if f.conv.out == "bits" else relax.TensorType((1, f.conv.oh, f.conv.ow, f.conv.cout), "float32")
+        made.append((f, func, f"binary_conv{i}_{f.conv.kernel[0]}x{f.conv.kernel[1]}", args, out))
         report.binary_layers.append(f"{f.conv.kernel[0]}x{f.conv.kernel[1]} {f.conv.cin}->{f.conv.cout} "
-                                    f"{f.conv.height}x{f.conv.width}/{f.conv.stride[0]} {f.conv.codes}")
+                                    f"{f.conv.height}x{f.conv.width}/{f.conv.stride[0]} {f.conv.codes}"
+                                    + (", bits out" if f.conv.out == "bits" else "")
+                                    + (", packed in" if f.conv.act == "packed" else ""))
         report.weight_bytes += consts.weight_bytes + (consts.threshold.nbytes if f.conv.act == "static" else 0)
         report.fp32_weight_bytes += 4 * f.codes.size + 4 * f.conv.cout  # the weight and a bias
-    mod = builder.get()
-    mod["main"] = _Replace(calls).visit_expr(mod["main"])
-    return relax.transform.DeadCodeElimination()(mod), report
+    # Layers writing bits last: their output changes type, and the float binarization that read it must be gone
+    # (dead once the next layer's call replaced it) before it would be rebuilt on bits.
+    for bits in (False, True):
+        builder = relax.BlockBuilder(mod)  # add_func gives the kernels' GlobalVars the type call_tir checks
+        bound = _Graph(mod["main"]).value
+        todo = [(bound[f.last], relax.call_tir(builder.add_func(func, name), args, out))
+                for f, func, name, args, out in made if (f.conv.out == "bits") == bits]
+        mod = builder.get()
+        mod["main"] = _Replace(todo).visit_expr(mod["main"])
+        mod = relax.transform.DeadCodeElimination()(mod)
+    return mod, report
 
 
 def import_binarized(model: nn.Module, input_shape: tuple[int, ...], onnx_path: str | Path, target: Target,
