@@ -43,6 +43,56 @@ class TensorSpec:
 OP_CLASSES = ("pointwise", "conv", "depthwise", "matmul", "pool", "reduce", "data")
 
 
+_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_bytes(text: str, what: str = "size") -> int:
+    """'512KiB', '2MiB', '640KB', '1.5MB', '4096' (bytes) -> bytes; anything else is a one-line UserError."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in ("", *_UNITS):
+        raise UserError(f"{what} '{text}' is not a size; write it like 512KiB, 2MiB, 640KB or 4096 (bytes)")
+    return int(float(m.group(1)) * _UNITS.get(unit, 1))
+
+
+def format_bytes(n: int) -> str:
+    """Bytes as the largest binary unit that keeps a short figure: 524,288 -> '512 KiB'."""
+    for unit, size in (("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n} B"
+
+
+class MemoryBudgetError(UserError):
+    """A package (or the smallest candidate) that does not fit --ram or --flash; says which and by how much."""
+
+    def __init__(self, message: str, ram: int, flash: int):
+        self.ram, self.flash = ram, flash
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """RAM (arena plus workspace) and flash (code plus weights) a C package may take, in bytes; None: no limit."""
+
+    ram: int | None = None
+    flash: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.ram is not None or self.flash is not None
+
+    def check(self, ram: int, flash: int, what: str = "the package") -> None:
+        """Raise MemoryBudgetError naming each figure over its budget and by how much."""
+        over = [f"{name} {need:,} B is {format_bytes(need - limit)} over --{flag} {format_bytes(limit)}"
+                for name, flag, need, limit in (("RAM (arena + workspace)", "ram", ram, self.ram),
+                                                ("flash (code + weights)", "flash", flash, self.flash))
+                if limit is not None and need > limit]
+        if over:
+            raise MemoryBudgetError(f"{what} does not fit: {'; '.join(over)}", ram, flash)
+
+
 @dataclass(frozen=True)
 class LayerCost:
     """One kernel call as the latency model sees it. Made by `edgeprune.cost.rows`, the same way for a compiled

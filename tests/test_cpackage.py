@@ -118,8 +118,11 @@ def test_debug_layers_names_the_first_diverging_layer(onnx_files, tmp_path, cli)
 
 @pytest.mark.slow
 def test_mobilenetv2_arena_is_at_most_60_percent_of_its_intermediates(tmp_path, cli):
-    """The memory-planner goal, on the network it names."""
+    """The memory-planner goal, on the network it names; and no workspace: padding is inlined in C packages
+    (padded copies asked for 4.8 MB here), and the figure is read from the lowered kernels, so it is what the
+    package really requests."""
     rc, out, err = cli("compile", "builtin:mobilenetv2-1.0-224", "--format", "c", "-o", tmp_path / "pkg", "--json")
     assert rc == 0, err
     memory = json.loads(out[out.index("{"):])["memory"]
     assert memory["arena_bytes"] <= 0.6 * memory["intermediate_bytes"], memory
+    assert memory["workspace_bytes"] <= 4096, memory  # a register tile at most

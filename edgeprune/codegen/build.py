@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..artifacts import BUILD_JSON, Build, LayerCost, Network
+from ..artifacts import BUILD_JSON, Build, LayerCost, MemoryBudget, Network
 from ..errors import UserError
 from ..targets import Target, get_target
 from ..version import __version__
@@ -124,8 +124,12 @@ def compile_model(
     use_rules: bool = True,
     sparse: str = "auto",
     table=None,
+    budget: MemoryBudget | None = None,
 ) -> Build:
     """Compile a model file, an imported model or a Network for `target` into `out_dir`.
+
+    budget: the RAM (arena + workspace) and flash (code + weights) a C package may take; one that does not fit is
+    refused (MemoryBudgetError, nothing written), and build.json states both figures beside the budgets.
 
     sparse: how layers whose weights have 1xN zero blocks are compiled (codegen/choose.py): "auto" prices
     block-sparse against dense kernels with the device's latency model (`table`, else the target's prior) and keeps
@@ -135,6 +139,8 @@ def compile_model(
     fmt = fmt or target.default_format
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}'; this version writes: {', '.join(FORMATS)}")
+    if budget and fmt != "c":
+        raise UserError("--ram and --flash are budgets of a C package (firmware); add --format c")
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / BUILD_JSON).exists())):
         raise UserError(f"{out_dir} exists and is not an edgeprune build; choose another -o directory")
@@ -157,14 +163,16 @@ def compile_model(
         from .choose import chooser
 
         choose = chooser(sparse, target, table)
-        return _compile(imported, target, out_dir, fmt, tune_trials, package_name, use_rules, t0, scratch, choose)
+        return _compile(imported, target, out_dir, fmt, tune_trials, package_name, use_rules, t0, scratch, choose,
+                        budget)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, tune_trials: int,
-             package_name: str | None, use_rules: bool, t0: float, scratch: Path | None, choose=None) -> Build:
+             package_name: str | None, use_rules: bool, t0: float, scratch: Path | None, choose=None,
+             budget: MemoryBudget | None = None) -> Build:
     from .lower import compile_module, fused_module
 
     tvm_target = target.tvm_target()
@@ -177,9 +185,12 @@ def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, t
     outputs = output_specs(imported.mod)
     try:
         threads = target.cores
-        ex, scheduled = compile_module(imported.mod, tvm_target, use_rules=use_rules, sparse=choose, threads=threads)
+        inline = fmt == "c"  # firmware: no padded copies as workspace
+        ex, scheduled = compile_module(imported.mod, tvm_target, use_rules=use_rules, sparse=choose, threads=threads,
+                                       inline_padding=inline)
         if database is not None:
-            tuned_ex, tuned_sched = compile_module(imported.mod, tvm_target, database, sparse=choose, threads=threads)
+            tuned_ex, tuned_sched = compile_module(imported.mod, tvm_target, database, sparse=choose, threads=threads,
+                                                   inline_padding=inline)
             if _faster(tuned_ex, ex, imported.inputs):
                 ex, scheduled = tuned_ex, tuned_sched
             else:
@@ -210,6 +221,10 @@ def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, t
             name = _c_name(package_name or Path(imported.source).stem)
             memory = _write_c_package(scheduled, target, stage, name)
             library = f"lib{name}.a"
+            if budget:
+                memory["ram_budget_bytes"], memory["flash_budget_bytes"] = budget.ram, budget.flash
+                budget.check(memory["ram_bytes"], memory["flash_bytes"], f"{Path(imported.source).name} on "
+                             f"{target.name}")
         build = Build(directory=out_dir, target=target.name, format=fmt, library=library, inputs=imported.inputs,
                       outputs=outputs, source=str(imported.source), source_sha256=imported.sha256,
                       kernels=kernels, unscheduled=raw, tuned=database is not None, tool_version=__version__,
@@ -246,7 +261,7 @@ def _write_c_package(scheduled, target: Target, stage: Path, name: str) -> dict:
     obj = stage / "kernels.tmp.o"
     tvm.tirx.build(kernels, target=target.tvm_target()).write_to_file(str(obj))
     plan = cpackage.extract_plan(scheduled)
-    plan.workspace_bytes = cpackage.workspace_bytes(scheduled)
+    plan.workspace_bytes = cpackage.workspace_bytes(kernels, target.tvm_target())
     cpackage.write_package(stage, plan, obj, target, name, cpackage.build_id(obj, plan))
     obj.unlink()
     bare_metal = "none" in target.triple  # no OS: the library only, and it may need nothing but mem* and libm
@@ -259,9 +274,33 @@ def _write_c_package(scheduled, target: Target, stage: Path, name: str) -> dict:
                         "please report it")
     if bare_metal:
         _check_bare_metal(stage / f"lib{name}.a", target)
+    code, weights = _code_and_weights(stage / f"lib{name}.a", target)
     return {"arena_bytes": plan.arena_bytes, "workspace_bytes": plan.workspace_bytes,
             "intermediate_bytes": plan.intermediate_bytes, "weight_bytes": plan.weight_bytes,
-            "package": name, "kernel_calls": len(plan.steps)}
+            "package": name, "kernel_calls": len(plan.steps),
+            "ram_bytes": plan.arena_bytes + plan.workspace_bytes, "flash_bytes": code + weights, "code_bytes": code}
+
+
+def _code_and_weights(library: Path, target: Target) -> tuple[int, int]:
+    """(code, weights) in bytes of flash: every member's text and initialized data, read with the target's
+    `size`; the weights are weights.o's (the blob, as linked)."""
+    import subprocess
+
+    size = target.cross_compiler[: -len("gcc")] + "size" if target.cross_compiler.endswith("gcc") else "size"
+    proc = subprocess.run([size, "-B", str(library)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"{size} could not read {library.name} ({proc.stderr.strip()[:120]}); "
+                        "install binutils for the target")
+    code = weights = 0
+    for line in proc.stdout.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 6 and parts[0].isdigit():
+            text, data = int(parts[0]), int(parts[1])
+            if parts[5].startswith("weights.o"):
+                weights += text + data
+            else:
+                code += text + data
+    return code, weights
 
 
 # What a bare-metal package may need from outside: memcpy/memset, libm, and the compiler's own runtime.

@@ -20,7 +20,7 @@ from tvm.relax.dpl.rewrite import rewrite_call
 from tvm.s_tir import dlight as dl
 
 from . import legalize
-from .kernels import bsr, rules, tag_kernels
+from .kernels import bsr, dense, rules, tag_kernels
 
 
 @tvm.transform.module_pass(opt_level=0, name="ClipToMinMax")
@@ -67,19 +67,23 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 
 def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None,
-                    use_rules: bool = True, sparse: bsr.Chooser | None = None, threads: int = 2) -> tvm.IRModule:
+                    use_rules: bool = True, sparse: bsr.Chooser | None = None, threads: int = 2,
+                    inline_padding: bool = False) -> tvm.IRModule:
     """Fused module with every kernel scheduled: tuning records first, then our kernel library.
 
     use_rules=False keeps TVM's plain legalized loops: slow, but an implementation independent of ours with the
     same kernel boundaries, which is what --debug-layers compares against.
     sparse: picks a block-sparse kernel, or dense, for each kernel whose constant weight has 1xN zero blocks
     (kernels/bsr.py); None compiles every kernel dense.
+    inline_padding: no kernel keeps a padded copy of its input (C packages: the copy would be workspace).
     """
     mod = tag_kernels(fused_module(mod, target))
     if not use_rules:
         return legalize.narrow_indices(mod, target)
     if sparse is not None:
         mod = bsr.sparsify(mod, target, sparse, threads)
+    if inline_padding:
+        mod = _tag_all(mod, dense.INLINE_PADDING)
     with target:
         # Weights are constants, so kernels may store them in whatever layout they read fastest: the schedules
         # mark the repacking copy, which is split out and folded into the constants here.
@@ -94,10 +98,18 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
         ])(mod), target)
 
 
+def _tag_all(mod: tvm.IRModule, key: str) -> tvm.IRModule:
+    for gv, f in list(mod.functions_items()):
+        if isinstance(f, tvm.tirx.PrimFunc):
+            mod[gv] = f.with_attr(key, True)
+    return mod
+
+
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None,
-                   use_rules: bool = True, sparse: bsr.Chooser | None = None, threads: int = 2):
+                   use_rules: bool = True, sparse: bsr.Chooser | None = None, threads: int = 2,
+                   inline_padding: bool = False):
     """Relax module -> (tvm.runtime.Executable, the scheduled module it was built from)."""
-    scheduled = schedule_module(mod, target, database_dir, use_rules, sparse, threads)
+    scheduled = schedule_module(mod, target, database_dir, use_rules, sparse, threads, inline_padding)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgepruneFinalize")
     def finalize(m: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -3,16 +3,15 @@
 The generated code has no heap, so every byte it touches is laid out here. Inputs and intermediate tensors share
 one static arena: each gets an offset from a lifetime-based plan, so tensors that are never alive at the same
 time reuse the same bytes (`plan_memory`). Weights get offsets in one read-only blob. The kernels' own scratch
-(padded copies, large tiles), which they request through ``TVMBackendAllocWorkspace``, comes from a fixed region
-after the arena that the runtime hands out as a stack; `workspace_bytes` sizes that region by reading the
-``alloc_buffer`` calls in each kernel's TVMScript text. Every offset and size is aligned to `ALIGN` bytes.
+(tiles too large for the stack; padding is inlined in C packages), which they request through
+``TVMBackendAllocWorkspace``, comes from a fixed region after the arena that the runtime hands out as a stack;
+`workspace_bytes` sizes that region from the requests in the kernels as lowered for the target. Every offset
+and size is aligned to `ALIGN` bytes.
 """
 
 from __future__ import annotations
 
 import re
-
-import numpy as np
 
 from .program import Plan, Tensor, root_tensor
 
@@ -59,30 +58,30 @@ def plan_memory(plan: Plan) -> None:
             offset += align(t.nbytes)
 
 
-def workspace_bytes(scheduled) -> int:
-    """Scratch the kernels may request at once: the largest sum of one kernel's own buffers (padded copies,
-    large tiles). Buffers that stay on the stack are counted too, which only over-provisions."""
-    from tvm import tirx
+def workspace_bytes(kernels, target) -> int:
+    """Scratch the kernels may request at once from the workspace region: the largest sum of one kernel's
+    TVMBackendAllocWorkspace requests, read from the kernels lowered as the build lowers them (after buffer
+    compaction: a register tile is its tile, not the whole output; buffers up to 1 KiB stay on the stack).
+    The runtime hands workspace out as a stack, so a kernel's requests summed bound what it holds at once."""
+    import tvm
+    from tvm.tirx.build import split_host_device_mods
 
+    from ...errors import UserError
+
+    bound = tvm.tirx.transform.BindTarget(target.with_host(target))(kernels)
+    pipeline, finalize_host, _ = tvm.tirx.get_default_tir_pipeline(target)
+    with target:
+        host, _ = split_host_device_mods(pipeline(bound))
+        host = finalize_host()(host)
     worst = 0
-    for _, f in scheduled.functions_items():
-        if isinstance(f, tirx.PrimFunc):
-            worst = max(worst, sum(align(n) for n in _buffer_sizes(f.script())))
+    for gv, f in host.functions_items():
+        script = f.script()
+        sizes = [int(n) for n in _ALLOC.findall(script)]
+        if len(sizes) != script.count("TVMBackendAllocWorkspace("):
+            raise UserError(f"kernel {gv.name_hint} asks for workspace of a size known only at run time; "
+                            "the C package cannot size it: use --format so")
+        worst = max(worst, sum(align(n) for n in sizes))
     return worst
 
 
-def _buffer_sizes(script: str) -> list[int]:
-    """Byte sizes of the alloc_buffer((shape), dtype) calls in a TVMScript text."""
-    sizes = []
-    for m in re.finditer(r"alloc_buffer\(\(", script):
-        i, depth = m.end(), 1
-        while depth and i < len(script):
-            depth += {"(": 1, ")": -1}.get(script[i], 0)
-            i += 1
-        dims = script[m.end(): i - 1]
-        dtype = re.match(r'\s*,\s*"(\w+)"', script[i:])
-        count = 1
-        for d in re.findall(r"\d+", re.sub(r"T\.int(?:32|64)\((\d+)\)", r"\1", dims)):
-            count *= int(d)
-        sizes.append(count * np.dtype(dtype.group(1) if dtype else "float32").itemsize)
-    return sizes
+_ALLOC = re.compile(r"TVMBackendAllocWorkspace\([^()]*?T\.uint64\((\d+)\)")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from tvm import s_tir, tirx
+from tvm import ir, s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
@@ -37,10 +37,19 @@ _WINDOW_ONLY = ("depthwise", "pool")  # reductions over a window of one channel:
 # A convolution this short per output (a stem over 3 channels, a 1x1 over 16-48) has so few weights per channel
 # tile that it is scheduled like a window reduction: rows outermost, padding inlined (measured on MobileNetV2).
 _SHORT_REDUCTION = 49
+# Tag (set by lower.schedule_module for C packages): inline every convolution's zero padding, so no kernel asks
+# for a padded copy of its input as workspace.
+INLINE_PADDING = "edgeprune.inline_padding"
 
 
 def _window_only(func: tirx.PrimFunc) -> bool:
     return tag_of(func, OP) in _WINDOW_ONLY or int(tag_of(func, REDUCTION, 0)) <= _SHORT_REDUCTION
+
+
+def _plain_copy(sch: s_tir.Schedule, block) -> bool:
+    """A producer that only copies (a padding stage with no padding): inlining it costs no bounds test."""
+    body = sch.get(block).body
+    return isinstance(body, tirx.stmt.BufferStore) and isinstance(body.value, ir.TensorLoad)
 
 
 def ours(func) -> bool:
@@ -134,12 +143,13 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
         if not ours(func) or target.kind.name != "llvm":
             return None
         try:
-            return self._schedule(s_tir.Schedule(func), CpuSpec.of(target), _window_only(func))
+            return self._schedule(s_tir.Schedule(func), CpuSpec.of(target), _window_only(func),
+                                  bool(tag_of(func, INLINE_PADDING, False)))
         except (s_tir.ScheduleError, ValueError) as e:
             log.debug("ChannelsLastReduction does not fit: %s", str(e).splitlines()[0])
             return None
 
-    def _schedule(self, sch: s_tir.Schedule, spec: CpuSpec, window_only: bool):
+    def _schedule(self, sch: s_tir.Schedule, spec: CpuSpec, window_only: bool, inline_padding: bool = False):
         # Epilogue: every elementwise stage inlined into the last one, which then writes the output.
         parts = split_at_reduction(sch)
         if parts is None:
@@ -219,11 +229,13 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
         # Producers (zero padding, layout copies). Inlined padding puts a bounds test on every load of the
         # reduction; a padded copy costs one pass over the input. Over a window alone (depthwise, pooling) the
         # copy is as large as the work, so inline; over input channels too the copy is cheap by comparison and
-        # keeps tests out of the inner loop (2x on ResNet's 3x3 convolutions, measured).
+        # keeps tests out of the inner loop (2x on ResNet's 3x3 convolutions, measured). But a copy is a buffer
+        # as large as the input: a C package (firmware, where RAM is the budget) inlines all padding, and a
+        # copy that pads nothing (a pointwise conv's) is inlined everywhere.
         for b in reversed(before):
             if is_reduction(sch, b):
                 return None
-            if window_only:
+            if window_only or inline_padding or _plain_copy(sch, b):
                 try:
                     sch.compute_inline(b)
                     continue

@@ -1,0 +1,102 @@
+"""Memory as a budget (issue 16): a C package's RAM (arena + workspace) and flash (code + weights) stated in
+build.json beside --ram/--flash, refused in one line naming the figure and the overshoot, and estimated before
+compiling for the search (search/memory.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgeprune.artifacts import MemoryBudget, MemoryBudgetError, parse_bytes
+from edgeprune.codegen.build import compile_model
+from edgeprune.errors import UserError
+from edgeprune.models import zoo
+from edgeprune.search import space as S
+from edgeprune.search.memory import bounded, footprint, refuse_unfit
+from edgeprune.search.select import architecture_network
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory):
+    model, x = zoo.make("mobilenetv3", 32)
+    return zoo.export_onnx(model, x, tmp_path_factory.mktemp("mem") / "net.onnx")
+
+
+@pytest.fixture(scope="module")
+def fitted(onnx_file, tmp_path_factory):
+    """The package compiled with budgets it fits, and its build.json."""
+    out = tmp_path_factory.mktemp("fit") / "pkg"
+    build = compile_model(onnx_file, "host", out, fmt="c", budget=MemoryBudget(parse_bytes("4MiB"),
+                                                                              parse_bytes("8MiB")))
+    return build, json.loads((out / "build.json").read_text())["memory"]
+
+
+def test_sizes_parse_and_bad_ones_are_one_line_errors():
+    assert parse_bytes("512KiB") == 512 * 1024 and parse_bytes("2MiB") == 2 * 1024**2
+    assert parse_bytes("640KB") == 640_000 and parse_bytes("1.5MB") == 1_500_000 and parse_bytes("4096") == 4096
+    for bad in ("lots", "12 parsecs", "-3KiB", ""):
+        with pytest.raises(UserError, match="is not a size"):
+            parse_bytes(bad, "--ram")
+
+
+def test_build_json_states_ram_and_flash_beside_the_budgets(fitted):
+    build, memory = fitted
+    assert memory["ram_bytes"] == memory["arena_bytes"] + memory["workspace_bytes"]
+    linked = memory["flash_bytes"] - memory["code_bytes"]  # the weight blob as linked: each tensor 64-byte aligned
+    assert memory["weight_bytes"] <= linked < memory["weight_bytes"] + 64 * 100
+    assert memory["code_bytes"] > 1000
+    assert (memory["ram_budget_bytes"], memory["flash_budget_bytes"]) == (4 * 1024**2, 8 * 1024**2)
+    assert build.memory == memory
+
+
+@pytest.mark.parametrize("flag", ["ram", "flash"])
+def test_a_package_over_budget_is_refused_naming_the_figure_and_the_overshoot(onnx_file, fitted, tmp_path, flag):
+    _, memory = fitted
+    need = memory[f"{flag}_bytes"]
+    budget = MemoryBudget(**{flag: need - 1000})
+    with pytest.raises(MemoryBudgetError) as e:
+        compile_model(onnx_file, "host", tmp_path / "pkg", fmt="c", budget=budget)
+    word = "RAM (arena + workspace)" if flag == "ram" else "flash (code + weights)"
+    assert "\n" not in str(e.value) and f"{word} {need:,} B is 1000 B over --{flag}" in str(e.value)
+    assert ("RAM" in str(e.value)) == (flag == "ram")  # only the figure that does not fit is named
+    assert not (tmp_path / "pkg").exists()  # nothing written
+
+
+def test_budgets_need_a_c_package(onnx_file, tmp_path):
+    with pytest.raises(UserError, match="add --format c"):
+        compile_model(onnx_file, "host", tmp_path / "b", fmt="so", budget=MemoryBudget(ram=1 << 20))
+
+
+@pytest.mark.slow
+def test_ram_estimate_leans_high_but_close(tmp_path):
+    """The search's estimate against the compiled package's arena, on a subnet of the space."""
+    arch = S.uniform(0.35, 80, kernel=5, expand=4)
+    build = compile_model(architecture_network(arch, name="est"), "host", tmp_path / "pkg", fmt="c")
+    est, real = footprint(arch), build.memory
+    assert real["arena_bytes"] <= est.arena <= 1.25 * real["arena_bytes"]
+    assert real["weight_bytes"] <= est.weights <= 1.05 * real["weight_bytes"] + 64 * 200
+
+
+def test_bounded_cost_is_within_budget_exactly_when_all_three_fit():
+    small, large = S.Space().smallest(64), S.Space().largest(96)
+    f_small, f_large = footprint(small), footprint(large)
+    fast = lambda arch: 1.0  # noqa: E731 - latency never binds here
+    cost = bounded(fast, 10.0, MemoryBudget(ram=(f_small.ram + f_large.ram) // 2))
+    assert cost(small) <= 10.0 < cost(large)
+    cost = bounded(fast, 10.0, MemoryBudget(flash=(f_small.flash + f_large.flash) // 2))
+    assert cost(small) <= 10.0 < cost(large)
+    assert bounded(fast, 10.0, None) is fast
+    with pytest.raises(MemoryBudgetError, match="the smallest subnet .* does not fit: RAM"):
+        refuse_unfit(small, MemoryBudget(ram=f_small.ram // 2))
+
+
+@pytest.mark.slow
+def test_mobilenetv2_035_at_96_fits_640kib(tmp_path):
+    """The issue's goal: its peak is the first expanded 48x48x48 map with its input, about 550 KB."""
+    from edgeprune import api
+
+    build = compile_model(api._builtin("mobilenetv2-0.35-96"), "host", tmp_path / "pkg", fmt="c",
+                          budget=MemoryBudget(ram=parse_bytes("640KiB")))
+    assert build.memory["ram_bytes"] <= 640 * 1024
+    assert 500_000 < build.memory["arena_bytes"] < 600_000
