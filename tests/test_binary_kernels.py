@@ -200,6 +200,8 @@ def test_network_binary_layers_run_as_binary_kernels(method, tmp_path):
     build, report = compile_binarized(binary.export_form(model), "host", tmp_path / "b", input_shape=tuple(x.shape))
     rows = [r for r in build.layers if r.family == "binary"]
     assert len(rows) == 2 and all(r.weight_bits == 1 and r.act_bits == 1 for r in rows)
+    # named after the user's layers, though conv2's kernel is called after the projection its residual needs
+    assert [r.sources for r in rows] == [("conv1/Conv",), ("conv2/Conv",)]
     assert len(report.binary_layers) == 2
     # the two layers' codes at 1 bit (70 channels in two 64-bit words), the per-channel terms beside
     assert report.weight_bytes < report.fp32_weight_bytes / 4

@@ -66,6 +66,7 @@ class Report:
     binary_layers: list[str] = field(default_factory=list)
     weight_bytes: int = 0
     fp32_weight_bytes: int = 0
+    conv_order: list[int] = field(default_factory=list)  # the graph's convolutions (by position) in call order
 
 
 def _op(expr) -> str:
@@ -154,8 +155,8 @@ def find(func: relax.Function, word: int) -> list[Found]:
             continue
         x, t_expr, compared = sign_in
         xshape = _ints(call.args[0].ty.shape.values)
-        if len(xshape) != 4 or xshape[0] != 1:
-            continue
+        if len(xshape) != 4 or xshape[0] != 1 or _pad(call.attrs.padding) is None:
+            continue  # batched or asymmetrically padded: left to the float kernels
         t = _const(t_expr)
         if t is not None:
             mode, threshold = "static", np.broadcast_to(t.reshape(-1), (xshape[3],)).astype(np.float32).copy()
@@ -229,11 +230,10 @@ def _only_path(g: _Graph, var, end) -> bool:
     return True
 
 
-def _pad(padding) -> tuple[int, int]:
+def _pad(padding) -> tuple[int, int] | None:
+    """(top, left) of a symmetric padding; None otherwise (the layer then stays a float convolution)."""
     top, left, bottom, right = _ints(padding)
-    if (top, left) != (bottom, right):
-        raise UserError(f"a binary convolution with asymmetric padding {padding} is not supported")
-    return top, left
+    return (top, left) if (top, left) == (bottom, right) else None
 
 
 def _per_channel(c: np.ndarray, channels: int) -> bool:
@@ -299,6 +299,7 @@ def binarize_module(mod: tvm.IRModule, target, threads: int = 2) -> tuple[tvm.IR
     report = Report()
     if not found:
         return mod, report
+    convs = [v for v, value in _Graph(mod["main"]).value.items() if _op(value) == "relax.nn.conv2d"]
     made = []
     for i, f in enumerate(found):
         consts = binary.constants(f.conv, f.codes, f.mul, f.add, f.threshold, f.next_threshold)
@@ -328,7 +329,30 @@ def binarize_module(mod: tvm.IRModule, target, threads: int = 2) -> tuple[tvm.IR
         mod = builder.get()
         mod["main"] = _Replace(todo).visit_expr(mod["main"])
         mod = relax.transform.DeadCodeElimination()(mod)
+    report.conv_order = _conv_order(mod["main"], convs, {name: f.conv_var for f, _, name, _, _ in made})
     return mod, report
+
+
+def _conv_order(func: relax.Function, convs: list, replaced: dict[str, relax.Var]) -> list[int]:
+    """Each convolution's position in the original graph, in the order the rewritten one calls them: a kernel
+    with a fused residual is called after the residual's producer, which may be another convolution."""
+    order = []
+    for var, value in _Graph(func).value.items():
+        if _op(value) == "relax.nn.conv2d":
+            order += [i for i, v in enumerate(convs) if v.name == var.name][:1]
+        elif _op(value) == "relax.call_tir" and value.args[0].name_hint in replaced:
+            conv_var = replaced[value.args[0].name_hint]
+            order += [i for i, v in enumerate(convs) if v.same_as(conv_var)]
+    return order
+
+
+def _reorder_convs(layers: list, order: list[int]) -> list:
+    """The user's layers (sources.source_layers) with the convolutions in call order, where the counts agree."""
+    convs = [entry for entry in layers if entry[0] == "conv"]
+    if sorted(order) != list(range(len(convs))):
+        return layers
+    called = iter([convs[i] for i in order])
+    return [next(called) if entry[0] == "conv" else entry for entry in layers]
 
 
 def import_binarized(model: nn.Module, input_shape: tuple[int, ...], onnx_path: str | Path, target: Target,
@@ -349,7 +373,7 @@ def import_binarized(model: nn.Module, input_shape: tuple[int, ...], onnx_path: 
     if not report.binary_layers:
         raise UserError("no binary convolution was found in the exported graph; please report it")
     return ImportedModel(mod, imported.inputs, imported.source, imported.format, imported.sha256,
-                         imported.layers), report
+                         _reorder_convs(imported.layers, report.conv_order)), report
 
 
 def compile_binarized(model: nn.Module, target: str | Target, out_dir: str | Path, *,
