@@ -14,6 +14,7 @@ HERE = Path(__file__).resolve().parent
 SHIPPED = {
     "targets": ["*.toml"],
     "codegen/runtime": ["*.c", "*.h"],
+    "codegen/baremetal": ["*.c", "*.ld"],
     "codegen/agent": ["*.c", "*.h", "Makefile", "README.md"],
     "calibrate": ["*.json"],
 }

@@ -16,10 +16,13 @@ from helpers import assert_close, assert_one_line_error
 
 from edgeprune.codegen.build import compile_model
 from edgeprune.codegen.cpackage import Plan, Step, Tensor, plan_memory
+from edgeprune.errors import UserError
 from edgeprune.measure import package
 from edgeprune.models import zoo
 
-TARGETS = {"host": "local", "cortex-a7": "qemu://cortex-a7", "cortex-a53": "qemu://cortex-a53"}
+# cortex-m7: booted on qemu-system-arm's mps2-an500 board (bare metal, semihosting I/O)
+TARGETS = {"host": "local", "cortex-a7": "qemu://cortex-a7", "cortex-a53": "qemu://cortex-a53",
+           "cortex-m7": "qemu://cortex-m7"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,20 @@ def test_zoo_matches_onnxruntime(name, target, onnx_files, tmp_path):
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     assert_close(ours, ref)
     assert build.memory["arena_bytes"] <= build.memory["intermediate_bytes"]
+
+
+def test_m7_network_beyond_the_emulated_board_is_a_library_without_a_test_program(tmp_path):
+    """4.5 MB of weights: more than the mps2-an500's 4 MiB of flash. The library is built (a real board may have
+    the room), the test program is not, and a run says why instead of failing to link."""
+    import torch
+
+    big = torch.nn.Linear(1024, 1100)
+    path = zoo.export_onnx(big.eval(), torch.zeros(1, 1024), tmp_path / "big.onnx")
+    build = compile_model(path, "cortex-m7", tmp_path / "pkg", fmt="c")
+    assert (tmp_path / "pkg" / f"lib{build.memory['package']}.a").is_file()
+    assert "does not fit the emulated board" in build.memory["test_program"]
+    with pytest.raises(UserError, match="has no test program: the network does not fit the emulated board"):
+        package.run(build, [np.zeros((1, 1024), np.float32)], "qemu://cortex-m7")
 
 
 @pytest.mark.slow

@@ -1,4 +1,6 @@
-"""Run a C package's test program: on this machine (`local`, host builds) or under qemu-user (`qemu://TARGET`).
+"""Run a C package's test program: on this machine (`local`, host builds) or emulated (`qemu://TARGET`): under
+qemu-user for Linux boards, and booted on qemu-system-arm's mps2-an500 board for cortex-m7 (bare metal: the program's
+command line, files and output go through semihosting, codegen/baremetal/).
 
 Emulated runs give the device's exact numerics, not its latency: qemu translates instructions, so its times say
 nothing about the board.
@@ -41,6 +43,9 @@ def command_for(build: Build, device: str) -> list[str]:
         raise UserError(f"{build.directory} is a shared library build; emulated and firmware runs need a C package: "
                         f"compile with --format c")
     program = Path(build.directory) / f"test_{build.memory.get('package', 'model')}"
+    if "test_program" in build.memory:  # the package was built, its test program could not be
+        raise UserError(f"{build.directory} has no test program: the network {build.memory['test_program']} "
+                        f"(RAM {build.memory.get('ram_bytes', 0):,} B, flash {build.memory.get('flash_bytes', 0):,} B)")
     if not program.is_file():
         raise UserError(f"{program} is missing; recompile the model")
     if device == "local":
@@ -59,9 +64,20 @@ def command_for(build: Build, device: str) -> list[str]:
         return [str(program)]
     emulator = shlex.split(target.emulator)
     if not emulator or shutil.which(emulator[0]) is None:
+        package = "qemu-system-arm" if emulator and emulator[0].startswith("qemu-system") else "qemu-user"
         raise UserError(f"emulator '{target.emulator or '(none)'}' for {name} is not installed; "
-                        "install it (Debian: apt-get install qemu-user)")
+                        f"install it (Debian: apt-get install {package})")
     return [*emulator, str(program)]
+
+
+def with_arguments(cmd: list[str], args: list[str]) -> list[str]:
+    """The command line that runs `cmd` (an emulator and a program, or a program) with `args`. A whole-system
+    emulator boots the program as its kernel and hands it the arguments through semihosting."""
+    if not cmd[0].startswith("qemu-system"):
+        return [*cmd, *args]
+    *emulator, program = cmd
+    semihosting = ",".join(["enable=on,target=native"] + [f"arg={a.replace(',', ',,')}" for a in (program, *args)])
+    return [*emulator, "-semihosting-config", semihosting, "-kernel", program]
 
 
 def run(build: Build, inputs: list[np.ndarray], device: str = "local", timeout: float = 600) -> list[np.ndarray]:
@@ -87,8 +103,8 @@ def _invoke(build: Build, inputs: list[np.ndarray], device: str, timeout: float,
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         np.ascontiguousarray(inputs[0], dtype=np.float32).tofile(src)
         try:
-            proc = subprocess.run([*cmd, str(src), str(dst), *(extra or [])], capture_output=True, text=True,
-                                  timeout=timeout)
+            proc = subprocess.run(with_arguments(cmd, [str(src), str(dst), *(extra or [])]), capture_output=True,
+                                  text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise UserError(f"the test program did not finish within {timeout:.0f} s on {device}") from None
         if proc.returncode != 0:

@@ -26,6 +26,8 @@ from .memory import align
 from .program import Plan, root_tensor
 
 _DTYPE_CODES = {"float": 2, "int": 0, "uint": 1}
+# A bare-metal package's test program: start-up and linker script for qemu-system-arm's mps2-an500 (Cortex-M7)
+BARE_METAL_FILES = ("startup_m7.c", "mps2_an500.ld")
 
 
 def _dl_dtype(dtype: str) -> tuple[int, int]:
@@ -149,8 +151,13 @@ const char *{prefix}_last_error(void);
     (directory / f"{prefix}.h").write_text(header)
     (directory / "test_main.c").write_text(_TEST_MAIN.replace("PREFIX", prefix).replace("UPPER", upper))
     cflags = " ".join(target.cflags)
+    ldflags, startup = "-static", ""
+    if "none" in target.triple:  # bare metal: the test program boots on the emulated board (codegen/baremetal)
+        for f in BARE_METAL_FILES:
+            shutil.copy(shipped("codegen/baremetal") / f, directory / f)
+        ldflags, startup = f"-nostartfiles --specs=rdimon.specs -T {BARE_METAL_FILES[1]}", BARE_METAL_FILES[0]
     (directory / "Makefile").write_text(_MAKEFILE.format(cc=target.cross_compiler, cflags=cflags, prefix=prefix,
-                                                         ldflags="" if "none" in target.triple else "-static"))
+                                                         ldflags=ldflags, startup=startup))
     (directory / "CMakeLists.txt").write_text(_CMAKE.format(prefix=prefix, cflags=cflags))
 
 
@@ -183,11 +190,16 @@ void ep_debug_layer(int step, const char *kernel, const void *data, unsigned lon
 }
 #endif
 
+#if defined(__arm__) && !defined(__linux__)
+/* bare metal under semihosting: the host's clock (centiseconds); emulated time is not the board's anyway */
+static double now_ms(void) { return clock() * (1e3 / CLOCKS_PER_SEC); }
+#else
 static double now_ms(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
   return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
 }
+#endif
 
 int main(int argc, char **argv) {
   if (argc != 3 && argc != 5) {
@@ -232,8 +244,8 @@ lib{prefix}.a: model.o edgeprune_rt.o weights.o kernels.o
 weights.o: weights.S weights.bin
 \t$(CC) $(CFLAGS) -c weights.S -o $@
 
-test_{prefix}: test_main.c lib{prefix}.a
-\t$(CC) $(CFLAGS) $(EXTRA_CFLAGS) test_main.c lib{prefix}.a -lm $(LDFLAGS) -o $@
+test_{prefix}: test_main.c {startup} lib{prefix}.a
+\t$(CC) $(CFLAGS) $(EXTRA_CFLAGS) test_main.c {startup} lib{prefix}.a -lm $(LDFLAGS) -o $@
 
 clean:
 \trm -f model.o edgeprune_rt.o weights.o lib{prefix}.a test_{prefix}
