@@ -39,6 +39,7 @@ from tvm import tirx
 from ...artifacts import LayerCost, LayerPlan
 from ...cost.rows import layer_cost
 from ...errors import UserError
+from .bsr import _chunks  # split the output channels too when too few output rows keep the threads busy
 from .common import CpuSpec
 from .dense import _pick_tile, _pick_vector
 
@@ -280,14 +281,6 @@ def reference(conv: Conv, x: np.ndarray, codes: np.ndarray, mul: np.ndarray, add
 
 
 # ---------------------------------------------------------------- the kernel
-
-
-def _chunks(rows: int, blocks: int, threads: int) -> int:
-    """Split the output channels too when there are too few output rows to keep every thread busy."""
-    chunks = 1
-    while rows * chunks < 4 * threads and chunks * 2 <= blocks:
-        chunks *= 2
-    return chunks
 
 
 def tiling(conv: Conv, spec: CpuSpec, kind: str) -> tuple[int, int, int]:
