@@ -48,17 +48,18 @@ def test_zoo_matches_onnxruntime(name, target, onnx_files, tmp_path):
 
 
 def test_m7_network_beyond_the_emulated_board_is_a_library_without_a_test_program(tmp_path):
-    """4.5 MB of weights: more than the mps2-an500's 4 MiB of flash. The library is built (a real board may have
-    the room), the test program is not, and a run says why instead of failing to link."""
+    """A 600x600 image and its conv output (10 MB of arena): more than the mps2-an500's 4 MiB of RAM. The library
+    is built (a real board may have the room), the test program is not, and a run says why instead of failing to
+    link."""
     import torch
 
-    big = torch.nn.Linear(1024, 1100)
-    path = zoo.export_onnx(big.eval(), torch.zeros(1, 1024), tmp_path / "big.onnx")
+    big = torch.nn.Conv2d(3, 4, 1)
+    path = zoo.export_onnx(big.eval(), torch.zeros(1, 3, 600, 600), tmp_path / "big.onnx")
     build = compile_model(path, "cortex-m7", tmp_path / "pkg", fmt="c")
     assert (tmp_path / "pkg" / f"lib{build.memory['package']}.a").is_file()
     assert "does not fit the emulated board" in build.memory["test_program"]
     with pytest.raises(UserError, match="has no test program: the network does not fit the emulated board"):
-        package.run(build, [np.zeros((1, 1024), np.float32)], "qemu://cortex-m7")
+        package.run(build, [np.zeros((1, 3, 600, 600), np.float32)], "qemu://cortex-m7")
 
 
 @pytest.mark.slow
