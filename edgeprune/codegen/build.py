@@ -198,9 +198,7 @@ def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, t
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a TVM failure here is a compiler bug or an unsupported construct
-        line = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"compiling {imported.source} for {target.name} failed ({line}); "
-                        "please report it with the model attached") from None
+        raise _compile_failure(imported, target, tvm_target, e) from None
     kernels, raw = kernel_table(scheduled)
     layers = layer_table(scheduled)
     if imported.layers:
@@ -235,6 +233,53 @@ def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, t
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return build
+
+
+# Relax operators no legalization lowers -> the ONNX operator they come from, to name the user's node
+_ONNX_OF = {"nn.conv2d_transpose": "ConvTranspose", "nn.conv1d_transpose": "ConvTranspose",
+            "nn.conv3d_transpose": "ConvTranspose", "image.resize2d": "Resize", "image.resize3d": "Resize",
+            "nn.conv3d": "Conv", "nn.conv1d": "Conv", "image.grid_sample": "GridSample"}
+
+
+def _compile_failure(imported: ImportedModel, target: Target, tvm_target, error: Exception) -> UserError:
+    """One line for a model TVM failed on: the operator no kernel lowers and the node it came from, when that is
+    the cause; else that the compiler failed (TVM's own text is for a bug report, not for the user's terminal)."""
+    from tvm import relax
+
+    from .lower import fused_module
+
+    left: list[str] = []
+    try:
+        main = fused_module(imported.mod, tvm_target)["main"]
+
+        def visit(expr) -> None:
+            if isinstance(expr, relax.Call) and hasattr(expr.op, "name"):
+                name = str(expr.op.name)
+                if not name.startswith(("relax.call_tir", "relax.reshape", "relax.builtin", "relax.memory")):
+                    left.append(name.removeprefix("relax."))
+
+        relax.analysis.post_order_visit(main, visit)
+    except Exception:  # noqa: BLE001 - the failure is earlier than lowering: nothing to name
+        pass
+    if left:
+        onnx_type = _ONNX_OF.get(left[0])
+        node = _onnx_node(imported.source, onnx_type) if onnx_type else None
+        where = f" at node '{node}'" if node else ""
+        return UserError(f"{imported.source}: operator {onnx_type or left[0]}{where} cannot be compiled for "
+                         f"{target.name} by this version (no kernel lowers relax.{left[0]} as it is used here); "
+                         "replace it in the model")
+    return UserError(f"compiling {imported.source} for {target.name} failed inside the compiler "
+                     f"({type(error).__name__}); please report it with the model attached")
+
+
+def _onnx_node(source: str, op_type: str) -> str | None:
+    """The first node of `op_type` in an ONNX file, by name."""
+    if not str(source).endswith(".onnx") or not Path(source).is_file():
+        return None
+    import onnx
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    return next(((n.name or f"#{i}") for i, n in enumerate(graph.node) if n.op_type == op_type), None)
 
 
 def _c_name(text: str) -> str:
