@@ -303,12 +303,14 @@ def _write_c_package(scheduled, target: Target, stage: Path, name: str) -> dict:
     with_symbols = relax.transform.AttachGlobalSymbol()(scheduled)
     kernels = tvm.IRModule({gv: f for gv, f in with_symbols.functions_items() if isinstance(f, tirx.PrimFunc)})
     obj = stage / "kernels.tmp.o"
-    tvm.tirx.build(kernels, target=target.tvm_target()).write_to_file(str(obj))
+    bare_metal = "none" in target.triple
+    pipeline = _lean_pipeline() if bare_metal else "default"
+    tvm.tirx.build(kernels, target=target.tvm_target(), pipeline=pipeline).write_to_file(str(obj))
     plan = cpackage.extract_plan(scheduled)
     plan.workspace_bytes = cpackage.workspace_bytes(kernels, target.tvm_target())
     cpackage.write_package(stage, plan, obj, target, name, cpackage.build_id(obj, plan))
     obj.unlink()
-    bare_metal = "none" in target.triple  # no OS: the library may need nothing but mem* and libm
+    # no OS: the library may need nothing but mem* and libm
     _make(stage, [f"lib{name}.a"], target)
     if bare_metal:
         _check_bare_metal(stage / f"lib{name}.a", target)
@@ -324,6 +326,22 @@ def _write_c_package(scheduled, target: Target, stage: Path, name: str) -> dict:
 
 
 _BOARD_MISFIT = "does not fit the emulated board (4 MiB of RAM, 4 MiB of flash for code, 16 MiB for weights)"
+
+
+def _lean_pipeline() -> str:
+    """TVM's lowering without the argument checks of each kernel's entry point, for firmware, where flash is the
+    budget: they were ~4 KB of code and messages per kernel, most of a small network's code, and model.c (ours)
+    calls every kernel with exactly the tensors it was compiled for."""
+    import tvm
+    from tvm.tirx import compilation_pipeline as tirp
+
+    if "edgeprune_lean" not in tirp.PIPELINE_MAP:
+        def factory():
+            pipeline, host, device = tirp.get_tir_pipeline("s_tir")
+            return tvm.transform.Sequential([pipeline, tvm.tirx.transform.SkipAssert()]), host, device
+
+        tirp.register_tir_pipeline("edgeprune_lean", factory)
+    return "edgeprune_lean"
 
 
 def _make(stage: Path, goals: list[str], target: Target, overflow_ok: bool = False) -> bool:
