@@ -346,9 +346,18 @@ def _litert(model: str, threads: int, x: np.ndarray | None) -> Loaded:
     box = {"x": x}
 
     def run() -> np.ndarray:
-        interp.set_tensor(inp["index"], box["x"])
+        x = box["x"]
+        if inp["dtype"] != np.float32:  # a full-integer model: quantize the input as its own front end would
+            scale, zero = inp["quantization"]
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(x / scale) + zero, info.min, info.max).astype(inp["dtype"])
+        interp.set_tensor(inp["index"], x)
         interp.invoke()
-        return interp.get_tensor(out["index"])
+        y = interp.get_tensor(out["index"])
+        if out["dtype"] != np.float32:
+            scale, zero = out["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y
 
     return run, tuple(int(d) for d in inp["shape"]), box
 

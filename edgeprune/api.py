@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import Build, Measurement, Network
+from .artifacts import Build, Measurement, MemoryBudget, Network, parse_bytes
 from .errors import UserError
 from .targets import Target
 
@@ -37,7 +37,8 @@ def targets() -> list[Target]:
 
 def compile(model: str | Path | Network | Any, target: str | Target = "host", out: str | Path = "build", *,
             input_shape: tuple[int, ...] | None = None, format: str | None = None, name: str | None = None,
-            tune_trials: int = 0, sparse: str = "auto") -> Build:
+            tune_trials: int = 0, sparse: str = "auto", ram: int | str | None = None,
+            flash: int | str | None = None) -> Build:
     """Compile a model for `target` into the directory `out` (written atomically) and return the Build.
 
     model: an ONNX, torch.export (.pt2) or .tflite file; "builtin:NAME", one of the reference networks; a Network;
@@ -45,7 +46,8 @@ def compile(model: str | Path | Network | Any, target: str | Target = "host", ou
     format: "so" (a shared library for Linux boards) or "c" (a C package for firmware); the target's default
     when None. tune_trials: refine the kernels with that many MetaSchedule trials (host only).
     sparse: layers with 1xN zero blocks in their weights: "auto" (sparse where the latency model prices it
-    faster), "sparse" or "dense"."""
+    faster), "sparse" or "dense". ram, flash: budgets of a C package, bytes or "512KiB"-style sizes: RAM is arena
+    plus workspace, flash is code plus weights; a package over either is refused (MemoryBudgetError)."""
     from .codegen import compile_model
     from .targets import get_target
 
@@ -60,7 +62,16 @@ def compile(model: str | Path | Network | Any, target: str | Target = "host", ou
     if isinstance(model, Network) and input_shape is not None:
         raise UserError("input_shape does not apply to a Network: it carries its own")
     return compile_model(model, target, out, input_shape=input_shape, fmt=format, tune_trials=tune_trials,
-                         package_name=name, sparse=sparse)
+                         package_name=name, sparse=sparse, budget=memory_budget(ram, flash))
+
+
+def memory_budget(ram: int | str | None, flash: int | str | None) -> MemoryBudget | None:
+    """--ram/--flash as a MemoryBudget (None when neither is given)."""
+    def size(v, flag: str) -> int | None:
+        return None if v is None else v if isinstance(v, int) else parse_bytes(v, f"--{flag}")
+
+    budget = MemoryBudget(size(ram, "ram"), size(flash, "flash"))
+    return budget if budget else None
 
 
 def _builtin(name: str) -> Network:
@@ -140,13 +151,19 @@ def build(target: str, budget_ms: float, out: str | Path, *, device: str | None 
           supernet: str | Path | None = None, table: str | Path | None = None, rounds: int = 3,
           format: str | None = None, runs: int = 50, statistic: str = "p90", seed: int = 0,
           finetune_steps: int | None = None, optimistic: bool = False, quiet: bool = True,
-          sparsity: float | str | None = None, block: int = 4, prune_steps: int | None = None) -> dict:
+          sparsity: float | str | None = None, block: int = 4, prune_steps: int | None = None,
+          quantize: str | None = None, calibration: str = "fdda", max_drop: float = 1.0, per_class: int = 4,
+          ram: int | str | None = None, flash: int | str | None = None) -> dict:
     """Search (and fine-tune the chosen subnet for `finetune_steps`, default 200), compress, compile and (with a
     device) measure a network that meets `budget_ms` on `target`; writes `out` atomically and returns the report
     (report.json). With no device the prior's prediction is judged at the slow edge of its band (boards of one core
     differ), or at its centre with `optimistic`. `sparsity` prunes the subnet in 1xN blocks of `block` channels
     (a fraction of blocks, or "auto": the most accurate of several, each searched with sparse pricing), fine-tuning
-    for `prune_steps` (default 200). Raises BudgetError when nothing fits."""
+    for `prune_steps` (default 200). `quantize` ("int8", "w4a8" or "auto": int8 where it costs at most `max_drop`
+    points of validation accuracy) searches with int8 pricing, quantizes the subnet after fine-tuning, calibrated on
+    `calibration` ("fdda": synthetic images from `per_class` real ones per class; "real"; "noise"), and compiles
+    its integer program. `ram` and `flash` (bytes or "256KiB"-style) are budgets of the C package too: the search
+    looks only at subnets that fit all three. Raises BudgetError when nothing fits."""
     from .compress import PRUNE_STEPS
     from .pipeline import FINETUNE_STEPS, SUPERNET, Request
     from .pipeline import run as run_pipeline
@@ -155,5 +172,7 @@ def build(target: str, budget_ms: float, out: str | Path, *, device: str | None 
                   supernet=Path(supernet) if supernet else SUPERNET, table=Path(table) if table else None,
                   rounds=rounds, fmt=format, runs=runs, statistic=statistic, seed=seed, quiet=quiet,
                   finetune_steps=FINETUNE_STEPS if finetune_steps is None else finetune_steps, optimistic=optimistic,
-                  sparsity=sparsity, block=block, prune_steps=PRUNE_STEPS if prune_steps is None else prune_steps)
+                  sparsity=sparsity, block=block, prune_steps=PRUNE_STEPS if prune_steps is None else prune_steps,
+                  quantize=quantize, calibration=calibration, max_drop=max_drop, per_class=per_class,
+                  memory=memory_budget(ram, flash))
     return run_pipeline(req)

@@ -47,6 +47,20 @@ def _at_least(minimum: int):
     return parse
 
 
+def _size(flag: str):
+    """argparse type: a size in bytes, written 512KiB, 2MiB, 640KB or 4096."""
+
+    def parse(text: str) -> int:
+        from .artifacts import parse_bytes
+
+        try:
+            return parse_bytes(text, flag)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
 def cmd_targets(args) -> int:
     from .resources import shipped
     from .targets import target_files, template, user_targets_dir
@@ -78,7 +92,8 @@ def _target_json(t) -> dict:
 
 def cmd_compile(args) -> int:
     build = api.compile(args.model, args.target, args.output, input_shape=args.input_shape, format=args.format,
-                        name=args.name, tune_trials=args.tune_trials, sparse=args.sparse)
+                        name=args.name, tune_trials=args.tune_trials, sparse=args.sparse, ram=args.ram,
+                        flash=args.flash)
     if args.json:
         print(json.dumps(build.to_json(), indent=2))
     else:
@@ -95,9 +110,24 @@ def cmd_compile(args) -> int:
             print(f"C package {m['package']}: arena {m['arena_bytes']:,} B for {m['intermediate_bytes']:,} B of "
                   f"intermediate tensors ({m['arena_bytes'] / max(1, m['intermediate_bytes']):.0%}), "
                   f"workspace {m['workspace_bytes']:,} B, weights {m['weight_bytes']:,} B")
+            if "ram_bytes" in m:
+                print(_memory_line(m))
         if build.unscheduled:
             print(f"note: {len(build.unscheduled)} kernel(s) run unscheduled: {', '.join(build.unscheduled[:5])}")
     return 0
+
+
+def _memory_line(m: dict) -> str:
+    """RAM and flash beside their budgets, as compile and build print them."""
+    from .artifacts import format_bytes
+
+    def part(name: str, what: str, key: str) -> str:
+        limit = m.get(f"{key}_budget_bytes")
+        return f"{name} {format_bytes(m[f'{key}_bytes'])} ({what})" + (
+            f" of {format_bytes(limit)} budget" if limit else "")
+
+    code = f"code {format_bytes(m['code_bytes'])} + weights"
+    return f"{part('RAM', 'arena + workspace', 'ram')}; {part('flash', code, 'flash')}"
 
 
 def _load_inputs(paths: list[str], build) -> list:
@@ -291,7 +321,8 @@ def cmd_build(args) -> int:
                            runs=args.runs, statistic="median" if args.median else "p90", seed=args.seed,
                            finetune_steps=args.finetune_steps, optimistic=args.optimistic,
                            quiet=args.quiet or args.json, sparsity=args.sparsity, block=args.block,
-                           prune_steps=args.prune_steps)
+                           prune_steps=args.prune_steps, quantize=args.quantize, calibration=args.calibration,
+                           max_drop=args.max_drop, per_class=args.per_class, ram=args.ram, flash=args.flash)
     except BudgetError as e:
         print(f"edgeprune: {e}", file=sys.stderr)
         return 1
@@ -316,6 +347,15 @@ def cmd_build(args) -> int:
                               f"predicted" for t in sp["tried"])
             print(f"  1x{sp['block']} sparsity {sp['chosen']:.0%} ({sp['why']}; tried {tried}); "
                   f"{sp['layers_sparse']} of {sp['layers_pointwise']} pointwise layers compiled sparse")
+        qz = report.get("quantize") or {}
+        if qz.get("requested") is not None:
+            tried = "; ".join(f"{t['precision']}: {t['val_accuracy']:.1%} val at {t['predicted_ms']:.3g} ms predicted"
+                              for t in qz["tried"])
+            int8 = sum(1 for layer in qz["layers"] if layer["precision"] == "int8")
+            print(f"  precision {qz['chosen']} ({qz['why']}; tried {tried}); {int8} of {len(qz['layers'])} layers "
+                  f"compiled int8, calibrated on {qz['calibration']}")
+        if report.get("memory"):
+            print(f"  {_memory_line(report['memory'])}")
         print(f"  report: {out / 'report.html'}")
     if not report["met"]:
         print(f"edgeprune: the budget was missed; the smallest latency reached is {report.get('smallest_ms') or 0:.3f} "
@@ -408,6 +448,20 @@ def parser() -> argparse.ArgumentParser:
                         "(default: none)")
     s.add_argument("--block", type=int, choices=(4, 8, 16), default=4, help="N of the 1xN blocks (default: 4)")
     s.add_argument("--prune-steps", type=_at_least(0), help="fine-tuning steps while pruning (default: 200)")
+    s.add_argument("--quantize", choices=("int8", "w4a8", "auto"),
+                   help="post-training quantization of the subnet, searched with int8 pricing: int8 (W8A8), w4a8 "
+                        "(4-bit weights, first and last layers at 8), or auto (try fp32 and int8, keep the most "
+                        "accurate, int8 only within --max-drop) (default: fp32)")
+    s.add_argument("--calibration", choices=("fdda", "real", "noise"), default="fdda",
+                   help="what quantization calibrates on: fdda (synthetic images aligned to per-class BatchNorm "
+                        "statistics from --per-class real images per class), real images, or noise (default: fdda)")
+    s.add_argument("--max-drop", type=float, default=1.0,
+                   help="--quantize auto: the most validation accuracy int8 may cost, in points (default: 1)")
+    s.add_argument("--per-class", type=_at_least(1), default=4, help="FDDA: real images per class (default: 4)")
+    s.add_argument("--ram", type=_size("--ram"), metavar="SIZE",
+                   help="C package RAM (arena + workspace) the subnet must fit, e.g. 256KiB")
+    s.add_argument("--flash", type=_size("--flash"), metavar="SIZE",
+                   help="C package flash (code + weights) the subnet must fit, e.g. 1MiB")
     s.add_argument("--seed", type=int, default=0, help="data split seed")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -454,6 +508,10 @@ def parser() -> argparse.ArgumentParser:
                    help="layers whose weights have 1xN zero blocks: auto compiles each sparse or dense, whichever "
                         "the target's latency model prices faster; sparse always; dense ignores the zeros "
                         "(default: auto)")
+    s.add_argument("--ram", type=_size("--ram"), metavar="SIZE",
+                   help="C package: fail unless the arena plus workspace fit, e.g. 512KiB")
+    s.add_argument("--flash", type=_size("--flash"), metavar="SIZE",
+                   help="C package: fail unless the code plus weights fit, e.g. 2MiB")
     s.add_argument("--json", action="store_true", help="print the build report as JSON")
     s.set_defaults(fn=cmd_compile)
 

@@ -24,10 +24,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import Build, LatencyTable, Measurement, Network
+from .artifacts import Build, LatencyTable, Measurement, MemoryBudget, MemoryBudgetError, Network
 from .compress import PRUNE_STEPS
 from .errors import UserError
 from .search import space as S
+from .search.memory import bounded as memory_bounded
 from .search.select import BudgetError, Candidate, latency_function, priced_by  # noqa: F401 - the pipeline's API
 from .targets import Target
 
@@ -76,9 +77,15 @@ class Request:
     sparsity: float | str | None = None  # 1xN block pruning: a fraction of blocks, "auto" (tried: SPARSITIES), none
     block: int = 4  # N of the 1xN blocks
     prune_steps: int = PRUNE_STEPS
+    quantize: str | None = None  # int8 | w4a8 | auto (int8 where it is faster and costs at most max_drop) | None
+    calibration: str = "fdda"  # what post-training quantization calibrates on: fdda | real | noise
+    max_drop: float = 1.0  # --quantize auto: the most validation accuracy (points) int8 may cost
+    per_class: int = 4  # FDDA: real images per class
+    memory: MemoryBudget | None = None  # RAM and flash of the C package: the search fits them too
 
 
 SPARSITIES = (0.0, 0.5, 0.75)  # what --sparsity auto weighs against each other
+QUANTIZE = ("int8", "w4a8", "auto")
 
 
 @dataclass
@@ -89,6 +96,8 @@ class Trial:
     candidate: Candidate
     network: Network
     finetune: dict
+    precision: str = "fp32"  # fp32, or the --quantize precision it was searched, priced and quantized at
+    quantized: dict = field(default_factory=dict)  # compress.quantize's account: bits, calibration, accuracy drop
 
 
 @dataclass
@@ -115,7 +124,7 @@ class Realized:
 
 def realize(network: Network, target: Target, out_dir: Path, device=None, table: LatencyTable | None = None,
             table_path: Path | None = None, runs: int = 50, statistic: str = "p90", fmt: str | None = None,
-            layers: bool = True) -> Realized:
+            layers: bool = True, budget: MemoryBudget | None = None) -> Realized:
     """One turn of the build loop after search: compress -> compile -> measure -> learn.
 
     With no device it stops after compiling. A measurement enters `table` (written to `table_path` when the table
@@ -126,7 +135,7 @@ def realize(network: Network, target: Target, out_dir: Path, device=None, table:
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    build = compile_model(compress(network), target, out_dir, fmt=fmt)
+    build = compile_model(compress(network), target, out_dir, fmt=fmt, budget=budget)
     if device is None:
         return Realized(build)
     m = device.measure(build, runs=runs, warmup=max(3, runs // 10), layers=layers)
@@ -156,6 +165,74 @@ def _sparsities(sparsity: float | str | None, block: int) -> tuple[float, ...]:
     if not 0.0 <= value < 1.0:
         raise UserError(f"--sparsity {sparsity}: the fraction of blocks pruned must be at least 0 and below 1")
     return (value,)
+
+
+def _precisions(req: Request, sparsities: tuple[float, ...]) -> tuple[str, ...]:
+    """The precisions a build tries: fp32, the one asked for, or fp32 and int8 for "auto"."""
+    from .compress import CALIBRATIONS
+
+    if req.quantize is None:
+        return ("fp32",)
+    if req.quantize not in QUANTIZE:
+        raise UserError(f"--quantize {req.quantize}: choose one of {', '.join(QUANTIZE)}")
+    if req.calibration not in CALIBRATIONS:
+        raise UserError(f"--calibration {req.calibration}: choose one of {', '.join(CALIBRATIONS)}")
+    if any(sparsities):
+        raise UserError("--quantize and --sparsity cannot be combined yet (the int8 kernels are dense); "
+                        "choose one")
+    if req.max_drop < 0:
+        raise UserError(f"--max-drop {req.max_drop:g}: the accuracy int8 may cost, in points, is at least 0")
+    return ("fp32", "int8") if req.quantize == "auto" else (req.quantize,)
+
+
+def _eligible(req: Request, trial: Trial) -> bool:
+    """--quantize auto takes a quantized trial only when quantization cost at most --max-drop points."""
+    return req.quantize != "auto" or trial.precision == "fp32" or trial.quantized["drop_points"] <= req.max_drop
+
+
+def _quantize_report(req: Request, final: Round, build: Build) -> dict | None:
+    if req.quantize is None:
+        return None
+    chosen = next((tr for tr in final.trials if tr.candidate is final.candidate), None)
+    tried = [{"precision": tr.precision, "predicted_ms": round(tr.candidate.predicted_ms, 4),
+              "macs": S.macs(tr.candidate.arch), "resolution": tr.candidate.arch.resolution,
+              "val_accuracy": round(float(tr.network.accuracy), 4), **tr.quantized} for tr in final.trials]
+    precision = {f"w{r.weight_bits}a{r.act_bits}" if r.family == "int8" else "fp32" for r in build.layers
+                 if r.op in ("conv", "pointwise", "depthwise", "matmul")}
+    why = ("the most accurate on validation images of the precisions tried, each with the widest subnet its "
+           f"pricing fits in the budget; int8 only where it cost at most {req.max_drop:g} points"
+           if req.quantize == "auto" else "as requested")
+    return {"requested": req.quantize, "calibration": req.calibration, "chosen": chosen.precision if chosen else
+            "fp32", "layers": [{"kernel": r.kernel, "op": r.op, "precision": "int8" if r.family == "int8" else
+                                "fp32", "sources": list(r.sources)} for r in build.layers
+                               if r.op in ("conv", "pointwise", "depthwise", "matmul")],
+            "precisions": sorted(precision), "tried": tried, "why": why}
+
+
+def _memory_search(req: Request, target: Target, resolutions: tuple[int, ...]) -> MemoryBudget | None:
+    """The memory budgets the search aims at (the user's, checked up front against the smallest subnet)."""
+    from .search.memory import refuse_unfit
+
+    if not req.memory:
+        return None
+    if (req.fmt or target.default_format) != "c":
+        raise UserError("--ram and --flash are budgets of a C package (firmware); add --format c")
+    refuse_unfit(S.Space(resolutions=resolutions).smallest(min(resolutions)), req.memory,
+                 *_element_bytes("int8" if req.quantize else "fp32"))
+    return req.memory
+
+
+def _element_bytes(precision: str) -> tuple[float, float]:
+    """(activation, weight) bytes per element a precision compiles to."""
+    return {"fp32": (4, 4), "int8": (1, 1), "w4a8": (1, 0.5)}.get(precision, (4, 4))
+
+
+def _tightened(aim: MemoryBudget, budget: MemoryBudget, e: MemoryBudgetError) -> MemoryBudget:
+    """The search's memory aim lowered by how far the compiled package overshot the budget, and 5% more."""
+    def lower(a: int | None, b: int | None, got: int) -> int | None:
+        return None if a is None else int(a * min(1.0, b / got) * 0.95) if got > b else a
+
+    return MemoryBudget(lower(aim.ram, budget.ram, e.ram), lower(aim.flash, budget.flash, e.flash))
 
 
 def _table_for(req: Request, device, target) -> tuple[Path | None, LatencyTable]:
@@ -202,6 +279,8 @@ def run(req: Request) -> dict:
     from . import data
     from .codegen.build import _replace_dir
     from .compress import compress
+    from .compress import quantize as compress_quantize
+    from .compress.fdda import STEPS as FDDA_STEPS
     from .cost import model_for
     from .measure.devices import get_device
     from .search.evaluate import accuracy, subnet
@@ -211,6 +290,7 @@ def run(req: Request) -> dict:
     from .targets import get_target
 
     sparsities = _sparsities(req.sparsity, req.block)
+    precisions = _precisions(req, sparsities)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     target = get_target(req.target)
@@ -236,6 +316,7 @@ def run(req: Request) -> dict:
     band = model_for(target, table).band
     edge = band[1] if device is None and not req.optimistic else 1.0
     aim = req.budget_ms * MARGIN if device is not None else req.budget_ms / edge
+    fitting = _memory_search(req, target, resolutions)  # what the search aims at; compile checks it exactly
     try:
         for r in range(req.rounds):
             t = time.perf_counter()
@@ -245,12 +326,16 @@ def run(req: Request) -> dict:
             _log(req, f"round {r + 1}: search on {target.name} for {req.budget_ms:g} ms, aiming at {aim:.3g} ms "
                       f"({f'{known} measured networks' if known else 'no measurements: the prior'})")
             trials = []
-            for sparsity in sparsities:
+            for sparsity, precision in [(s, p) for s in sparsities for p in precisions]:
                 if len(sparsities) > 1:
                     _log(req, f"  with {'no' if not sparsity else f'{sparsity:.0%} 1x{req.block}'} sparsity:")
+                if len(precisions) > 1:
+                    _log(req, f"  in {precision}:")
                 t = time.perf_counter()
-                priced = priced_by(model, (sparsity, req.block) if sparsity else None)
-                best, stats = search(supernet, ckpt, ds, priced, aim, resolutions, lambda m: _log(req, m))
+                priced = priced_by(model, (sparsity, req.block) if sparsity else None, int8=precision != "fp32")
+                bounded = memory_bounded(priced, aim, fitting, *_element_bytes(precision))
+                best, stats = search(supernet, ckpt, ds, bounded, aim, resolutions, lambda m: _log(req, m))
+                best.predicted_ms = priced(best.arch)  # its latency alone, whichever budget bound it
                 evaluated += stats["evaluated"]
                 times[f"search_{r + 1}"] = times.get(f"search_{r + 1}", 0.0) + time.perf_counter() - t
                 t = time.perf_counter()
@@ -269,19 +354,43 @@ def run(req: Request) -> dict:
                     _log(req, f"  pruned to {sparsity:.0%} in 1x{req.block} blocks ({req.prune_steps} steps): val "
                               f"accuracy {network.accuracy:.1%}")
                 times[f"finetune_{r + 1}"] = times.get(f"finetune_{r + 1}", 0.0) + time.perf_counter() - t
-                trials.append(Trial(sparsity, best, network, tuned))
+                quantized: dict = {}
+                if precision != "fp32":
+                    t = time.perf_counter()
+                    steps = FDDA_STEPS if req.calibration == "fdda" else 0  # the synthetic images' optimization
+                    with progress_bar(steps, f"calibrate ({req.calibration})", quiet=req.quiet or not steps) as bar:
+                        network, quantized = compress_quantize(network, ds, precision=precision,
+                                                               calibration=req.calibration, per_class=req.per_class,
+                                                               seed=req.seed, progress=bar)
+                    _log(req, f"  quantized to {precision} ({req.calibration} calibration, "
+                              f"{quantized['calibration_seconds']:.0f} s): val accuracy {quantized['val_fp32']:.1%} "
+                              f"-> {quantized['val_quantized']:.1%}")
+                    times[f"quantize_{r + 1}"] = times.get(f"quantize_{r + 1}", 0.0) + time.perf_counter() - t
+                trials.append(Trial(sparsity, best, network, tuned, precision, quantized))
             # The most accurate on validation images; of equals, the one predicted faster.
-            chosen = max(trials, key=lambda tr: (round(tr.network.accuracy, 4), -tr.candidate.predicted_ms))
+            chosen = max([tr for tr in trials if _eligible(req, tr)],
+                         key=lambda tr: (round(tr.network.accuracy, 4), -tr.candidate.predicted_ms))
             best, network = chosen.candidate, chosen.network
             source = model.predict(S.layers(best.arch, sparse=(chosen.sparsity, req.block)
-                                            if chosen.sparsity else None)).source
+                                            if chosen.sparsity else None, int8=chosen.precision != "fp32")).source
             rounds.append(Round(best, source, finetune=chosen.finetune, trials=trials))
-            if len(trials) > 1:
+            if len(sparsities) > 1:
                 _log(req, f"  chose {'no' if not chosen.sparsity else f'{chosen.sparsity:.0%}'} sparsity: the most "
                           f"accurate within the aim ({network.accuracy:.1%} val)")
+            if len(precisions) > 1:
+                _log(req, f"  chose {chosen.precision}: the most accurate within the aim ({network.accuracy:.1%} val)"
+                          + ("" if all(_eligible(req, tr) for tr in trials) else
+                             f"; int8 cost more than {req.max_drop:g} points"))
             t = time.perf_counter()
-            done = realize(network, target, stage / "build", device, table, table_path, req.runs, req.statistic,
-                           req.fmt)
+            try:
+                done = realize(network, target, stage / "build", device, table, table_path, req.runs,
+                               req.statistic, req.fmt, budget=req.memory)
+            except MemoryBudgetError as e:  # the estimate was low: aim that much lower and search again
+                if r + 1 == req.rounds:
+                    raise
+                fitting = _tightened(fitting, req.memory, e)
+                _log(req, f"  {e}; searching again")
+                continue
             times[f"compile_{r + 1}"] = time.perf_counter() - t
             if device is None:
                 break
@@ -298,7 +407,8 @@ def run(req: Request) -> dict:
             final.candidate.predicted_ms * edge <= req.budget_ms
         t = time.perf_counter()
         net = network.module
-        shutil.copy2(stage / "build" / "model.onnx", stage / "model.onnx")
+        if (stage / "build" / "model.onnx").exists():  # an int8 build compiles its integer program, not ONNX
+            shutil.copy2(stage / "build" / "model.onnx", stage / "model.onnx")
         torch.save(net.state_dict(), stage / "weights.pt")
         big = teacher
         report = {
@@ -330,6 +440,8 @@ def run(req: Request) -> dict:
             "architecture": final.candidate.arch.to_dict(),
             "origin": final.candidate.origin,
             "sparsity": _sparsity_report(req, final, done.build),
+            "memory": {k: v for k, v in done.build.memory.items() if k.endswith("_bytes")} or None,
+            "quantize": _quantize_report(req, final, done.build),
             "search": {"evaluated": evaluated, "rounds": len(rounds), "pool_subnets": len(ckpt["pools"])},
             "dataset": ds.name,
             "classes": ds.classes,

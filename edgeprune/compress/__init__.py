@@ -61,3 +61,38 @@ def compress(network: Network, data=None, *, sparsity: float | None = None, bloc
         if isinstance(layer, (nn.Conv2d, nn.Linear)) and name not in plan:
             plan[name] = LayerPlan(name)
     return replace(network, module=module, plan=plan, accuracy=accuracy)
+
+
+PRECISIONS = {"int8": (8, 8), "w4a8": (4, 8)}  # --quantize: (weight bits, activation bits)
+CALIBRATIONS = ("fdda", "real", "noise", "zeroq")
+
+
+def quantize(network: Network, data, *, precision: str = "int8", calibration: str = "fdda", per_class: int = 4,
+             seed: int = 0, progress: Callable[[int, int, str, float], None] | None = None) -> tuple[Network, dict]:
+    """Post-training quantization of the network (quantize.ptq: calibration images from `calibration`, BatchNorm
+    folded after them, per-channel weights and per-tensor activations), as the integer program codegen compiles
+    (integer.program). Returns the quantized Network (its module the float simulation, its accuracy the
+    simulation's on the validation split) and what was done: bits, calibration, seconds, accuracy before/after."""
+    from ..training import accuracy as accuracy_of
+    from . import integer
+    from . import quantize as Q
+
+    if precision not in PRECISIONS:
+        raise UserError(f"precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+    if calibration not in CALIBRATIONS:
+        raise UserError(f"calibration '{calibration}': choose one of {', '.join(CALIBRATIONS)}")
+    if per_class < 1:
+        raise UserError(f"per_class {per_class}: FDDA needs at least one real image per class")
+    resolution = int(network.input_shape[-1])
+    images, labels = data.train
+    q = Q.ptq(network.module, resolution, calibration, images, labels, PRECISIONS[precision],
+              classes=len(data.classes), per_class=per_class, seed=seed, progress=progress)
+    program = integer.program(q, tuple(network.input_shape))
+    after = accuracy_of(q.module, *data.val, resolution)
+    before = network.accuracy if network.accuracy is not None else accuracy_of(network.module, *data.val, resolution)
+    plan = dict(network.plan) | q.plan()
+    info = {"precision": precision, "weight_bits": q.weight_bits, "calibration": q.calibration.get("source"),
+            "calibration_images": q.calibration.get("images"), "calibration_seconds": q.calibration.get("seconds"),
+            "val_fp32": round(float(before), 4), "val_quantized": round(float(after), 4),
+            "drop_points": round(100 * (float(before) - float(after)), 2), "layers": len(q.layers)}
+    return replace(network, module=q.module, plan=plan, accuracy=after, integer=program), info

@@ -38,7 +38,7 @@ def layer_cost(op: str, inputs: Sequence[Shape], weights: Sequence[Shape], outpu
     if op not in OP_CLASSES:
         raise ValueError(f"unknown operator class {op!r}; one of {', '.join(OP_CLASSES)}")
     plan = plan or LayerPlan("")
-    family = family or ("bsr" if plan.scheme == "bsr" else "dense")  # the kernel family that runs such a plan
+    family = family or {"bsr": "bsr", "int8": "int8"}.get(plan.scheme, "dense")  # the family that runs such a plan
     w = tuple(weights[0]) if weights else ()
     if reduction:
         per_out = reduction

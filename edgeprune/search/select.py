@@ -35,10 +35,13 @@ class BudgetError(UserError):
                          f"({how}); raise --latency or choose a faster target")
 
 
-def priced_by(model: LatencyModel, sparse: tuple[float, int] | None = None) -> Callable[[S.Arch], float]:
+def priced_by(model: LatencyModel, sparse: tuple[float, int] | None = None,
+              int8: bool = False) -> Callable[[S.Arch], float]:
     """Predicted ms of a subnet: its analytic cost rows priced by `model`. With `sparse` = (sparsity, N), its
     pointwise layers pruned to that sparsity in 1xN blocks, each priced as compile will run it: sparse or dense,
-    whichever the model prices faster."""
+    whichever the model prices faster. With `int8`, as the integer program compile runs for a quantized subnet."""
+    if int8:
+        return lambda arch: model.predict(S.layers(arch, int8=True)).ms
     if not sparse or not sparse[0]:
         return lambda arch: model.predict(S.layers(arch)).ms
 

@@ -103,30 +103,38 @@ def macs(arch: Arch, num_classes: int = 10) -> int:
     return sum(row.macs for row in layers(arch, num_classes) if row.op in ("pointwise", "conv", "depthwise", "matmul"))
 
 
-def layers(arch: Arch, num_classes: int = 10, sparse: tuple[float, int] | None = None) -> list[LayerCost]:
+def layers(arch: Arch, num_classes: int = 10, sparse: tuple[float, int] | None = None,
+           int8: bool = False) -> list[LayerCost]:
     """The cost rows of a subnet's kernels, made by the same function a compiled build's kernels are
     (edgeprune.cost.rows): what the latency model prices. Convolutions carry their BatchNorm, activation and
     residual add, as TVM fuses them. With `sparse` = (sparsity, N), the 1x1 convolutions 1xN pruning takes (those
-    whose outputs are whole blocks of N) are rows of block-sparse kernels at that density."""
+    whose outputs are whole blocks of N) are rows of block-sparse kernels at that density. With `int8`, every
+    convolution and the classifier are rows of int8 kernels (the integer program compile runs), and the residual
+    adds are their own integer kernels."""
+    q = LayerPlan("", "int8", 8, 8) if int8 else None
+
     def pw(cin: int, cout: int, size: int, residual: bool = False) -> LayerCost:
-        plan = None
+        plan = q
         if sparse and sparse[0] > 0 and cout % sparse[1] == 0:
             plan = LayerPlan("", "bsr", block=sparse[1], density=1.0 - sparse[0])
-        return rows_of.conv(cin, cout, 1, 1, size, residual=residual, plan=plan)
+        return rows_of.conv(cin, cout, 1, 1, size, residual=residual and not int8, plan=plan)
 
     r = arch.resolution
     rows = [rows_of.data([(1, 3, r, r)], [(1, r, r, 3)])]  # the NCHW -> NHWC input transform
-    rows.append(rows_of.conv(3, arch.stem, 3, 2, r))
+    rows.append(rows_of.conv(3, arch.stem, 3, 2, r, plan=q))
     size = (r + 1) // 2
     for b in blocks(arch):
         if b.stage >= 0:
             rows.append(pw(b.cin, b.mid, b.size))
-        rows.append(rows_of.conv(b.mid, b.mid, b.kernel, b.stride, b.size, depthwise=True))
+        rows.append(rows_of.conv(b.mid, b.mid, b.kernel, b.stride, b.size, depthwise=True, plan=q))
         size = (b.size + b.stride - 1) // b.stride
         rows.append(pw(b.mid, b.cout, size, residual=b.residual))
+        if int8 and b.residual:  # an integer add on its own grid: not fused into the convolution
+            shape = (1, size, size, b.cout)
+            rows.append(rows_of.data([shape, shape], [shape]))
     rows.append(pw(arch.widths[-1], arch.last, size))
     rows.append(rows_of.global_mean(size, arch.last))
-    rows.append(rows_of.dense(arch.last, num_classes))
+    rows.append(rows_of.dense(arch.last, num_classes, plan=q))
     return rows
 
 
