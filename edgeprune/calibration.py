@@ -4,9 +4,10 @@ device's latency table (calibrate/<device>.json) that the latency model fits.
 The suite is MobileNetV2-style pieces (stem convolutions, pointwise expansions, depthwise 3/5/7, projections with
 residual adds, pooling and classifier heads) at widths and resolutions from the search space, some of them with
 their 1x1 layers pruned in 1xN blocks (the block-sparse kernels, N 4/8/16, at 50-90% sparsity), and whole subnets
-of the search space, drawn with a fixed seed so every device is timed on the same suite. It runs the pipeline's own
-stages: compile every network (all before any is timed: compiling beside a measurement would skew it), measure
-them together (measure.batch: interleaved rounds on `local`, every board of an rpc:// key at once), and learn.
+of the search space (every other one quantized: the int8 kernels), drawn with a fixed seed so every device is timed
+on the same suite. It runs the pipeline's own stages: compile every network (all before any is timed: compiling
+beside a measurement would skew it), measure them together (measure.batch: interleaved rounds on `local`, every
+board of an rpc:// key at once), and learn.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ def suite(count: int, seed: int = 1234) -> list[Network]:
     for i in range(count):
         torch.manual_seed(seed + i)
         if i % 3 == 2:
-            nets.append(architecture_network(Space().sample(space_rng), seed + i, name=f"cal{i:03d}"))
+            net = architecture_network(Space().sample(space_rng), seed + i, name=f"cal{i:03d}")
+            # every other subnet as the int8 program a quantized build compiles, so the table times int8
+            # kernels on subnets' own shapes (calibrated on noise: their speed does not depend on the scales)
+            nets.append(_int8(net, seed + i) if i % 6 == 2 else net)
             continue
         res = int(rng.choice([32, 48, 64, 96, 112, 128, 160]))
         c = int(rng.choice([8, 16, 24, 32, 48, 64, 96]))
@@ -74,6 +78,18 @@ def suite(count: int, seed: int = 1234) -> list[Network]:
             plan = apply_masks(model, sparsity, n).plan()
         nets.append(Network(model, (1, 3, res, res), name=f"cal{i:03d}", plan=plan))
     return nets
+
+
+def _int8(net: Network, seed: int) -> Network:
+    import torch
+
+    from .compress import integer
+    from .compress import quantize as Q
+
+    images = torch.randn(8, *net.input_shape[1:], generator=torch.Generator().manual_seed(seed))
+    q = Q.quantize(net.module, images)
+    return Network(q.module, net.input_shape, net.name, q.plan(), arch=net.arch,
+                   integer=integer.program(q, net.input_shape))
 
 
 def compile_all(networks: list[Network], target: Target, directory: Path, fmt: str = "so",

@@ -175,6 +175,8 @@ def test_calibrate_writes_a_table_with_identity_and_predict_uses_it(cli, tmp_pat
     # Timed on local: every kernel's share of the run, from the profile.
     assert all(sum(e["per_kernel_ms"]) == pytest.approx(e["ms"], rel=1e-6) for e in data["entries"])
     assert len(data["entries"][2]["layers"]) > 20  # every third build is a whole subnet of the search space
+    # and every other subnet is quantized: the table times int8 kernels at 8 bits
+    assert sum(row["family"] == "int8" and row["weight_bits"] == 8 for row in data["entries"][2]["layers"]) > 10
     # and every third piece has its 1x1 layers pruned in 1xN blocks: the table times block-sparse kernels
     assert any(row["family"] == "bsr" and row["density"] < 1 and row["block"] in (4, 8, 16)
                for row in data["entries"][1]["layers"])
