@@ -5,8 +5,10 @@ compiling for the search (search/memory.py)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from helpers import assert_one_line_error
 
 from edgeprune.artifacts import MemoryBudget, MemoryBudgetError, parse_bytes
 from edgeprune.codegen.build import compile_model
@@ -100,3 +102,36 @@ def test_mobilenetv2_035_at_96_fits_640kib(tmp_path):
                           budget=MemoryBudget(ram=parse_bytes("640KiB")))
     assert build.memory["ram_bytes"] <= 640 * 1024
     assert 500_000 < build.memory["arena_bytes"] < 600_000
+
+
+def test_compile_cli_refuses_a_budget_in_one_line_and_states_the_figures_when_it_fits(cli, onnx_file, tmp_path):
+    rc, _, err = cli("compile", onnx_file, "--format", "c", "--ram", "1KiB", "--flash", "2MiB", "-o", tmp_path / "x")
+    assert rc == 2
+    line = assert_one_line_error(err, "does not fit: RAM (arena + workspace)", "over --ram 1 KiB")
+    assert "flash" not in line  # the flash budget was met: only what does not fit is named
+    assert not (tmp_path / "x").exists()
+    rc, out, err = cli("compile", onnx_file, "--format", "c", "--ram", "512KiB", "--flash", "2MiB", "-o",
+                       tmp_path / "ok")
+    assert rc == 0, err
+    assert re.search(r"RAM [\d.]+ KiB \(arena \+ workspace\) of 512 KiB budget; flash [\d.]+ KiB \(code [\d.]+ KiB "
+                     r"\+ weights\) of 2 MiB budget", out), out
+    with pytest.raises(SystemExit) as e:  # argparse: a size it cannot read
+        cli("compile", onnx_file, "--format", "c", "--ram", "lots", "-o", tmp_path / "y")
+    assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_build_searches_only_subnets_that_fit_all_three_budgets(cli, tmp_path):
+    """cortex-m7, 256 KiB of RAM and 1 MiB of flash: the subnet the search picks compiles within both, and the
+    report states both figures beside the budgets. With a RAM budget no subnet fits, the error says so."""
+    rc, _, err = cli("build", "--target", "cortex-m7", "--latency", "2000ms", "--ram", "256KiB", "--flash", "1MiB",
+                     "-o", tmp_path / "b", "--quiet", "--finetune-steps", "0")
+    assert rc == 0, err
+    memory = json.loads((tmp_path / "b" / "report.json").read_text())["memory"]
+    assert memory["ram_bytes"] <= memory["ram_budget_bytes"] == 256 * 1024
+    assert memory["flash_bytes"] <= memory["flash_budget_bytes"] == 1024**2
+    rc, _, err = cli("build", "--target", "cortex-m7", "--latency", "2000ms", "--ram", "16KiB", "-o", tmp_path / "n",
+                     "--quiet")
+    assert rc == 2
+    assert_one_line_error(err, "the smallest subnet of the search space (estimated) does not fit: RAM")
+    assert not (tmp_path / "n").exists()
