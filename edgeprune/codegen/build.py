@@ -148,8 +148,8 @@ def compile_model(
     if isinstance(model, Network) and model.integer is not None:  # int8: the integer program, no float source
         from .integer import import_program
 
-        mod, spec, digest = import_program(model.integer, target.tvm_target(), target.cores)
-        imported = ImportedModel(mod, [spec], f"{model.name} (int8 program)", "int8", digest)
+        mod, spec, digest, layers = import_program(model.integer, target.tvm_target(), target.cores)
+        imported = ImportedModel(mod, [spec], f"{model.name} (int8 program)", "int8", digest, layers)
         package_name = package_name or model.name
     elif isinstance(model, Network):  # in memory: its ONNX form is kept in the build as the source
         out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ from ..artifacts import IntegerOp, IntegerProgram, TensorSpec
 from ..errors import UserError
 from .kernels import int8
 from .kernels.common import OP
-from .kernels.int8 import SOURCE
 
 
 def _const(v, dtype: str) -> relax.Constant:
@@ -32,6 +31,8 @@ class _Builder:
         self.bb = relax.BlockBuilder()
         self.env: dict[str, relax.Expr] = {}
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.spec = int8.CpuSpec.of(target)
+        self.layers: list[tuple[str, str, int | None]] = []  # (group, name, channels), as sources.name_rows takes
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in self.env[name].ty.shape.values)
@@ -98,13 +99,14 @@ class _Builder:
         width = bias.shape[0]
         mult = np.pad(np.asarray(p["multiplier"], np.int32), (0, width - o))
         shift = np.pad(np.asarray(p["shift"], np.int32), (0, width - o), constant_values=1)
-        key = (conv, variant, op.name)  # a kernel per layer, so each row names its layer
+        key = (conv, variant, dense)  # layers of one shape share a kernel (firmware flash)
         if key not in self.kernels:
-            func = int8.kernel(conv, variant, self.threads).with_attr(SOURCE, op.name)
+            func = int8.kernel(conv, variant, self.spec, self.threads)
             if dense:
                 func = func.with_attr(OP, "matmul")
             name = "int8_" + ("dense" if dense else conv.op) + f"_{len(self.kernels)}"
             self.kernels[key] = self.bb.add_func(func, name)
+        self.layers.append(("matmul" if dense else "conv", op.name, o))
         oh, ow = conv.out_hw
         out = self.emit(relax.call_tir(self.kernels[key], [x, relax.const(wp), relax.const(bias), relax.const(mult),
                                                            relax.const(shift)],
@@ -159,13 +161,15 @@ class _Builder:
         return self.emit(relax.op.reshape(x, (n, h * w * c)))
 
 
-def import_program(prog: IntegerProgram, target, threads: int = 2) -> tuple[tvm.IRModule, TensorSpec, str]:
-    """(Relax module, its input, a digest of the program) for `prog` compiled for TVM target `target`."""
-    mod = _Builder(prog, target, threads).build()
+def import_program(prog: IntegerProgram, target, threads: int = 2) -> tuple[tvm.IRModule, TensorSpec, str, list]:
+    """(Relax module, its input, a digest of the program, its layers for sources.name_rows) for `prog` compiled
+    for TVM target `target`."""
+    builder = _Builder(prog, target, threads)
+    mod = builder.build()
     h = hashlib.sha256()
     for op in prog.ops:
         scalars = sorted((k, str(v)) for k, v in op.params.items() if k != "weight")
         h.update(f"{op.kind}:{op.inputs}:{op.output}:{scalars}".encode())
         if "weight" in op.params:
             h.update(np.ascontiguousarray(op.params["weight"]).tobytes())
-    return mod, TensorSpec(prog.input, tuple(prog.input_shape), "float32"), h.hexdigest()
+    return mod, TensorSpec(prog.input, tuple(prog.input_shape), "float32"), h.hexdigest(), builder.layers

@@ -33,7 +33,7 @@ from ...cost.rows import layer_cost
 from .common import FAMILY, FLOPS, OP, REDUCTION, CpuSpec
 
 NAME = "int8"
-VARIANT, SOURCE = "edgeprune.variant", "edgeprune.source"  # SOURCE: the layer's module path
+VARIANT = "edgeprune.variant"
 RULES: list = []  # the kernels come scheduled: nothing for dlight to do
 _VNNI_LANES = 16  # int32 lanes of a zmm register
 
@@ -128,9 +128,10 @@ def _int32(a: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- the kernels
 
 
-def kernel(conv: Conv, variant: str, threads: int = 2) -> tirx.PrimFunc:
-    """The scheduled kernel for `conv`, parameters (x [1, H, W, C] int8, weight (packed), bias int32, multiplier
-    int32 [O'], shift int32 [O'], out [1, OH, OW, O] int8), O' = O rounded up to the vector the kernel stores."""
+def kernel(conv: Conv, variant: str, spec: CpuSpec, threads: int = 2) -> tirx.PrimFunc:
+    """The scheduled kernel for `conv` on a CPU like `spec`, parameters (x [1, H, W, C] int8, weight (packed), bias
+    int32, multiplier int32 [O'], shift int32 [O'], out [1, OH, OW, O] int8), O' = O rounded up to the vector the
+    kernel stores."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.tirx.script.builder import ir as T
 
@@ -155,7 +156,7 @@ def kernel(conv: Conv, variant: str, threads: int = 2) -> tirx.PrimFunc:
                 if variant == "vnni":
                     _vnni(T, conv, x, wt, q, out, threads)
                 else:
-                    _widen(T, conv, x, wt, q, out, threads)
+                    _widen(T, conv, x, wt, q, out, spec)
     func = ib.get()
     return func.with_attrs({OP: conv.op, FAMILY: NAME, FLOPS: 2 * oh * ow * conv.o * conv.reduction,
                             REDUCTION: conv.reduction, VARIANT: variant, "tirx.is_scheduled": True,
@@ -188,22 +189,32 @@ class _Requant:
         return tirx.Cast(f"int8x{lanes}" if lanes > 1 else "int8", tirx.Min(tirx.Max(scaled + zo, lo), hi))
 
 
-def _padded(T, conv: Conv, x, c_alloc: int, flip: bool):
-    """The input with its border filled with the zero point (and channels padded to `c_alloc` the same way), or
-    `x` itself when nothing needs padding; flipped to unsigned (x ^ 0x80) for vpdpbusd when `flip`."""
+def _padded_channels(T, conv: Conv, x, c_alloc: int):
+    """The input flipped to unsigned (x ^ 0x80) with its border and its channels padded to `c_alloc` with the
+    flipped zero point: for vpdpbusd's groups of 4 channels when C is not a multiple of 4 (a stem on RGB), where
+    the copy is small. Every other kernel reads its border in place (`_read`)."""
     (ph, pw) = conv.padding
-    if ph == pw == 0 and c_alloc == conv.c and not flip:
-        return x, 0, 0
     hp, wp = conv.h + 2 * ph, conv.w + 2 * pw
     xp = T.alloc_buffer((hp, wp, c_alloc), "int8", scope="global")
-    fill = tirx.IntImm("int8", conv.input_zero_point ^ -128 if flip else conv.input_zero_point)  # x ^ 0x80
-    # the border (and any padding channels) first, then the interior rows: plain affine loops that vectorize
+    fill = tirx.IntImm("int8", conv.input_zero_point ^ -128)  # zx ^ 0x80
+    # the border (and the padding channels) first, then the interior rows: plain affine loops that vectorize
     with T.parallel(0, hp) as i, T.serial(0, wp) as j, T.vectorized(0, c_alloc) as c:
         T.buffer_store(xp, fill, [i, j, c])
     with T.parallel(0, conv.h) as i, T.serial(0, conv.w) as j, T.vectorized(0, conv.c) as c:
-        v = x[0, i, j, c]
-        T.buffer_store(xp, tirx.bitwise_xor(v, tirx.IntImm("int8", -128)) if flip else v, [i + ph, j + pw, c])
-    return xp, ph, pw
+        T.buffer_store(xp, tirx.bitwise_xor(x[0, i, j, c], tirx.IntImm("int8", -128)), [i + ph, j + pw, c])
+    return xp
+
+
+def _read(conv: Conv, x, row, col, c, fill):
+    """x at padded coordinates (row, col): the input, or `fill` (the zero point) on the border. The indices are
+    clamped so the load stays in bounds whichever way the select goes; the condition is one per pixel, shared by
+    every lane of a channel vector, so padding costs no copy and no workspace."""
+    (ph, pw) = conv.padding
+    if ph == pw == 0:
+        return x[0, row, col, c]
+    inside = tirx.all(row >= ph, row < ph + conv.h, col >= pw, col < pw + conv.w)
+    value = x[0, tirx.Min(tirx.Max(row - ph, 0), conv.h - 1), tirx.Min(tirx.Max(col - pw, 0), conv.w - 1), c]
+    return tirx.Select(inside, value, fill)
 
 
 def _tile(n: int, most: int) -> int:
@@ -218,8 +229,9 @@ def _vnni(T, conv: Conv, x, wt, q: _Requant, out, threads: int) -> None:
     oh, ow = conv.out_hw
     (sh, sw), (dh, dw) = conv.stride, conv.dilation
     c4 = _c4(conv.c)
-    xp, _, _ = _padded(T, conv, x, c4, flip=True)
-    padded = xp is not x
+    xp = _padded_channels(T, conv, x, c4) if c4 != conv.c else None
+    flip4 = tirx.Broadcast(tirx.IntImm("int8", -128), 4)
+    zero4 = tirx.Broadcast(tirx.IntImm("int8", conv.input_zero_point), 4)
     ob = -(-conv.o // _VNNI_LANES)
     kv = _tile(ob, 4)
     tw = _tile(ow, max(1, 24 // kv))
@@ -236,11 +248,10 @@ def _vnni(T, conv: Conv, x, wt, q: _Requant, out, threads: int) -> None:
                 with T.unroll(0, tw) as t:
                     px = tt * tw + t
                     row, col = r * sh + i * dh, px * sw + j * dw
-                    if padded:
+                    if xp is not None:
                         word = xp[row, col, tirx.Ramp(cg * 4, 1, 4)]
-                    else:
-                        word = tirx.bitwise_xor(x[0, row, col, tirx.Ramp(cg * 4, 1, 4)],
-                                                tirx.Broadcast(tirx.IntImm("int8", -128), 4))
+                    else:  # flipped to unsigned; the border is the flipped zero point
+                        word = tirx.bitwise_xor(_read(conv, x, row, col, tirx.Ramp(cg * 4, 1, 4), zero4), flip4)
                     a = tirx.Broadcast(tirx.call_intrin("int32", "tirx.reinterpret", word), lanes)
                     with T.unroll(0, kv) as v:
                         w = wt[blk * kv + v, kg, tirx.Ramp(0, 1, lanes)]
@@ -281,16 +292,23 @@ def _vector(o: int, most: int) -> int:
     return v
 
 
-def _widen(T, conv: Conv, x, wt, q: _Requant, out, threads: int) -> None:
-    """Vectors over output channels, widening int8 -> int16 -> int32 multiply-adds; a tile of TW pixels."""
+def _widen(T, conv: Conv, x, wt, q: _Requant, out, spec: CpuSpec) -> None:
+    """Vectors over output channels, widening int8 -> int16 -> int32 multiply-adds; a tile of TW pixels by KV
+    vectors, sized to the register file (on a scalar core, one channel at a time and a short tile: unrolled int64
+    requantization is large code, and flash is what a microcontroller lacks)."""
     oh, ow = conv.out_hw
     (sh, sw), (dh, dw) = conv.stride, conv.dilation
-    xp, _, _ = _padded(T, conv, x, conv.c, flip=False)
-    src = (lambda row, col, c: xp[row, col, c]) if xp is not x else (lambda row, col, c: x[0, row, col, c])
-    vec = _vector(conv.o, 16)
+    zero = tirx.IntImm("int8", conv.input_zero_point)
+
+    def src(row, col, c):
+        return _read(conv, x, row, col, c, zero)
+
+    vec = _vector(conv.o, min(16, 4 * spec.lanes)) if spec.lanes > 1 else 1
     groups = conv.o // vec
-    kv = _tile(groups, 4)
-    tw = _tile(ow, max(1, 16 // kv))
+    kv = _tile(groups, 4 if spec.lanes >= 16 else 2 if spec.lanes > 1 else 1)
+    # int32 accumulators per register: spec.lanes; keep the tile within the accumulator budget
+    tw = _tile(ow, max(1, min(16 // kv, spec.acc_regs * spec.lanes // (kv * vec)))) if spec.lanes > 1 else \
+        _tile(ow, 2)
 
     def mac(acc, a, b):
         # |int8 x int8| <= 16256 fits int16: one 16-bit multiply (vpmullw; vmull.s8 on NEON) per two lanes of
@@ -326,11 +344,10 @@ def _widen(T, conv: Conv, x, wt, q: _Requant, out, threads: int) -> None:
 def cost_row(op: str, inputs: Sequence[Sequence[int]], weights: Sequence[Sequence[int]],
              outputs: Sequence[Sequence[int]], reduction: int, kernel: str, sources: Sequence[str] = (),
              tags: dict | None = None) -> LayerCost:
-    """An int8 kernel's row: its MACs at 8-bit weights and activations, named after the layer it computes."""
+    """An int8 kernel's row: its MACs at 8-bit weights and activations."""
     plan = LayerPlan(kernel, "int8", weight_bits=8, act_bits=8)
-    source = str((tags or {}).get(SOURCE, ""))
     return layer_cost(op, inputs, list(weights), outputs, reduction=int(reduction), plan=plan, family=NAME,
-                      kernel=kernel, sources=tuple(sources) or ((source,) if source else ()))
+                      kernel=kernel, sources=sources)
 
 
 def build_module(conv: Conv, weight: np.ndarray, bias: np.ndarray, multiplier: np.ndarray, shift: np.ndarray,
@@ -342,7 +359,7 @@ def build_module(conv: Conv, weight: np.ndarray, bias: np.ndarray, multiplier: n
     width = b.shape[0]
     m = np.pad(np.asarray(multiplier, np.int32), (0, width - conv.o))
     s = np.pad(np.asarray(shift, np.int32), (0, width - conv.o), constant_values=1)
-    func = kernel(conv, variant, threads).with_attr("global_symbol", "main")
+    func = kernel(conv, variant, CpuSpec.of(target), threads).with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     return lib, [w, b, m, s]
 
