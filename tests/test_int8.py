@@ -1,7 +1,7 @@
 """int8 end to end (issue 14, part 2): the int8 kernel family (kernels/int8.py) bit-exact against the numpy reference
 of the same integer arithmetic (compress/quantize.reference), the integer program (compress/integer.py) against the
 float simulation, and compiled int8 networks bit-exact against the program's interpreter on host and, as C
-packages, on cortex-a7 and cortex-a53 under qemu-user."""
+packages, on cortex-a7 and cortex-a53 under qemu-user and on cortex-m7 under qemu-system-arm (mps2-an500)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_host_build_is_bit_exact_and_reports_int8_layers(quantized, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["cortex-a7", "cortex-a53"])
+@pytest.mark.parametrize("target", ["cortex-a7", "cortex-a53", "cortex-m7"])
 def test_arm_packages_are_bit_exact_under_qemu(quantized, tmp_path, target):
     q, prog, x = quantized
     net = Network(q.module, (1, 3, RES, RES), "tiny", q.plan(), integer=prog)
