@@ -151,15 +151,16 @@ class IntegerOp:
 
       quantize    float input -> int8: clamp(round_half_even(x / scale) + zero_point)
       conv        a convolution or dense layer: weight int8 (OIHW / OI), bias int32, multiplier, shift (per
-                  output channel), input_zero_point, output_zero_point, act_min, act_max, stride, padding,
-                  dilation, groups; acc = sum (x - zx) w + bias, out = clamp(zo + round(acc * m / 2**shift))
+                  output channel), input_zero_point, output_zero_point, act_min, act_max, stride, padding
+                  ((rows, columns), or (top, left, bottom, right)), dilation, groups (1, or depthwise);
+                  acc = sum (x - zx) w + bias, out = clamp(zo + round(acc * m / 2**shift))
       add         two int8 inputs: multipliers (ma, mb), shift s, input zero points, output zero point, clamp;
                   out = clamp(zo + ((ma (a - za) + mb (b - zb) + 2**(s-1)) >> s))
       mean        over H, W: multiplier, shift, input and output zero points; out = clamp(zo + round(sum (x - zx)
                   * m / 2**shift))
       requant     one input to another grid (a ReLU on its own is a requant with a clamp): multiplier, shift,
                   zero points, act_min, act_max
-      maxpool     kernel, stride, padding (the grid is kept)
+      maxpool     kernel, stride, padding as for conv (the grid is kept)
       flatten     [N, C, 1, 1] or [N, C, H, W] -> [N, C*H*W] in PyTorch's order (the grid is kept)
       dequantize  int8 -> float: (q - zero_point) * scale
     """

@@ -278,8 +278,7 @@ def run(req: Request) -> dict:
 
     from . import data
     from .codegen.build import _replace_dir
-    from .compress import compress
-    from .compress import quantize as compress_quantize
+    from .compress import compress, quantize_network
     from .compress.fdda import STEPS as FDDA_STEPS
     from .cost import model_for
     from .measure.devices import get_device
@@ -359,7 +358,7 @@ def run(req: Request) -> dict:
                     t = time.perf_counter()
                     steps = FDDA_STEPS if req.calibration == "fdda" else 0  # the synthetic images' optimization
                     with progress_bar(steps, f"calibrate ({req.calibration})", quiet=req.quiet or not steps) as bar:
-                        network, quantized = compress_quantize(network, ds, precision=precision,
+                        network, quantized = quantize_network(network, ds, precision=precision,
                                                                calibration=req.calibration, per_class=req.per_class,
                                                                seed=req.seed, progress=bar)
                     _log(req, f"  quantized to {precision} ({req.calibration} calibration, "

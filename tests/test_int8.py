@@ -26,7 +26,8 @@ VARIANTS = ["widen", "vnni"] if K.has_vnni(HOST) else ["widen"]
 
 # (kind, c, o, kernel, stride, padding, map): a stem over 3 channels, 3x3 convs, depthwise at both strides,
 # pointwise with channel counts off the vector width, and a dense layer (a 1x1 map).
-SHAPES = [("conv", 3, 16, 3, 2, 1, 17), ("conv", 24, 40, 3, 1, 1, 10), ("pointwise", 32, 64, 1, 1, 0, 14),
+SHAPES = [("conv", 3, 16, 3, 2, (0, 0, 1, 1), 16), ("depthwise", 24, 24, 3, 2, (0, 1, 1, 0), 12),
+          ("conv", 3, 16, 3, 2, 1, 17), ("conv", 24, 40, 3, 1, 1, 10), ("pointwise", 32, 64, 1, 1, 0, 14),
           ("pointwise", 20, 10, 1, 1, 0, 7), ("depthwise", 48, 48, 3, 2, 1, 15), ("depthwise", 32, 32, 5, 1, 2, 9),
           ("dense", 72, 10, 1, 1, 0, 1)]
 
@@ -38,8 +39,9 @@ def _layer(rng, kind: str, c: int, o: int, k: int, s: int, p: int, act: str = "r
     mult, shift = Q.quantize_multiplier(rng.uniform(1e-4, 3e-3, size=o))
     zx, zo = int(rng.integers(-30, 30)), int(rng.integers(-20, 20))
     lo, hi = (zo, min(127, zo + 100)) if act == "relu6" else (-128, 127)
+    pad = tuple(p) if isinstance(p, tuple) else (p, p)  # (top, left, bottom, right): TFLite's SAME at stride 2
     return Q.QuantLayer("l", kind, w, 8, np.ones(o, np.float32), rng.integers(-9000, 9000, o).astype(np.int32), 1.0,
-                        zx, 1.0, zo, mult, shift, lo, hi, act, (s, s), (p, p), (1, 1), o if dw else 1)
+                        zx, 1.0, zo, mult, shift, lo, hi, act, (s, s), pad, (1, 1), o if dw else 1)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -50,7 +52,7 @@ def test_kernels_are_bit_exact_against_the_numpy_reference(shape, variant):
         pytest.skip("depthwise runs the widening kernel on every CPU")
     rng = np.random.default_rng(hash(shape) % 2 ** 32)
     layer = _layer(rng, kind, c, o, k, s, p, act="none" if kind == "dense" else "relu6")
-    conv = K.Conv(hw, hw, c, o, k, k, (s, s), (p, p), (1, 1), kind == "depthwise", layer.input_zero_point,
+    conv = K.Conv(hw, hw, c, o, k, k, (s, s), layer.padding, (1, 1), kind == "depthwise", layer.input_zero_point,
                   layer.output_zero_point, layer.act_min, layer.act_max)
     lib, consts = K.build_module(conv, layer.weight, layer.bias, layer.multiplier, layer.shift, HOST, variant)
     x = rng.integers(-128, 128, size=(1, hw, hw, c)).astype(np.int8)

@@ -148,8 +148,9 @@ class _Builder:
 
     def _maxpool(self, op: IntegerOp, x) -> relax.Expr:
         p = op.params
-        ph, pw = p["padding"]
-        return self.emit(relax.op.nn.max_pool2d(x, p["kernel"], p["stride"], (ph, pw, ph, pw), layout="NHWC"))
+        pad = tuple(p["padding"])
+        pad = pad if len(pad) == 4 else (pad[0], pad[1], pad[0], pad[1])  # (top, left, bottom, right)
+        return self.emit(relax.op.nn.max_pool2d(x, p["kernel"], p["stride"], pad, layout="NHWC"))
 
     def _flatten(self, op: IntegerOp, x) -> relax.Expr:
         shape = self.shape(op.inputs[0])

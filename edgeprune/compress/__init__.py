@@ -67,8 +67,9 @@ PRECISIONS = {"int8": (8, 8), "w4a8": (4, 8)}  # --quantize: (weight bits, activ
 CALIBRATIONS = ("fdda", "real", "noise", "zeroq")
 
 
-def quantize(network: Network, data, *, precision: str = "int8", calibration: str = "fdda", per_class: int = 4,
-             seed: int = 0, progress: Callable[[int, int, str, float], None] | None = None) -> tuple[Network, dict]:
+def quantize_network(network: Network, data, *, precision: str = "int8", calibration: str = "fdda",
+                     per_class: int = 4, seed: int = 0,
+                     progress: Callable[[int, int, str, float], None] | None = None) -> tuple[Network, dict]:
     """Post-training quantization of the network (quantize.ptq: calibration images from `calibration`, BatchNorm
     folded after them, per-channel weights and per-tensor activations), as the integer program codegen compiles
     (integer.program). Returns the quantized Network (its module the float simulation, its accuracy the

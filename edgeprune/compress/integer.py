@@ -231,8 +231,9 @@ def _conv(p: dict, x: np.ndarray) -> np.ndarray:
 
 
 def _maxpool(p: dict, x: np.ndarray) -> np.ndarray:
-    (kh, kw), (sh, sw), (ph, pw) = p["kernel"], p["stride"], p["padding"]
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=QMIN)
+    (kh, kw), (sh, sw), pad = p["kernel"], p["stride"], tuple(p["padding"])
+    ph, pw, pb, pr = pad if len(pad) == 4 else (pad[0], pad[1], pad[0], pad[1])
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, pb), (pw, pr)), constant_values=QMIN)
     oh, ow = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
     out = np.full(x.shape[:2] + (oh, ow), QMIN, np.int8)
     for i in range(kh):

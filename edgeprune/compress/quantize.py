@@ -134,7 +134,7 @@ class QuantLayer:
     act_max: int
     activation: str = "none"  # none | relu | relu6
     stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
+    padding: tuple[int, ...] = (0, 0)  # (rows, columns) on both sides, or (top, left, bottom, right)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
 
@@ -160,11 +160,13 @@ def reference(layer: QuantLayer, x: np.ndarray) -> np.ndarray:
     if layer.kind == "dense":
         acc = xz @ w.T + layer.bias
         return requantize(acc, layer.multiplier, layer.shift, layer.output_zero_point, layer.act_min, layer.act_max)
-    (sh, sw), (ph, pw), (dh, dw), g = layer.stride, layer.padding, layer.dilation, layer.groups
+    (sh, sw), (dh, dw), g = layer.stride, layer.dilation, layer.groups
+    pad = tuple(layer.padding)
+    ph, pw, pb, pr = pad if len(pad) == 4 else (pad[0], pad[1], pad[0], pad[1])  # (top, left, bottom, right)
     n, c, h, wd = xz.shape
     o, cg, kh, kw = w.shape
-    xp = np.pad(xz, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # zero after subtracting zx: padded with zx
-    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = np.pad(xz, ((0, 0), (0, 0), (ph, pb), (pw, pr)))  # zero after subtracting zx: padded with zx
+    oh, ow = (h + ph + pb - dh * (kh - 1) - 1) // sh + 1, (wd + pw + pr - dw * (kw - 1) - 1) // sw + 1
     acc = np.zeros((n, o, oh, ow), dtype=np.int64)
     og = o // g
     for gi in range(g):

@@ -50,7 +50,7 @@ class Conv:
     kh: int = 1
     kw: int = 1
     stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
+    padding: tuple[int, ...] = (0, 0)  # (rows, columns) on both sides, or (top, left, bottom, right)
     dilation: tuple[int, int] = (1, 1)
     depthwise: bool = False
     input_zero_point: int = 0
@@ -59,10 +59,16 @@ class Conv:
     act_max: int = 127
 
     @property
+    def pad4(self) -> tuple[int, int, int, int]:
+        p = tuple(self.padding)
+        return p if len(p) == 4 else (p[0], p[1], p[0], p[1])
+
+    @property
     def out_hw(self) -> tuple[int, int]:
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-        return ((self.h + 2 * ph - dh * (self.kh - 1) - 1) // sh + 1,
-                (self.w + 2 * pw - dw * (self.kw - 1) - 1) // sw + 1)
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        t, left, b, r = self.pad4
+        return ((self.h + t + b - dh * (self.kh - 1) - 1) // sh + 1,
+                (self.w + left + r - dw * (self.kw - 1) - 1) // sw + 1)
 
     @property
     def reduction(self) -> int:
@@ -193,8 +199,8 @@ def _padded_channels(T, conv: Conv, x, c_alloc: int):
     """The input flipped to unsigned (x ^ 0x80) with its border and its channels padded to `c_alloc` with the
     flipped zero point: for vpdpbusd's groups of 4 channels when C is not a multiple of 4 (a stem on RGB), where
     the copy is small. Every other kernel reads its border in place (`_read`)."""
-    (ph, pw) = conv.padding
-    hp, wp = conv.h + 2 * ph, conv.w + 2 * pw
+    ph, pw, pb, pr = conv.pad4
+    hp, wp = conv.h + ph + pb, conv.w + pw + pr
     xp = T.alloc_buffer((hp, wp, c_alloc), "int8", scope="global")
     fill = tirx.IntImm("int8", conv.input_zero_point ^ -128)  # zx ^ 0x80
     # the border (and the padding channels) first, then the interior rows: plain affine loops that vectorize
@@ -209,8 +215,8 @@ def _read(conv: Conv, x, row, col, c, fill):
     """x at padded coordinates (row, col): the input, or `fill` (the zero point) on the border. The indices are
     clamped so the load stays in bounds whichever way the select goes; the condition is one per pixel, shared by
     every lane of a channel vector, so padding costs no copy and no workspace."""
-    (ph, pw) = conv.padding
-    if ph == pw == 0:
+    ph, pw, _, _ = conv.pad4  # the far border is past the input: the clamped read and the select cover it
+    if not any(conv.pad4):
         return x[0, row, col, c]
     inside = tirx.all(row >= ph, row < ph + conv.h, col >= pw, col < pw + conv.w)
     value = x[0, tirx.Min(tirx.Max(row - ph, 0), conv.h - 1), tirx.Min(tirx.Max(col - pw, 0), conv.w - 1), c]
