@@ -131,3 +131,19 @@ def test_what_int8_cannot_take_is_a_one_line_error():
     with pytest.raises(UserError, match="no int8 kernel for 'sigmoid'") as e:
         I.program(q, (1, 8, 6, 6))
     assert "\n" not in str(e.value)
+
+
+def test_w4a8_runs_on_the_same_kernels_bit_exact(tmp_path):
+    """4-bit weights (-7..7, first and last layers at 8) are int8 values to the kernels: same program, same kernels."""
+    import edgeprune as ep
+
+    torch.manual_seed(0)
+    x, _ = _images(32)
+    q = Q.quantize(Tiny().eval(), x, bits=(4, 8))
+    prog = I.program(q, (1, 3, RES, RES))
+    peaks = [int(np.abs(op.params["weight"]).max()) for op in prog.ops if op.kind == "conv"]
+    assert peaks[0] > 7 and peaks[-1] > 7 and all(p <= 7 for p in peaks[1:-1])
+    build = compile_model(Network(q.module, (1, 3, RES, RES), "tiny", q.plan(), integer=prog), "host", tmp_path / "b")
+    for i in range(3):
+        xi = x[i:i + 1].numpy()
+        np.testing.assert_array_equal(ep.run(build, xi)[0], I.run(prog, xi))
