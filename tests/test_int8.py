@@ -147,3 +147,29 @@ def test_w4a8_runs_on_the_same_kernels_bit_exact(tmp_path):
     for i in range(3):
         xi = x[i:i + 1].numpy()
         np.testing.assert_array_equal(ep.run(build, xi)[0], I.run(prog, xi))
+
+
+def test_c_package_offers_int8_in_and_out(quantized, tmp_path):
+    """<name>_run_int8 takes the quantized input (NCHW, the header's scale and zero point) and returns the output
+    before dequantization: equal to the integer program's own int8 tensors."""
+    import shutil
+    import subprocess
+
+    q, prog, x = quantized
+    build = compile_model(Network(q.module, (1, 3, RES, RES), "tiny", q.plan(), integer=prog), "host",
+                          tmp_path / "pkg", fmt="c")
+    header = (build.directory / "tiny.h").read_text()
+    assert "int tiny_run_int8(const int8_t *in, int8_t *out);" in header and "TINY_OUTPUT_ZERO_POINT" in header
+    env = I.run(prog, x[:1].numpy(), keep=True)
+    q_in, q_out = env[prog.ops[0].output], env[prog.ops[-1].inputs[0]]
+    (tmp_path / "in.bin").write_bytes(q_in.tobytes())
+    (tmp_path / "main.c").write_text(
+        '#include <stdio.h>\n#include "tiny.h"\n'
+        'int main(void) { int8_t in[TINY_INPUT_SIZE], out[TINY_OUTPUT_SIZE]; FILE *f = fopen("in.bin", "rb");\n'
+        '  if (fread(in, 1, sizeof in, f) != sizeof in) return 2; fclose(f);\n'
+        '  if (tiny_run_int8(in, out)) return 1; fwrite(out, 1, sizeof out, stdout); return 0; }\n')
+    exe = tmp_path / "main"
+    subprocess.run([shutil.which("gcc") or "cc", "-O1", "-I", str(build.directory), str(tmp_path / "main.c"),
+                    str(build.directory / build.library), "-lm", "-o", str(exe)], check=True)
+    got = np.frombuffer(subprocess.run([str(exe)], cwd=tmp_path, capture_output=True, check=True).stdout, np.int8)
+    np.testing.assert_array_equal(got, q_out.reshape(-1))

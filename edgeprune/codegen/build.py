@@ -144,12 +144,16 @@ def compile_model(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / BUILD_JSON).exists())):
         raise UserError(f"{out_dir} exists and is not an edgeprune build; choose another -o directory")
-    scratch = None
+    scratch, int8_io = None, None
     if isinstance(model, Network) and model.integer is not None:  # int8: the integer program, no float source
         from .integer import import_program
 
         mod, spec, digest, layers = import_program(model.integer, target.tvm_target(), target.cores)
         imported = ImportedModel(mod, [spec], f"{model.name} (int8 program)", "int8", digest, layers)
+        ops = model.integer.ops
+        if ops[0].kind == "quantize" and ops[-1].kind == "dequantize":  # the C package's int8 entry point
+            int8_io = {"input": (ops[0].params["scale"], ops[0].params["zero_point"]),
+                       "output": (ops[-1].params["scale"], ops[-1].params["zero_point"])}
         package_name = package_name or model.name
     elif isinstance(model, Network):  # in memory: its ONNX form is kept in the build as the source
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -158,13 +162,13 @@ def compile_model(
         imported.source = str(out_dir / SOURCE)
         package_name = package_name or model.name
     else:
-        imported = model if isinstance(model, ImportedModel) else import_model(model, input_shape)
+        imported = model if isinstance(model, ImportedModel) else import_model(model, input_shape, target)
     try:
         from .choose import chooser
 
         choose = chooser(sparse, target, table)
         return _compile(imported, target, out_dir, fmt, tune_trials, package_name, use_rules, t0, scratch, choose,
-                        budget)
+                        budget, int8_io)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -172,7 +176,7 @@ def compile_model(
 
 def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, tune_trials: int,
              package_name: str | None, use_rules: bool, t0: float, scratch: Path | None, choose=None,
-             budget: MemoryBudget | None = None) -> Build:
+             budget: MemoryBudget | None = None, int8_io: dict | None = None) -> Build:
     from .lower import compile_module, fused_module
 
     tvm_target = target.tvm_target()
@@ -217,7 +221,7 @@ def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, t
             library = LIBRARY
         else:
             name = _c_name(package_name or Path(imported.source).stem)
-            memory = _write_c_package(scheduled, target, stage, name)
+            memory = _write_c_package(scheduled, target, stage, name, int8_io)
             library = f"lib{name}.a"
             if budget:
                 memory["ram_budget_bytes"], memory["flash_budget_bytes"] = budget.ram, budget.flash
@@ -289,7 +293,7 @@ def _c_name(text: str) -> str:
     return f"{name}_net" if name in ("m", "c", "dl", "rt", "gcc", "pthread", "stdc") else name
 
 
-def _write_c_package(scheduled, target: Target, stage: Path, name: str) -> dict:
+def _write_c_package(scheduled, target: Target, stage: Path, name: str, int8_io: dict | None = None) -> dict:
     """Kernels object + generated executor + weights, then a trial build with the target's compiler."""
 
     import tvm
@@ -308,7 +312,7 @@ def _write_c_package(scheduled, target: Target, stage: Path, name: str) -> dict:
     tvm.tirx.build(kernels, target=target.tvm_target(), pipeline=pipeline).write_to_file(str(obj))
     plan = cpackage.extract_plan(scheduled)
     plan.workspace_bytes = cpackage.workspace_bytes(kernels, target.tvm_target())
-    cpackage.write_package(stage, plan, obj, target, name, cpackage.build_id(obj, plan))
+    cpackage.write_package(stage, plan, obj, target, name, cpackage.build_id(obj, plan), int8_io)
     obj.unlink()
     # no OS: the library may need nothing but mem* and libm
     _make(stage, [f"lib{name}.a"], target)

@@ -43,8 +43,12 @@ def _c_ident(text: str) -> str:
 
 
 def write_package(directory: Path, plan: Plan, kernels_object: Path, target: Target, name: str,
-                  build_id: str) -> None:
-    """model.c, <name>.h, weights.bin/.S, the runtime, test_main.c, Makefile and CMakeLists.txt."""
+                  build_id: str, int8_io: dict | None = None) -> None:
+    """model.c, <name>.h, weights.bin/.S, the runtime, test_main.c, Makefile and CMakeLists.txt.
+
+    int8_io (an int8 program: {"input": (scale, zero point), "output": (...)}) adds <name>_run_int8, which takes
+    the input already quantized and returns the output before its dequantization: the first and last kernels
+    (the conversions) are skipped, and only the layout (NCHW at the API, channels-last inside) is changed in C."""
     if len(plan.inputs) != 1 or len(plan.outputs) != 1:
         raise UserError(f"the C package API takes one input and one output; this model has {len(plan.inputs)} and "
                         f"{len(plan.outputs)}; use --format so")
@@ -103,17 +107,13 @@ def write_package(directory: Path, plan: Plan, kernels_object: Path, target: Tar
               '  bind();',
               f'  ep_rt_set_workspace(arena + {align(plan.arena_bytes)}, {ws});',
               f'  memcpy(arena + {t_in.offset}, in, {t_in.nbytes});']
-    for i, s in enumerate(plan.steps):
-        if len(s.args) > 16:
-            raise UserError(f"kernel {s.kernel} takes {len(s.args)} tensors; the C package supports 16")
-        for j, a in enumerate(s.args):
-            lines.append(f'  args[{j}] = (ep_ffi_any){{EP_FFI_DLTENSOR_PTR, 0, {{.v_ptr = &tensors[{index[a]}]}}}};')
-        lines.append(f'  if (__tvm_ffi_{s.kernel}(NULL, args, {len(s.args)}, &ret) != 0) '
-                     f'{{ last = "{s.kernel}"; return {i + 1}; }}')
-        out = root_tensor(plan, s.args[-1])
-        lines.append(f'  EP_DEBUG_LAYER({i}, "{s.kernel}", arena + {out.offset}, {out.nbytes});')
-    lines += [f'  memcpy(out, arena + {t_out.offset}, {t_out.nbytes});', '  return 0;', '}', '',
-              f'const char *{prefix}_last_error(void) {{ return ep_rt_last_error()[0] ? ep_rt_last_error() : last; }}',
+    lines += _calls(plan, index, range(len(plan.steps)))
+    lines += [f'  memcpy(out, arena + {t_out.offset}, {t_out.nbytes});', '  return 0;', '}', '']
+    int8_api = ""
+    if int8_io is not None:
+        lines += _run_int8(plan, index, prefix, t_in, t_out, ws)
+        int8_api = _int8_header(prefix, upper, int8_io)
+    lines += [f'const char *{prefix}_last_error(void) {{ return ep_rt_last_error()[0] ? ep_rt_last_error() : last; }}',
               '']
     (directory / "model.c").write_text("\n".join(lines))
 
@@ -142,7 +142,7 @@ extern "C" {{
 #define {upper}_WEIGHT_BYTES {len(blob)}
 
 int {prefix}_run(const float *in, float *out);
-const char *{prefix}_last_error(void);
+{int8_api}const char *{prefix}_last_error(void);
 
 #ifdef __cplusplus
 }}
@@ -160,6 +160,67 @@ const char *{prefix}_last_error(void);
     (directory / "Makefile").write_text(_MAKEFILE.format(cc=target.cross_compiler, cflags=cflags, prefix=prefix,
                                                          ldflags=ldflags, startup=startup))
     (directory / "CMakeLists.txt").write_text(_CMAKE.format(prefix=prefix, cflags=cflags))
+
+
+def _calls(plan: Plan, index: dict[str, int], steps) -> list[str]:
+    """C lines calling each of `steps` (indices into plan.steps) with its tensors."""
+    lines = []
+    for i in steps:
+        s = plan.steps[i]
+        if len(s.args) > 16:
+            raise UserError(f"kernel {s.kernel} takes {len(s.args)} tensors; the C package supports 16")
+        for j, a in enumerate(s.args):
+            lines.append(f'  args[{j}] = (ep_ffi_any){{EP_FFI_DLTENSOR_PTR, 0, {{.v_ptr = &tensors[{index[a]}]}}}};')
+        lines.append(f'  if (__tvm_ffi_{s.kernel}(NULL, args, {len(s.args)}, &ret) != 0) '
+                     f'{{ last = "{s.kernel}"; return {i + 1}; }}')
+        out = root_tensor(plan, s.args[-1])
+        lines.append(f'  EP_DEBUG_LAYER({i}, "{s.kernel}", arena + {out.offset}, {out.nbytes});')
+    return lines
+
+
+def _relayout(dst: str, src: str, shape: tuple[int, ...], to_channels_last: bool) -> list[str]:
+    """C loops copying an int8 NCHW tensor of `shape` to channels-last (or back); a plain copy below 4-D."""
+    n_elems = int(np.prod(shape))
+    if len(shape) != 4 or shape[1] == 1 or shape[2] * shape[3] == 1:
+        return [f'  memcpy({dst}, {src}, {n_elems});']
+    n, c, h, w = shape
+    nchw, nhwc = f"((b * {c} + k) * {h} + y) * {w} + x", f"((b * {h} + y) * {w} + x) * {c} + k"
+    d, s_ = (nhwc, nchw) if to_channels_last else (nchw, nhwc)
+    return [f'  for (int b = 0; b < {n}; ++b) for (int k = 0; k < {c}; ++k) for (int y = 0; y < {h}; ++y)',
+            f'    for (int x = 0; x < {w}; ++x) {dst}[{d}] = {src}[{s_}];']
+
+
+def _run_int8(plan: Plan, index: dict[str, int], prefix: str, t_in, t_out, ws: int) -> list[str]:
+    """<prefix>_run_int8: the program between its input's quantization (the first kernel) and its output's
+    dequantization (the last)."""
+    first, last = plan.steps[0], plan.steps[-1]
+    q_in = root_tensor(plan, first.args[-1])
+    acts = [a for a in last.args[:-1] if root_tensor(plan, a).kind != "const"]
+    q_out = root_tensor(plan, acts[0]) if len(acts) == 1 else None
+    n_in, n_out = int(np.prod(t_in.shape)), int(np.prod(t_out.shape))
+    if (t_in.name not in first.args or q_in.dtype != "int8" or int(np.prod(q_in.shape)) != n_in or q_out is None
+            or q_out.dtype != "int8" or int(np.prod(q_out.shape)) != n_out):
+        raise UserError("this int8 program does not start with its input's quantization and end with its output's "
+                        "dequantization, so the C package cannot offer an int8 entry point; please report it")
+    lines = [f'int {prefix}_run_int8(const int8_t *in, int8_t *out) {{',
+             '  ep_ffi_any args[16], ret;', '  bind();',
+             f'  ep_rt_set_workspace(arena + {align(plan.arena_bytes)}, {ws});',
+             f'  int8_t *q_in = (int8_t *)(arena + {q_in.offset});']
+    lines += _relayout("q_in", "in", tuple(t_in.shape), True)
+    lines += _calls(plan, index, range(1, len(plan.steps) - 1))
+    lines.append(f'  const int8_t *q_out = (const int8_t *)(arena + {q_out.offset});')
+    lines += _relayout("out", "q_out", tuple(t_out.shape), False)
+    return lines + ['  return 0;', '}', '']
+
+
+def _int8_header(prefix: str, upper: str, io: dict) -> str:
+    (si, zi), (so, zo) = io["input"], io["output"]
+    return ("#include <stdint.h>\n"
+            f"/* int8 in and out, NCHW as above: in = clamp(round(x / INPUT_SCALE) + INPUT_ZERO_POINT), and\n"
+            f" * y = (out - OUTPUT_ZERO_POINT) * OUTPUT_SCALE: {prefix}_run without its two conversions. */\n"
+            f"#define {upper}_INPUT_SCALE {si!r}f\n#define {upper}_INPUT_ZERO_POINT {zi}\n"
+            f"#define {upper}_OUTPUT_SCALE {so!r}f\n#define {upper}_OUTPUT_ZERO_POINT {zo}\n"
+            f"int {prefix}_run_int8(const int8_t *in, int8_t *out);\n")
 
 
 def build_id(kernels_object: Path, plan: Plan) -> str:
