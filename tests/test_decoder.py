@@ -118,23 +118,23 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
 
 
 def test_an_operator_no_kernel_lowers_is_named_not_reported_with_tvms_text(tmp_path):
-    """A transposed conv whose output layout differs from its input's: nothing legalizes it. The error names the
-    operator in one line, without TVM's text (the importers name the node when it comes from an ONNX file)."""
+    """A 3-D transposed conv in channels-last layout: nothing legalizes it. The error names the operator in one
+    line, without TVM's text (the importers name the node when it comes from an ONNX file)."""
     from tvm import relax
 
     from edgeprune.artifacts import TensorSpec
     from edgeprune.codegen.importers import ImportedModel
 
     bb = relax.BlockBuilder()
-    x = relax.Var(name="x", ty=relax.TensorType(shape=[1, 4, 6, 6], dtype="float32"))
+    x = relax.Var(name="x", ty=relax.TensorType(shape=[1, 3, 6, 6, 4], dtype="float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            w = relax.const(np.ones((4, 4, 3, 3), "float32"))
-            y = bb.emit(relax.op.nn.conv2d_transpose(x, w, strides=2, data_layout="NCHW", out_layout="NHWC"))
+            w = relax.const(np.ones((4, 4, 3, 3, 3), "float32"))
+            y = bb.emit(relax.op.nn.conv3d_transpose(x, w, strides=2, data_layout="NDHWC"))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    model = ImportedModel(bb.get(), [TensorSpec("x", (1, 4, 6, 6), "float32")], "handmade", "onnx", "0" * 64)
+    model = ImportedModel(bb.get(), [TensorSpec("x", (1, 3, 6, 6, 4), "float32")], "handmade", "onnx", "0" * 64)
     with pytest.raises(UserError, match=r"operator ConvTranspose cannot be compiled for host .*relax\.nn\."
-                                        r"conv2d_transpose") as e:
+                                        r"conv3d_transpose") as e:
         compile_model(model, "host", tmp_path / "b")
     assert "\n" not in str(e.value) and "Metadata" not in str(e.value) and "report" not in str(e.value)

@@ -49,7 +49,9 @@ def canonicalize() -> tvm.transform.Pass:
             relax.transform.DecomposeOpsForInference(),
             relax.transform.FoldConstant(),
             clip_to_min_max,
-            relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+            # a transposed conv too, even where nothing before it is NHWC (legalize.py has its NHWC kernel)
+            relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"],
+                                           "relax.nn.conv2d_transpose": ["NHWC", "IOHW"]}),
             relax.transform.FoldConstant(),
             relax.transform.CanonicalizeBindings(),
             relax.transform.DeadCodeElimination(),
