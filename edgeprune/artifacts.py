@@ -154,8 +154,11 @@ class IntegerOp:
                   output channel), input_zero_point, output_zero_point, act_min, act_max, stride, padding
                   ((rows, columns), or (top, left, bottom, right)), dilation, groups (1, or depthwise);
                   acc = sum (x - zx) w + bias, out = clamp(zo + round(acc * m / 2**shift))
-      add         two int8 inputs: multipliers (ma, mb), shift s, input zero points, output zero point, clamp;
-                  out = clamp(zo + ((ma (a - za) + mb (b - zb) + 2**(s-1)) >> s))
+      fconv       a convolution or dense layer kept in fp32 (mixed precision): weight and bias float32, input
+                  and output scale and zero point, act_min, act_max and geometry as for conv; out = clamp(zo +
+                  round((conv(dequantized x) + bias) / output_scale))
+      add         two (or more) int8 inputs: multipliers (ma, mb, ...), shift s, input zero points, output zero
+                  point, clamp; out = clamp(zo + ((ma (a - za) + mb (b - zb) + ... + 2**(s-1)) >> s))
       mean        over H, W: multiplier, shift, input and output zero points; out = clamp(zo + round(sum (x - zx)
                   * m / 2**shift))
       requant     one input to another grid (a ReLU on its own is a requant with a clamp): multiplier, shift,

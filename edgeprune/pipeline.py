@@ -200,8 +200,8 @@ def _quantize_report(req: Request, final: Round, build: Build) -> dict | None:
     precision = {f"w{r.weight_bits}a{r.act_bits}" if r.family == "int8" else "fp32" for r in build.layers
                  if r.op in ("conv", "pointwise", "depthwise", "matmul")}
     why = ("the most accurate on validation images of the precisions tried, each with the widest subnet its "
-           f"pricing fits in the budget; int8 only where it cost at most {req.max_drop:g} points"
-           if req.quantize == "auto" else "as requested")
+           f"pricing fits in the budget; int8 only where it cost at most {req.max_drop:g} points (the most "
+           "sensitive layers kept in fp32 until it did)" if req.quantize == "auto" else "as requested")
     return {"requested": req.quantize, "calibration": req.calibration, "chosen": chosen.precision if chosen else
             "fp32", "layers": [{"kernel": r.kernel, "op": r.op, "precision": "int8" if r.family == "int8" else
                                 "fp32", "sources": list(r.sources)} for r in build.layers
@@ -358,12 +358,14 @@ def run(req: Request) -> dict:
                     t = time.perf_counter()
                     steps = FDDA_STEPS if req.calibration == "fdda" else 0  # the synthetic images' optimization
                     with progress_bar(steps, f"calibrate ({req.calibration})", quiet=req.quiet or not steps) as bar:
-                        network, quantized = quantize_network(network, ds, precision=precision,
-                                                               calibration=req.calibration, per_class=req.per_class,
-                                                               seed=req.seed, progress=bar)
+                        network, quantized = quantize_network(
+                            network, ds, precision=precision, calibration=req.calibration, per_class=req.per_class,
+                            seed=req.seed, max_drop=req.max_drop if req.quantize == "auto" else None, progress=bar)
+                    kept = quantized["fp32_layers"]
                     _log(req, f"  quantized to {precision} ({req.calibration} calibration, "
                               f"{quantized['calibration_seconds']:.0f} s): val accuracy {quantized['val_fp32']:.1%} "
-                              f"-> {quantized['val_quantized']:.1%}")
+                              f"-> {quantized['val_quantized']:.1%}"
+                              + (f"; {len(kept)} most sensitive layers kept in fp32" if kept else ""))
                     times[f"quantize_{r + 1}"] = times.get(f"quantize_{r + 1}", 0.0) + time.perf_counter() - t
                 trials.append(Trial(sparsity, best, network, tuned, precision, quantized))
             # The most accurate on validation images; of equals, the one predicted faster.

@@ -173,3 +173,27 @@ def test_c_package_offers_int8_in_and_out(quantized, tmp_path):
                     str(build.directory / build.library), "-lm", "-o", str(exe)], check=True)
     got = np.frombuffer(subprocess.run([str(exe)], cwd=tmp_path, capture_output=True, check=True).stdout, np.int8)
     np.testing.assert_array_equal(got, q_out.reshape(-1))
+
+
+def test_layers_kept_in_fp32_run_between_int8_tensors(tmp_path):
+    """Mixed precision: layers named in keep_float are "fconv" ops (float weights, int8 in and out), compiled as the
+    dense family's float kernels; the rest stays int8. The float kernels may round a product differently from
+    PyTorch's, so outputs agree within one step of their grid, not bit for bit."""
+    import edgeprune as ep
+
+    torch.manual_seed(0)
+    x, _ = _images(32)
+    net = Tiny().eval()
+    order = Q.sensitivity(net, x[:8])
+    assert sorted(order) == sorted(["stem.0", "dw.0", "pw.0", "expand.0", "classifier"])
+    q = Q.quantize(net, x, keep_float=["pw.0", "classifier"])
+    prog = I.program(q, (1, 3, RES, RES))
+    assert [op.name for op in prog.ops if op.kind == "fconv"] == ["pw.0", "classifier"]
+    build = compile_model(Network(q.module, (1, 3, RES, RES), "tiny", q.plan(), integer=prog), "host", tmp_path / "b")
+    assert {r.family for r in build.layers if r.op in ("pointwise", "matmul")} == {"int8", "dense"}
+    step = prog.ops[-1].params["scale"]
+    for i in range(4):
+        xi = x[i:i + 1].numpy()
+        ref = I.run(prog, xi)
+        assert np.abs(ep.run(build, xi)[0] - ref).max() <= 1.01 * step
+        assert np.abs(q.module(x[i:i + 1]).detach().numpy() - ref).max() <= 1.01 * step

@@ -2,9 +2,11 @@
 
 Tensors are channels-last from the input's quantization to the output's dequantization. Convolutions and dense
 layers become calls of the int8 family's kernels (kernels/int8.py), made for this target (VNNI or widening
-multiply-adds) with their weights packed as those kernels read them. Adds, means, standalone ReLUs, max pooling and
-the two conversions are Relax's own integer and float ops, which lowering fuses and schedules like any other
-elementwise kernel; their arithmetic is exactly the program's (int64 products, one rounding shift).
+multiply-adds) with their weights packed as those kernels read them; a layer the program keeps in fp32 ("fconv")
+is Relax's own float convolution between a dequantization and a quantization, compiled by the dense family. Adds,
+means, standalone ReLUs, max pooling and the two conversions are Relax's own integer and float ops, which lowering
+fuses and schedules like any other elementwise kernel; their arithmetic is exactly the program's (int64 products,
+one rounding shift).
 """
 
 from __future__ import annotations
@@ -113,6 +115,28 @@ class _Builder:
                                        relax.TensorType((1, oh, ow, o), "int8")))
         return self.emit(relax.op.reshape(out, (1, o))) if dense else out
 
+    def _fconv(self, op: IntegerOp, x) -> relax.Expr:
+        """A layer kept in fp32 inside an int8 program: its input dequantized, the float convolution or dense layer
+        (the dense family's kernels), its output quantized to its grid with the activation's clamp."""
+        p = op.params
+        w = np.asarray(p["weight"], np.float32)
+        self.layers.append(("matmul" if w.ndim == 2 else "conv", op.name, w.shape[0]))
+        xf = relax.op.multiply(relax.op.subtract(relax.op.astype(x, "float32"),
+                                                 _const(p["input_zero_point"], "float32")),
+                               _const(p["input_scale"], "float32"))
+        if w.ndim == 2:
+            y = relax.op.matmul(self.emit(xf), relax.const(np.ascontiguousarray(w.T)))
+        else:
+            pad = tuple(p["padding"])
+            pad = pad if len(pad) == 4 else (pad[0], pad[1], pad[0], pad[1])  # (top, left, bottom, right)
+            y = relax.op.nn.conv2d(self.emit(xf), relax.const(np.ascontiguousarray(w.transpose(2, 3, 1, 0))),
+                                   strides=tuple(p["stride"]), padding=pad, dilation=tuple(p["dilation"]),
+                                   groups=int(p["groups"]), data_layout="NHWC", kernel_layout="HWIO")
+        y = relax.op.add(self.emit(y), relax.const(np.asarray(p["bias"], np.float32)))
+        q = relax.op.add(relax.op.round(relax.op.divide(y, _const(p["output_scale"], "float32"))),
+                         _const(p["output_zero_point"], "float32"))
+        return self.emit(relax.op.astype(relax.op.clip(q, int(p["act_min"]), int(p["act_max"])), "int8"))
+
     # ------------------------------------------------------------ integer elementwise and pooling
 
     @staticmethod
@@ -126,11 +150,13 @@ class _Builder:
     def _centred(x, zero_point: int) -> relax.Expr:
         return relax.op.subtract(relax.op.astype(x, "int64"), _const(zero_point, "int64"))
 
-    def _add(self, op: IntegerOp, a, b) -> relax.Expr:
-        p = op.params
-        (ma, mb), (za, zb) = p["multipliers"], p["input_zero_points"]
-        acc = relax.op.add(relax.op.multiply(self._centred(a, za), _const(ma, "int64")),
-                           relax.op.multiply(self._centred(b, zb), _const(mb, "int64")))
+    def _add(self, op: IntegerOp, *xs) -> relax.Expr:
+        p = op.params  # two inputs, or more (a .tflite's residual chain left in float: one rounding, as its sum)
+        terms = [relax.op.multiply(self._centred(x, z), _const(m, "int64"))
+                 for x, m, z in zip(xs, p["multipliers"], p["input_zero_points"])]
+        acc = terms[0]
+        for t in terms[1:]:
+            acc = relax.op.add(acc, t)
         return self.emit(self._round_shift(acc, p["shift"], p["output_zero_point"], p["act_min"], p["act_max"]))
 
     def _requant(self, op: IntegerOp, x, lo: int | None = None, hi: int | None = None) -> relax.Expr:

@@ -68,12 +68,16 @@ CALIBRATIONS = ("fdda", "real", "noise", "zeroq")
 
 
 def quantize_network(network: Network, data, *, precision: str = "int8", calibration: str = "fdda",
-                     per_class: int = 4, seed: int = 0,
+                     per_class: int = 4, seed: int = 0, max_drop: float | None = None,
                      progress: Callable[[int, int, str, float], None] | None = None) -> tuple[Network, dict]:
-    """Post-training quantization of the network (quantize.ptq: calibration images from `calibration`, BatchNorm
-    folded after them, per-channel weights and per-tensor activations), as the integer program codegen compiles
-    (integer.program). Returns the quantized Network (its module the float simulation, its accuracy the
-    simulation's on the validation split) and what was done: bits, calibration, seconds, accuracy before/after."""
+    """Post-training quantization of the network (calibration images from `calibration`, BatchNorm folded after
+    them, per-channel weights and per-tensor activations), as the integer program codegen compiles
+    (integer.program). With `max_drop` (points of validation accuracy), layers are kept in fp32, the most sensitive
+    first (quantize.sensitivity), until quantization costs no more than that; the info says which. Returns the
+    quantized Network (its module the float simulation, its accuracy the simulation's on the validation split) and
+    what was done: bits, calibration, seconds, accuracy before/after, the layers kept in fp32."""
+    import time
+
     from ..training import accuracy as accuracy_of
     from . import integer
     from . import quantize as Q
@@ -84,16 +88,31 @@ def quantize_network(network: Network, data, *, precision: str = "int8", calibra
         raise UserError(f"calibration '{calibration}': choose one of {', '.join(CALIBRATIONS)}")
     if per_class < 1:
         raise UserError(f"per_class {per_class}: FDDA needs at least one real image per class")
-    resolution = int(network.input_shape[-1])
+    resolution, bits = int(network.input_shape[-1]), PRECISIONS[precision]
     images, labels = data.train
-    q = Q.ptq(network.module, resolution, calibration, images, labels, PRECISIONS[precision],
-              classes=len(data.classes), per_class=per_class, seed=seed, progress=progress)
-    program = integer.program(q, tuple(network.input_shape))
-    after = accuracy_of(q.module, *data.val, resolution)
+    t = time.perf_counter()
+    syn = Q.calibration_images(network.module, calibration, resolution, images, labels, classes=len(data.classes),
+                               per_class=per_class, seed=seed, progress=progress)
+    made = time.perf_counter() - t
     before = network.accuracy if network.accuracy is not None else accuracy_of(network.module, *data.val, resolution)
+    q = Q.quantize(network.module, syn.images, bits)
+    after = accuracy_of(q.module, *data.val, resolution)
+    kept: list[str] = []
+    if max_drop is not None and 100 * (before - after) > max_drop:
+        order = Q.sensitivity(network.module, syn.images, bits)
+        k = 1
+        while k < len(order):  # 1, 2, 4, ... layers in fp32: a few evaluations, not one per layer
+            trial = Q.quantize(network.module, syn.images, bits, keep_float=order[:k])
+            acc = accuracy_of(trial.module, *data.val, resolution)
+            if 100 * (before - acc) <= max_drop:
+                q, after, kept = trial, acc, order[:k]
+                break
+            k *= 2
+    program = integer.program(q, tuple(network.input_shape))
     plan = dict(network.plan) | q.plan()
-    info = {"precision": precision, "weight_bits": q.weight_bits, "calibration": q.calibration.get("source"),
-            "calibration_images": q.calibration.get("images"), "calibration_seconds": q.calibration.get("seconds"),
+    info = {"precision": precision, "weight_bits": q.weight_bits, "calibration": syn.source,
+            "calibration_images": len(syn.images), "calibration_seconds": round(made, 2),
             "val_fp32": round(float(before), 4), "val_quantized": round(float(after), 4),
-            "drop_points": round(100 * (float(before) - float(after)), 2), "layers": len(q.layers)}
+            "drop_points": round(100 * (float(before) - float(after)), 2), "layers": len(q.layers),
+            "fp32_layers": kept}
     return replace(network, module=q.module, plan=plan, accuracy=after, integer=program), info

@@ -10,7 +10,6 @@ matches the float simulation to within one step of each grid (the simulation rou
 
 from __future__ import annotations
 
-import math
 import operator
 
 import numpy as np
@@ -21,6 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..artifacts import IntegerOp, IntegerProgram
 from ..errors import UserError
+from ..fixedpoint import add_multipliers, quantize_multiplier
 from .quantize import (
     _ACT_FUNCTIONS,
     _ACTIVATIONS,
@@ -29,9 +29,9 @@ from .quantize import (
     ActQuant,
     Quantized,
     QuantLayer,
+    _clamp,
     _fused_activation,
     _is,
-    quantize_multiplier,
     reference,
     requantize,
 )
@@ -43,23 +43,6 @@ _FLATTEN_METHODS = ("flatten", "view", "reshape")
 _PASS = (nn.Identity, nn.Dropout)
 _PASS_FUNCTIONS = (F.dropout,)
 _PASS_METHODS = ("contiguous",)
-
-
-def add_multipliers(scale_a: float, scale_b: float, scale_out: float) -> tuple[int, int, int]:
-    """(ma, mb, shift) with ma / 2**shift ~ scale_a / scale_out (likewise b), the larger in [2**30, 2**31)."""
-    ra, rb = scale_a / scale_out, scale_b / scale_out
-    shift = int(np.clip(30 - math.floor(math.log2(max(ra, rb))), 1, 62))
-    ma, mb = (min(2 ** 31 - 1, int(round(r * 2.0 ** shift))) for r in (ra, rb))
-    return ma, mb, shift
-
-
-def _clamp(activation: str, scale: float, zero_point: int) -> tuple[int, int]:
-    lo, hi = QMIN, QMAX
-    if activation in ("relu", "relu6"):
-        lo = max(QMIN, zero_point)
-    if activation == "relu6":
-        hi = min(QMAX, zero_point + round(6.0 / scale))
-    return lo, hi
 
 
 def _activation_kind(node: fx.Node, modules: dict) -> str | None:
@@ -127,14 +110,23 @@ class _Writer:
         return IntegerProgram(placeholder.name, self.shape(placeholder), self.ops, "output")
 
     def layer(self, node: fx.Node) -> None:
-        L: QuantLayer = self.q.layers[node.target]
         act = _fused_activation(node, self.modules)
         point = next(iter((act or node).users))
         out = point.name
-        self.emit("conv", [self.tensor(node.args[0])], out, (L.output_scale, L.output_zero_point), node.target,
-                  weight=L.weight, bias=L.bias, multiplier=L.multiplier, shift=L.shift,
-                  input_zero_point=L.input_zero_point, output_zero_point=L.output_zero_point, act_min=L.act_min,
-                  act_max=L.act_max, stride=L.stride, padding=L.padding, dilation=L.dilation, groups=L.groups)
+        x = self.tensor(node.args[0])
+        if node.target in self.q.float_layers:  # kept in fp32 (mixed precision)
+            fl = self.q.float_layers[node.target]
+            self.emit("fconv", [x], out, (fl.output_scale, fl.output_zero_point), node.target,
+                      weight=fl.weight, bias=fl.bias, input_scale=fl.input_scale,
+                      input_zero_point=fl.input_zero_point, output_scale=fl.output_scale,
+                      output_zero_point=fl.output_zero_point, act_min=fl.act_min, act_max=fl.act_max,
+                      stride=fl.stride, padding=fl.padding, dilation=fl.dilation, groups=fl.groups)
+        else:
+            L: QuantLayer = self.q.layers[node.target]
+            self.emit("conv", [x], out, (L.output_scale, L.output_zero_point), node.target, weight=L.weight,
+                      bias=L.bias, multiplier=L.multiplier, shift=L.shift, input_zero_point=L.input_zero_point,
+                      output_zero_point=L.output_zero_point, act_min=L.act_min, act_max=L.act_max, stride=L.stride,
+                      padding=L.padding, dilation=L.dilation, groups=L.groups)
         self.val[node.name] = out
         if act is not None:
             self.val[act.name] = out
@@ -230,6 +222,21 @@ def _conv(p: dict, x: np.ndarray) -> np.ndarray:
     return reference(layer, x)
 
 
+def _fconv(p: dict, x: np.ndarray) -> np.ndarray:
+    """A layer kept in fp32: dequantize, PyTorch's float convolution or linear layer, quantize with its clamp."""
+    xf = torch.from_numpy((x.astype(np.float32) - np.float32(p["input_zero_point"])) * np.float32(p["input_scale"]))
+    w, b = torch.from_numpy(np.asarray(p["weight"], np.float32)), torch.from_numpy(np.asarray(p["bias"], np.float32))
+    if w.dim() == 2:
+        y = F.linear(xf, w, b)
+    else:
+        pad = tuple(p["padding"])
+        t, left, bottom, right = pad if len(pad) == 4 else (pad[0], pad[1], pad[0], pad[1])
+        y = F.conv2d(F.pad(xf, (left, right, t, bottom)), w, b, tuple(p["stride"]), 0, tuple(p["dilation"]),
+                     int(p["groups"]))
+    q = np.round(y.numpy() / np.float32(p["output_scale"])) + p["output_zero_point"]
+    return np.clip(q, p["act_min"], p["act_max"]).astype(np.int8)
+
+
 def _maxpool(p: dict, x: np.ndarray) -> np.ndarray:
     (kh, kw), (sh, sw), pad = p["kernel"], p["stride"], tuple(p["padding"])
     ph, pw, pb, pr = pad if len(pad) == 4 else (pad[0], pad[1], pad[0], pad[1])
@@ -251,9 +258,11 @@ def _step(op: IntegerOp, env: dict) -> np.ndarray:
         return ((xs[0].astype(np.float32) - np.float32(p["zero_point"])) * np.float32(p["scale"])).astype(np.float32)
     if op.kind == "conv":
         return _conv(p, xs[0])
+    if op.kind == "fconv":
+        return _fconv(p, xs[0])
     if op.kind == "add":
-        (ma, mb), (za, zb), s = p["multipliers"], p["input_zero_points"], p["shift"]
-        acc = ma * (xs[0].astype(np.int64) - za) + mb * (xs[1].astype(np.int64) - zb)
+        s = p["shift"]  # two inputs, or more (an imported .tflite's residual chain)
+        acc = sum(m * (x.astype(np.int64) - z) for x, m, z in zip(xs, p["multipliers"], p["input_zero_points"]))
         out = ((acc + (1 << (s - 1))) >> s) + p["output_zero_point"]
         return np.clip(out, p["act_min"], p["act_max"]).astype(np.int8)
     if op.kind == "mean":

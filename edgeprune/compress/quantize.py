@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import operator
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,9 +41,9 @@ from torch import fx, nn
 from .. import data
 from ..artifacts import LayerPlan
 from ..errors import UserError
+from ..fixedpoint import QMAX, QMIN, quantize_multiplier  # noqa: F401 - re-exported: compress.quantize.*
 from . import fdda as _fdda
 
-QMIN, QMAX = -128, 127  # int8 activations
 SOURCES = ("real", "fdda", "zeroq", "noise")
 REAL_IMAGES = 256  # real calibration images (activation ranges settle well before this)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
@@ -81,22 +81,6 @@ def quantize_weight(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch
     scale = scale.float()
     ints = (w.detach() / scale.view(-1, *[1] * (w.dim() - 1))).round().clamp(-q, q)
     return ints.to(torch.int8), scale
-
-
-def quantize_multiplier(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Real multipliers (> 0) as (int32 multiplier in [2**30, 2**31), right shift) with m ~ multiplier / 2**shift."""
-    m = np.asarray(m, dtype=np.float64)
-    if np.any(m <= 0) or np.any(m >= 2.0 ** 30):
-        raise ValueError(f"requantization multipliers must be in (0, 2**30), got {m.min():g}..{m.max():g}")
-    frac, exp = np.frexp(m)  # m = frac * 2**exp, frac in [0.5, 1)
-    mult = np.round(frac * 2.0 ** 31).astype(np.int64)
-    carry = mult == 2 ** 31
-    mult[carry] //= 2
-    exp = exp + carry
-    shift = 31 - exp
-    tiny = shift > 62  # below 2**-31: the product rounds to zero anyway
-    mult[tiny], shift[tiny] = 0, 62
-    return mult.astype(np.int32), shift.astype(np.int32)
 
 
 def requantize(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, zero_point: int, lo: int = QMIN,
@@ -326,6 +310,26 @@ def _output_point(node: fx.Node, modules: dict) -> tuple[ActQuant, str]:
 
 
 @dataclass
+class FloatLayer:
+    """A convolution or linear layer kept in fp32 inside an int8 network: its input is dequantized from one grid,
+    its output quantized to another (the clamp is its activation on that grid)."""
+
+    name: str
+    weight: np.ndarray  # float32, PyTorch's layout (BatchNorm folded)
+    bias: np.ndarray  # float32
+    input_scale: float
+    input_zero_point: int
+    output_scale: float
+    output_zero_point: int
+    act_min: int
+    act_max: int
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+
+@dataclass
 class Quantized:
     """A quantized network: `module` simulates it in float (fake quantization; BatchNorm folded), `layers` holds
     each convolution's and linear layer's integer parameters by module path, `activations` every quantization
@@ -337,6 +341,7 @@ class Quantized:
     weight_bits: int
     act_bits: int = 8
     calibration: dict = field(default_factory=dict)  # source, images, seconds, ...
+    float_layers: dict[str, FloatLayer] = field(default_factory=dict)  # kept in fp32 between int8 tensors
 
     def plan(self) -> dict[str, LayerPlan]:
         """LayerPlan scheme "int8" per layer, with the layer's bit widths and its scales as params."""
@@ -356,11 +361,12 @@ def _bits(bits: tuple[int, int]) -> tuple[int, int]:
 
 @torch.no_grad()
 def quantize(model: nn.Module, calibration: torch.Tensor, bits: tuple[int, int] = (8, 8), ends: int | None = 8,
-             batch: int = 64) -> Quantized:
+             batch: int = 64, keep_float: Collection[str] = ()) -> Quantized:
     """Post-training quantization of `model` (not modified) with activation ranges from `calibration` (normalized
     model inputs, N,C,H,W). `bits` = (weight, activation) bits: (8, 8) or (4, 8). With fewer than 8 weight bits,
     the first and last layers keep `ends` bits (8 by default, the paper's F8L8; None quantizes them like the rest):
-    they hold few weights and lose the most accuracy."""
+    they hold few weights and lose the most accuracy. Layers named in `keep_float` keep fp32 weights and compute in
+    fp32 between their int8 input and output (mixed precision)."""
     wbits, abits = _bits(bits)
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 4 or len(calibration) == 0:
         shape = list(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
@@ -375,13 +381,52 @@ def quantize(model: nn.Module, calibration: torch.Tensor, bits: tuple[int, int] 
     for q in points.values():
         q.freeze()
     modules = dict(gm.named_modules())
-    layers = {}
+    layers, floats = {}, {}
     for i, node in enumerate(layer_nodes):
+        if node.target in keep_float:
+            floats[node.target] = _float_layer(node, modules)
+            continue
         end = i in (0, len(layer_nodes) - 1)
         b = max(wbits, ends) if end and ends is not None else wbits
         layers[node.target] = _finish_layer(node, modules, b)
     acts = {name: (q.scale, q.zero_point) for name, q in points.items()}
-    return Quantized(gm.eval(), layers, acts, wbits, abits, {"images": len(calibration)})
+    return Quantized(gm.eval(), layers, acts, wbits, abits, {"images": len(calibration)}, floats)
+
+
+def _clamp(activation: str, scale: float, zero_point: int) -> tuple[int, int]:
+    """The int8 range a fused activation leaves on a grid: ReLU clamps at the zero point, ReLU6 at 6 as well."""
+    lo, hi = QMIN, QMAX
+    if activation != "none":
+        lo = max(QMIN, zero_point)
+    if activation == "relu6":
+        hi = min(QMAX, zero_point + round(6.0 / scale))
+    return lo, hi
+
+
+def _float_layer(node: fx.Node, modules: dict) -> FloatLayer:
+    m = modules[node.target]
+    qin, (qout, act) = _input_point(node, modules), _output_point(node, modules)
+    bias = m.bias.detach() if m.bias is not None else torch.zeros(m.weight.shape[0])
+    geometry = {} if isinstance(m, nn.Linear) else {"stride": tuple(m.stride), "padding": tuple(m.padding),
+                                                    "dilation": tuple(m.dilation), "groups": m.groups}
+    return FloatLayer(node.target, m.weight.detach().float().numpy().copy(), bias.float().numpy().copy(),
+                      float(qin.scale), int(qin.zero_point), float(qout.scale), int(qout.zero_point),
+                      *_clamp(act, qout.scale, qout.zero_point), **geometry)
+
+
+@torch.no_grad()
+def sensitivity(model: nn.Module, calibration: torch.Tensor, bits: tuple[int, int] = (8, 8)) -> list[str]:
+    """The network's convolution and linear layers, the most sensitive to quantization first: each scored by how
+    far the network's outputs on `calibration` move (mean squared error against fp32) when its weights alone are
+    quantized. Every activation is on its int8 grid in every trial, as it is in a mixed network: keeping a layer
+    in fp32 saves its weights' rounding, not its tensors'."""
+    names = [n.target for n in _layers(fold_bn(model))]
+    reference = model.eval()(calibration.float())
+    scores = {}
+    for name in names:
+        q = quantize(model, calibration, bits, keep_float=[n for n in names if n != name])
+        scores[name] = float((q.module(calibration.float()) - reference).pow(2).mean())
+    return sorted(names, key=lambda n: -scores[n])
 
 
 def _finish_layer(node: fx.Node, modules: dict, bits: int) -> QuantLayer:
@@ -396,11 +441,7 @@ def _finish_layer(node: fx.Node, modules: dict, bits: int) -> QuantLayer:
     m.bias = nn.Parameter((bias_q * bscale).float())
     mult, shift = quantize_multiplier((bscale / qout.scale).numpy())
     zo = qout.zero_point
-    lo, hi = QMIN, QMAX
-    if act != "none":
-        lo = max(QMIN, zo)
-    if act == "relu6":
-        hi = min(QMAX, zo + round(6.0 / qout.scale))
+    lo, hi = _clamp(act, qout.scale, zo)
     if isinstance(m, nn.Linear):
         kind, geometry = "dense", {}
     else:

@@ -1,0 +1,44 @@
+"""Fixed-point constants of int8 arithmetic, shared by the stages that write integer programs (compress) and those
+that read quantized files (codegen's .tflite import): pure numpy, at the bottom layer so both may import it.
+
+A real multiplier m is applied to an integer accumulator as (acc * multiplier + 2**(shift-1)) >> shift, with
+multiplier an int32 in [2**30, 2**31) and the product in int64 (compress/quantize.py `requantize` is the reference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+QMIN, QMAX = -128, 127  # int8 activations
+
+
+def quantize_multiplier(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Real multipliers (> 0) as (int32 multiplier in [2**30, 2**31), right shift) with m ~ multiplier / 2**shift."""
+    m = np.asarray(m, dtype=np.float64)
+    if np.any(m <= 0) or np.any(m >= 2.0 ** 30):
+        raise ValueError(f"requantization multipliers must be in (0, 2**30), got {m.min():g}..{m.max():g}")
+    frac, exp = np.frexp(m)  # m = frac * 2**exp, frac in [0.5, 1)
+    mult = np.round(frac * 2.0 ** 31).astype(np.int64)
+    carry = mult == 2 ** 31
+    mult[carry] //= 2
+    exp = exp + carry
+    shift = 31 - exp
+    tiny = shift > 62  # below 2**-31: the product rounds to zero anyway
+    mult[tiny], shift[tiny] = 0, 62
+    return mult.astype(np.int32), shift.astype(np.int32)
+
+
+def add_multipliers(scale_a: float, scale_b: float, scale_out: float) -> tuple[int, int, int]:
+    """(ma, mb, shift) with ma / 2**shift ~ scale_a / scale_out (likewise b), the larger in [2**30, 2**31)."""
+    (ma, mb), shift = sum_multipliers([scale_a, scale_b], scale_out)
+    return ma, mb, shift
+
+
+def sum_multipliers(scales: list[float], scale_out: float) -> tuple[tuple[int, ...], int]:
+    """(multipliers, shift) of a sum of int8 tensors on `scales` onto `scale_out`: multiplier_i / 2**shift ~
+    scales_i / scale_out, the largest in [2**30, 2**31)."""
+    ratios = [s / scale_out for s in scales]
+    shift = int(np.clip(30 - math.floor(math.log2(max(ratios))), 1, 62))
+    return tuple(min(2 ** 31 - 1, int(round(r * 2.0 ** shift))) for r in ratios), shift
