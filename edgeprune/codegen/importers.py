@@ -43,7 +43,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def import_model(path: str | Path, input_shape: tuple[int, ...] | None = None) -> ImportedModel:
+def import_model(path: str | Path, input_shape: tuple[int, ...] | None = None, target=None) -> ImportedModel:
+    """`target` (a Target or its name; default host) matters only for an int8 .tflite, whose integer kernels are
+    made for the target's CPU as it is imported."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model file {path} does not exist; check the path")
@@ -52,7 +54,10 @@ def import_model(path: str | Path, input_shape: tuple[int, ...] | None = None) -
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise UserError(f"{path}: unknown model format '{path.suffix}'; use one of {', '.join(FORMATS)}")
-    mod, inputs, layers = {"onnx": _onnx, "pt2": _pt2, "tflite": _tflite}[fmt](path, input_shape)
+    if fmt == "tflite":
+        mod, inputs, layers = _tflite(path, input_shape, target)
+    else:
+        mod, inputs, layers = {"onnx": _onnx, "pt2": _pt2}[fmt](path, input_shape)
     return ImportedModel(mod, inputs, str(path), fmt, sha256_of(path), layers)
 
 
@@ -315,7 +320,7 @@ def _tflite_float_weights(model, sub) -> Iterable[tuple[str, np.ndarray]]:
                 yield t.Name().decode(errors="replace"), buf.DataAsNumpy().view(np.float32)
 
 
-def _tflite(path: Path, input_shape):
+def _tflite(path: Path, input_shape, target=None):
     import tflite
     from tvm.relax.frontend.tflite import from_tflite
     from tvm.relax.frontend.tflite.tflite_frontend import OperatorConverter
@@ -332,6 +337,10 @@ def _tflite(path: Path, input_shape):
         raise UserError(f"{path}: models with {model.SubgraphsLength()} subgraphs are not supported; use one")
 
     check_finite(path, _tflite_float_weights(model, sub))
+    from .tflite_int8 import is_quantized
+
+    if is_quantized(model, sub):  # TVM's frontend stops at quantized PAD, TRANSPOSE, QDQ islands: our lowering
+        return _tflite_int8(path, model, sub, input_shape, target)
     # Operator check with the node named, before the frontend's own check that names only op types.
     names = {v: k for k, v in tflite.BuiltinOperator.__dict__.items() if not k.startswith("_")}
     try:
@@ -365,6 +374,21 @@ def _tflite(path: Path, input_shape):
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: the TFLite importer failed ({_first_line(e)})") from None
     return mod, specs, []
+
+
+def _tflite_int8(path: Path, model, sub, input_shape, target):
+    """An int8 .tflite as an integer program (tflite_int8.py) compiled with the int8 kernels for `target`."""
+    from ..targets import get_target
+    from .integer import import_program
+    from .tflite_int8 import lower, wrap_layouts
+
+    prog, spec, in_perm, out_perm = lower(path, model, sub)
+    if input_shape is not None and tuple(int(d) for d in input_shape) != spec.shape:
+        raise UserError(f"--input-shape {','.join(map(str, input_shape))} conflicts with input '{spec.name}' of "
+                        f"shape {list(spec.shape)}; int8 models have fixed shapes")
+    target = get_target(target or "host") if not hasattr(target, "tvm_target") else target
+    mod, _, _, layers = import_program(prog, target.tvm_target(), target.cores)
+    return wrap_layouts(mod, spec, in_perm, out_perm), [spec], layers
 
 
 def _first_line(e: BaseException) -> str:
