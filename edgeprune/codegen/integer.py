@@ -20,7 +20,7 @@ from tvm import relax
 from ..artifacts import IntegerOp, IntegerProgram, TensorSpec
 from ..errors import UserError
 from .kernels import int8
-from .kernels.common import OP
+from .kernels.common import OP, CpuSpec
 
 
 def _const(v, dtype: str) -> relax.Constant:
@@ -33,7 +33,7 @@ class _Builder:
         self.bb = relax.BlockBuilder()
         self.env: dict[str, relax.Expr] = {}
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-        self.spec = int8.CpuSpec.of(target)
+        self.spec = CpuSpec.of(target)
         self.layers: list[tuple[str, str, int | None]] = []  # (group, name, channels), as sources.name_rows takes
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -48,7 +48,11 @@ class _Builder:
         with self.bb.function("main", [x]):
             with self.bb.dataflow():
                 for op in self.prog.ops:
-                    self.env[op.output] = getattr(self, f"_{op.kind}")(op, *[self.env[i] for i in op.inputs])
+                    lower = getattr(self, f"_{op.kind}", None)
+                    if lower is None:
+                        raise UserError(f"the integer program has an op of kind '{op.kind}' this version cannot "
+                                        "compile; make it with the same edgeprune version")
+                    self.env[op.output] = lower(op, *[self.env[i] for i in op.inputs])
                 out = self.bb.emit_output(self.env[self.prog.output])
             self.bb.emit_func_output(out)
         return self.bb.get()
@@ -166,10 +170,14 @@ class _Builder:
         hi = p.get("act_max", 127) if hi is None else hi
         return self.emit(self._round_shift(acc, p["shift"], p["output_zero_point"], lo, hi))
 
-    def _mean(self, op: IntegerOp, x) -> relax.Expr:
-        p = op.params
-        total = self.emit(relax.op.sum(self._centred(x, p["input_zero_point"]), axis=[1, 2], keepdims=True))
-        acc = relax.op.multiply(total, _const(p["multiplier"], "int64"))
+    def _mean(self, op: IntegerOp, *xs) -> relax.Expr:
+        p = op.params  # one input, or the sum of several (multipliers, input_zero_points: a .tflite's float mean)
+        acc = None
+        for x, m, z in zip(xs, p.get("multipliers", [p.get("multiplier")]),
+                           p.get("input_zero_points", [p.get("input_zero_point")])):
+            total = self.emit(relax.op.sum(self._centred(x, z), axis=[1, 2], keepdims=True))
+            term = relax.op.multiply(total, _const(m, "int64"))
+            acc = term if acc is None else relax.op.add(acc, term)
         return self.emit(self._round_shift(acc, p["shift"], p["output_zero_point"], -128, 127))
 
     def _maxpool(self, op: IntegerOp, x) -> relax.Expr:
