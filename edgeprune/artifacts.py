@@ -160,7 +160,8 @@ class IntegerOp:
       add         two (or more) int8 inputs: multipliers (ma, mb, ...), shift s, input zero points, output zero
                   point, clamp; out = clamp(zo + ((ma (a - za) + mb (b - zb) + ... + 2**(s-1)) >> s))
       mean        over H, W: multiplier, shift, input and output zero points; out = clamp(zo + round(sum (x - zx)
-                  * m / 2**shift))
+                  * m / 2**shift)); of the sum of several inputs (an imported .tflite's float mean), multipliers
+                  and input_zero_points instead, one rounding of sum_i m_i sum (x_i - z_i)
       requant     one input to another grid (a ReLU on its own is a requant with a clamp): multiplier, shift,
                   zero points, act_min, act_max
       maxpool     kernel, stride, padding as for conv (the grid is kept)

@@ -171,6 +171,22 @@ def _check_against_litert(path, build, runs: int = 4, seed: int = 3) -> int:
     return worst
 
 
+@pytest.mark.parametrize("graph", [_channels_last, _from_pytorch, _map_output])
+def test_lowered_programs_match_litert_for_many_weights(graph, tmp_path):
+    """The lowering alone (the interpreter runs the program), over several random weight sets."""
+    for seed in range(4):
+        path = graph(seed).save(tmp_path / f"{seed}.tflite")
+        prog, spec, in_perm, out_perm = _program(path)
+        grid = (prog.ops[0].params["scale"], prog.ops[0].params["zero_point"])
+        out = (prog.ops[-1].params["scale"], prog.ops[-1].params["zero_point"])
+        for x in _inputs(spec, 3, seed, grid):
+            ours = I.run(prog, np.transpose(x, np.argsort(in_perm)))
+            theirs, their_grid = _litert(path, x)
+            ours = np.transpose(ours, out_perm) if ours.ndim == 4 else ours
+            diff = _steps(ours, out) - _steps(theirs, their_grid if theirs.dtype == np.int8 else out)
+            assert np.abs(diff).max() <= 1, f"seed {seed}: {np.abs(diff).max()} steps from LiteRT"
+
+
 def test_channels_last_int8_graph_matches_litert(tmp_path):
     path = _channels_last().save(tmp_path / "cl.tflite")
     build = compile_model(path, "host", tmp_path / "build")
@@ -184,8 +200,8 @@ def test_pytorch_layout_int8_graph_matches_litert(tmp_path):
     path = _from_pytorch().save(tmp_path / "pt.tflite")
     prog, spec, in_perm, _ = _program(path)
     assert in_perm == (0, 1, 2, 3) and prog.input_shape == (1, 3, 10, 10)  # the TRANSPOSE costs nothing
-    adds = [op for op in prog.ops if op.kind == "add"]  # the float chain: one rounding per QUANTIZE, as LiteRT
-    assert [len(op.inputs) for op in adds] == [2, 3]
+    # the float chain, one rounding per QUANTIZE as in LiteRT: a 2-input add, and a mean of the 3-term sum
+    assert [(op.kind, len(op.inputs)) for op in prog.ops if op.kind in ("add", "mean")] == [("add", 2), ("mean", 3)]
     build = compile_model(path, "host", tmp_path / "build")
     assert [(s.name, s.shape) for s in build.inputs] == [("args_0", (1, 3, 10, 10))]
     _check_against_litert(path, build)

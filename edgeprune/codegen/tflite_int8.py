@@ -50,20 +50,15 @@ class _Q:
 
 
 @dataclass
-class _Deq:
-    """A float tensor that is an int8 tensor dequantized (the inside of a QDQ island)."""
-
-    q: _Q
-
-
-@dataclass
-class _FloatAdd:
-    """A float sum of dequantized tensors (ADDs left in float, chained along a residual path), lowered as one
-    integer add when its QUANTIZE gives the output grid: one rounding, as LiteRT's float sum has."""
+class _Float:
+    """A float tensor inside a QDQ island: the sum of dequantized int8 tensors (one, after a DEQUANTIZE; more,
+    after ADDs left in float along a residual path), maybe averaged over H, W. It is lowered as one integer op
+    (requant, add, or mean) when the QUANTIZE after it gives the grid: one rounding, as LiteRT's float has."""
 
     terms: list[_Q]
-    activation: int  # the last ADD's fused activation
-    node: str
+    activation: int = 0  # the last ADD's fused activation (NONE = 0)
+    node: str = ""
+    keep: bool | None = None  # averaged over H, W (keeping them or not), or None
 
 
 @dataclass
@@ -279,7 +274,7 @@ class _Lowering:
     def output(self, i: int) -> tuple[int, ...]:
         self.op_name, self.node = "output", self.tensor(i).Name().decode(errors="replace")
         v = self.value(i)
-        q = v.q if isinstance(v, _Deq) else v
+        q = v.terms[0] if isinstance(v, _Float) and len(v.terms) == 1 and v.keep is None else v
         if not isinstance(q, _Q) or q.pad is not None:
             raise self.fail("is not an int8 tensor (or a dequantized one); the model must end on int8")
         if q.order is not None:
@@ -380,13 +375,10 @@ class _Lowering:
     def _add(self, op, ins, out) -> None:
         act = self.options(op, "AddOptions").FusedActivationFunction()
         values = [self.value(i) for i in ins]
-        if all(isinstance(v, (_Deq, _FloatAdd)) for v in values):  # float: lowered at its QUANTIZE
-            terms = []
-            for v in values:
-                if isinstance(v, _FloatAdd) and v.activation != self.act.NONE:
-                    raise self.fail("adds a float sum that was clamped by its activation; quantize it first")
-                terms += v.terms if isinstance(v, _FloatAdd) else [v.q]
-            self.values[out] = _FloatAdd(terms, act, self.node)
+        if all(isinstance(v, _Float) for v in values):  # float: lowered at its QUANTIZE
+            if any(v.activation != self.act.NONE or v.keep is not None for v in values):
+                raise self.fail("adds a float tensor that was clamped or averaged; quantize it first")
+            self.values[out] = _Float([q for v in values for q in v.terms], act, self.node)
             return
         a, b = self.int8(ins[0]), self.int8(ins[1])
         scale, zp = self.act_grid(out)
@@ -421,14 +413,16 @@ class _Lowering:
             shape = self.input_shape
             name = self.emit("quantize", [self.prog_input], out, scale=scale, zero_point=zp)
             self.values[out] = _Q(name, shape, scale, zp, v.perm)
-        elif isinstance(v, _FloatAdd):
+        elif isinstance(v, _Float) and v.keep is not None:
+            self.values[out] = self.mean(v.terms, out, v.keep, (scale, zp))
+        elif isinstance(v, _Float) and len(v.terms) > 1:
             self.node = v.node
             self.add(v.terms, out, scale, zp, v.activation)
         else:
-            self.requant(v.q if isinstance(v, _Deq) else self.int8(ins[0]), out)
+            self.requant(v.terms[0] if isinstance(v, _Float) else self.int8(ins[0]), out)
 
     def _dequantize(self, op, ins, out) -> None:
-        self.values[out] = _Deq(self.int8(ins[0]))
+        self.values[out] = _Float([self.int8(ins[0])])
 
     def _relu(self, op, ins, out) -> None:
         scale, zp = self.act_grid(out)
@@ -443,29 +437,32 @@ class _Lowering:
     def _mean(self, op, ins, out) -> None:
         v = self.value(ins[0])
         keep = bool(self.options(op, "ReducerOptions").KeepDims())
-        x = v.q if isinstance(v, _Deq) else v.terms[0] if isinstance(v, _FloatAdd) else self.int8(ins[0])
+        x = v.terms[0] if isinstance(v, _Float) else self.int8(ins[0])
         axes = {x.perm[int(a) % 4] for a in self.data(ins[1], np.int32).reshape(-1)} if len(x.shape) == 4 else set()
         if axes != {2, 3}:
             raise self.fail("averages over axes other than height and width")
-        # In float (a QDQ island), the mean is linear: a mean of a dequantized tensor, or of a float sum of two,
-        # is the mean of each operand on its own grid (no saturation; half a step of rounding each), and the sum
-        # is lowered at the QUANTIZE that follows.
-        if isinstance(v, _Deq):
-            self.values[out] = _Deq(self.mean(v.q, out, keep, (v.q.scale, v.q.zero_point)))
-        elif isinstance(v, _FloatAdd):
-            if v.activation != self.act.NONE:
-                raise self.fail("averages a float sum that was clamped by its activation; quantize it first")
-            terms = [self.mean(q, out, keep, (q.scale, q.zero_point)) for q in v.terms]
-            self.values[out] = _FloatAdd(terms, v.activation, v.node)
+        if isinstance(v, _Float):  # a float mean, of a float sum maybe: lowered at its QUANTIZE, in one rounding
+            if v.activation != self.act.NONE or v.keep is not None:
+                raise self.fail("averages a float tensor that was clamped or averaged; quantize it first")
+            self.values[out] = _Float(v.terms, keep=keep)
         else:
-            self.values[out] = self.mean(x, out, keep, self.act_grid(out))
+            self.values[out] = self.mean([x], out, keep, self.act_grid(out))
 
-    def mean(self, x: _Q, out: int, keep: bool, grid: tuple[float, int]) -> _Q:
+    def mean(self, terms: list[_Q], out: int, keep: bool, grid: tuple[float, int]) -> _Q:
+        """The mean over H, W of one int8 tensor, or of the sum of several (one rounding), on `grid`."""
+        x = terms[0]
         n, c, h, w = x.shape
         scale, zp = grid
-        m, s = quantize_multiplier(np.array([x.scale / (scale * h * w)]))
-        name = self.emit("mean", [x.name], out, multiplier=int(m[0]), shift=int(s[0]),
-                         input_zero_point=x.zero_point, output_zero_point=zp)
+        if any(t.shape != x.shape or t.perm != x.perm for t in terms):
+            raise self.fail("averages a sum of tensors of different shapes")
+        if len(terms) == 1:
+            m, s = quantize_multiplier(np.array([x.scale / (scale * h * w)]))
+            name = self.emit("mean", [x.name], out, multiplier=int(m[0]), shift=int(s[0]),
+                             input_zero_point=x.zero_point, output_zero_point=zp)
+        else:
+            mults, shift = sum_multipliers([t.scale / (h * w) for t in terms], scale)
+            name = self.emit("mean", [t.name for t in terms], out, multipliers=mults, shift=shift,
+                             input_zero_points=tuple(t.zero_point for t in terms), output_zero_point=zp)
         q = _Q(name, (n, c, 1, 1), scale, zp, x.perm)
         return q if keep else self.flatten(q, out)
 
@@ -478,7 +475,7 @@ class _Lowering:
             raise self.fail("is not a global average: only pooling over the whole map is supported")
         if opts.FusedActivationFunction() != self.act.NONE:
             raise self.fail("has a fused activation, which average pooling does not take here")
-        self.values[out] = self.mean(x, out, True, self.act_grid(out))
+        self.values[out] = self.mean([x], out, True, self.act_grid(out))
 
     def _max_pool_2d(self, op, ins, out) -> None:
         x = self.int8(ins[0], pad_ok=True)
@@ -533,10 +530,8 @@ class _Lowering:
         tp = tuple(int(d) for d in self.data(ins[1], np.int32).reshape(-1))
         if isinstance(v, _Input):
             self.values[out] = _Input(tuple(v.perm[d] for d in tp))
-        elif isinstance(v, _Deq):  # float islands transpose their operands, at no cost either
-            self.values[out] = _Deq(self.transposed(v.q, tp))
-        elif isinstance(v, _FloatAdd):
-            self.values[out] = _FloatAdd([self.transposed(q, tp) for q in v.terms], v.activation, v.node)
+        elif isinstance(v, _Float) and v.keep is None:  # float islands transpose their terms, at no cost either
+            self.values[out] = _Float([self.transposed(q, tp) for q in v.terms], v.activation, v.node)
         else:
             self.values[out] = self.transposed(self.int8(ins[0]), tp)
 

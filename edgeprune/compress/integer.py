@@ -266,6 +266,11 @@ def _step(op: IntegerOp, env: dict) -> np.ndarray:
         out = ((acc + (1 << (s - 1))) >> s) + p["output_zero_point"]
         return np.clip(out, p["act_min"], p["act_max"]).astype(np.int8)
     if op.kind == "mean":
+        if "multipliers" in p:  # the mean of a sum of inputs (an imported .tflite's float mean), one rounding
+            acc = sum(m * (x.astype(np.int64) - z).sum((2, 3), keepdims=True)
+                      for x, m, z in zip(xs, p["multipliers"], p["input_zero_points"]))
+            return np.clip(((acc + (1 << (p["shift"] - 1))) >> p["shift"]) + p["output_zero_point"], -128,
+                           127).astype(np.int8)
         acc = (xs[0].astype(np.int64) - p["input_zero_point"]).sum((2, 3), keepdims=True)
         return requantize(acc, [p["multiplier"]], [p["shift"]], p["output_zero_point"], axis=0)
     if op.kind == "requant":
