@@ -147,7 +147,9 @@ class LayerPlan:
 @dataclass
 class IntegerOp:
     """One operation of an int8 program. Tensors are named; every int8 tensor is on its own grid (scale, zero
-    point), given by the op that makes it. Kinds and their params (arrays are numpy; shapes NCHW as in PyTorch):
+    point), given by the op that makes it (its zero point in the params below; its scale, where known, as
+    `output_scale`, which the integer arithmetic does not read but a .tflite export writes). Kinds and their
+    params (arrays are numpy; shapes NCHW as in PyTorch):
 
       quantize    float input -> int8: clamp(round_half_even(x / scale) + zero_point)
       conv        a convolution or dense layer: weight int8 (OIHW / OI), bias int32, multiplier, shift (per

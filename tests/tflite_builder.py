@@ -9,17 +9,13 @@ filters 1HWC.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import flatbuffers
 import numpy as np
 
-
-def _m(name: str):
-    """The generated module tflite.<name> (the package's __init__ rebinds tflite.<name> to the class)."""
-    return importlib.import_module(f"tflite.{name}")
+from edgeprune.codegen.tflite_write import Graph, Op, Tensor, serialize
+from edgeprune.codegen.tflite_write import schema as _m
 
 
 @dataclass
@@ -216,125 +212,12 @@ class TFLiteGraph:
     def output(self, t: int) -> None:
         self.outputs.append(t)
 
-    # ------------------------------------------------------------ serialization
+    # ------------------------------------------------------------ serialization (edgeprune.codegen.tflite_write)
 
     def to_bytes(self) -> bytes:
-        b = flatbuffers.Builder(1024)
-        Buffer, Tensor, Operator = _m("Buffer"), _m("Tensor"), _m("Operator")
-        OperatorCode, SubGraph, Model = _m("OperatorCode"), _m("SubGraph"), _m("Model")
-
-        def int_vector(start, values):
-            start(b, len(values))
-            for v in reversed(values):
-                b.PrependInt32(int(v))
-            return b.EndVector()
-
-        def table_vector(start, offsets):
-            start(b, len(offsets))
-            for o in reversed(offsets):
-                b.PrependUOffsetTRelative(o)
-            return b.EndVector()
-
-        # Buffer 0 is the empty sentinel; every constant gets its own buffer.
-        buffers, buffer_of = [], {}
-        datas = [None] + [t.data for t in self.tensors if t.data is not None]
-        for data in datas:
-            vec = None
-            if data is not None:
-                b.Prep(16, data.nbytes)  # 16-byte aligned constants, as the TFLite converter writes them
-                vec = b.CreateNumpyVector(np.frombuffer(data.tobytes(), dtype=np.uint8))
-            Buffer.BufferStart(b)
-            if vec is not None:
-                Buffer.BufferAddData(b, vec)
-            buffers.append(Buffer.BufferEnd(b))
-        k = 1
-        for ti, t in enumerate(self.tensors):
-            if t.data is not None:
-                buffer_of[ti], k = k, k + 1
-
-        tensors = []
-        Q = _m("QuantizationParameters")
-        for ti, t in enumerate(self.tensors):
-            name = b.CreateString(t.name)
-            shape = int_vector(Tensor.TensorStartShapeVector, list(t.shape))
-            quant = None
-            if t.grid is not None:
-                scales, zps, axis = t.grid
-                sv = b.CreateNumpyVector(np.asarray(scales, np.float32))
-                zv = b.CreateNumpyVector(np.asarray(zps, np.int64))
-                Q.QuantizationParametersStart(b)
-                Q.QuantizationParametersAddScale(b, sv)
-                Q.QuantizationParametersAddZeroPoint(b, zv)
-                Q.QuantizationParametersAddQuantizedDimension(b, axis)
-                quant = Q.QuantizationParametersEnd(b)
-            Tensor.TensorStart(b)
-            Tensor.TensorAddShape(b, shape)
-            Tensor.TensorAddType(b, getattr(_m("TensorType").TensorType, t.dtype.upper()))
-            Tensor.TensorAddBuffer(b, buffer_of.get(ti, 0))
-            Tensor.TensorAddName(b, name)
-            if quant is not None:
-                Tensor.TensorAddQuantization(b, quant)
-            tensors.append(Tensor.TensorEnd(b))
-
-        codes = sorted({op.code for op in self.ops})
-        code_offsets = []
-        for builtin, custom in codes:
-            cc = b.CreateString(custom) if custom else None
-            OperatorCode.OperatorCodeStart(b)
-            OperatorCode.OperatorCodeAddDeprecatedBuiltinCode(b, min(builtin, 127))
-            OperatorCode.OperatorCodeAddBuiltinCode(b, builtin)
-            OperatorCode.OperatorCodeAddVersion(b, _VERSIONS.get(builtin, 1))
-            if cc is not None:
-                OperatorCode.OperatorCodeAddCustomCode(b, cc)
-            code_offsets.append(OperatorCode.OperatorCodeEnd(b))
-
-        ops = []
-        for op in self.ops:
-            ins = int_vector(Operator.OperatorStartInputsVector, op.inputs)
-            outs = int_vector(Operator.OperatorStartOutputsVector, op.outputs)
-            opt_offset, opt_type = None, 0
-            if op.options is not None:
-                table, fields = op.options
-                mod = _m(table)
-                getattr(mod, f"{table}Start")(b)
-                for fname, v in fields.items():
-                    getattr(mod, f"{table}Add{fname}")(b, v)
-                opt_offset = getattr(mod, f"{table}End")(b)
-                opt_type = getattr(_m("BuiltinOptions").BuiltinOptions, table)
-            Operator.OperatorStart(b)
-            Operator.OperatorAddOpcodeIndex(b, codes.index(op.code))
-            Operator.OperatorAddInputs(b, ins)
-            Operator.OperatorAddOutputs(b, outs)
-            if opt_offset is not None:
-                Operator.OperatorAddBuiltinOptionsType(b, opt_type)
-                Operator.OperatorAddBuiltinOptions(b, opt_offset)
-            ops.append(Operator.OperatorEnd(b))
-
-        tensors_vec = table_vector(SubGraph.SubGraphStartTensorsVector, tensors)
-        ops_vec = table_vector(SubGraph.SubGraphStartOperatorsVector, ops)
-        in_vec = int_vector(SubGraph.SubGraphStartInputsVector, self.inputs)
-        out_vec = int_vector(SubGraph.SubGraphStartOutputsVector, self.outputs)
-        sg_name = b.CreateString("main")
-        SubGraph.SubGraphStart(b)
-        SubGraph.SubGraphAddTensors(b, tensors_vec)
-        SubGraph.SubGraphAddInputs(b, in_vec)
-        SubGraph.SubGraphAddOutputs(b, out_vec)
-        SubGraph.SubGraphAddOperators(b, ops_vec)
-        SubGraph.SubGraphAddName(b, sg_name)
-        subgraph = SubGraph.SubGraphEnd(b)
-
-        subgraphs_vec = table_vector(Model.ModelStartSubgraphsVector, [subgraph])
-        codes_vec = table_vector(Model.ModelStartOperatorCodesVector, code_offsets)
-        buffers_vec = table_vector(Model.ModelStartBuffersVector, buffers)
-        desc = b.CreateString("edgeprune test model")
-        Model.ModelStart(b)
-        Model.ModelAddVersion(b, 3)
-        Model.ModelAddOperatorCodes(b, codes_vec)
-        Model.ModelAddSubgraphs(b, subgraphs_vec)
-        Model.ModelAddDescription(b, desc)
-        Model.ModelAddBuffers(b, buffers_vec)
-        b.Finish(Model.ModelEnd(b), file_identifier=b"TFL3")
-        return bytes(b.Output())
+        return serialize(Graph([Tensor(t.name, t.shape, t.data, t.dtype, t.grid) for t in self.tensors],
+                               [Op(o.code, o.inputs, o.outputs, o.options) for o in self.ops], self.inputs,
+                               self.outputs, "edgeprune test model"))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -344,14 +227,3 @@ class TFLiteGraph:
 
 def _grid(grid: Grid | None):
     return None if grid is None else (np.array([grid[0]], np.float32), np.array([grid[1]], np.int64), 0)
-
-
-def _versions() -> dict[int, int]:
-    """int8 kernels' operator versions, as TFLite's converter writes them (any builtin not here: 1)."""
-    ops = _m("BuiltinOperator").BuiltinOperator
-    return {ops.CONV_2D: 3, ops.DEPTHWISE_CONV_2D: 3, ops.FULLY_CONNECTED: 4, ops.ADD: 2, ops.MEAN: 2,
-            ops.MAX_POOL_2D: 2, ops.AVERAGE_POOL_2D: 2, ops.PAD: 2, ops.TRANSPOSE: 2, ops.QUANTIZE: 2,
-            ops.DEQUANTIZE: 2, ops.RELU: 2}
-
-
-_VERSIONS = _versions()

@@ -86,6 +86,8 @@ class _Writer:
 
     def emit(self, kind: str, inputs: list[str], output: str, grid: tuple[float, int] | None, name: str = "",
              **params) -> None:
+        if grid is not None:  # every int8 tensor's scale, which a .tflite export writes (codegen/tflite_export.py)
+            params.setdefault("output_scale", float(grid[0]))
         self.ops.append(IntegerOp(kind, inputs, output, params, name))
         if grid is not None:
             self.grid[output] = grid
