@@ -1,7 +1,8 @@
 """Network importers: ONNX, torch.export ``.pt2`` and ``.tflite`` files become a Relax IRModule.
 
 TVM's own frontends do the translation; this module turns their failure modes into one-line UserErrors that name
-the file, the operator and the node, and it checks operators before translating so the error names the node.
+the file, the operator and the node, and it checks operators before translating so the error names the node. An int8
+``.tflite``, which TVM's frontend cannot take, is lowered by tflite_int8.py to an integer program instead.
 """
 
 from __future__ import annotations

@@ -164,8 +164,8 @@ class _Lowering:
     def int8(self, i: int, pad_ok: bool = False) -> _Q:
         v = self.value(i)
         if not isinstance(v, _Q):
-            raise self.fail("computes in float: only int8 operators (and ADD between DEQUANTIZE and QUANTIZE) "
-                            "are supported in an int8 model")
+            raise self.fail("computes in float: only int8 operators (and ADD, TRANSPOSE, MEAN between DEQUANTIZE "
+                            "and QUANTIZE) are supported in an int8 model")
         if v.pad is not None and not pad_ok:
             raise self.fail("follows a PAD, which folds only into a convolution or max pooling")
         if v.order is not None and self.op_name != "FULLY_CONNECTED":
@@ -208,6 +208,8 @@ class _Lowering:
             op = sub.Operators(k)
             code = self.model.OperatorCodes(op.OpcodeIndex())
             self.op_name = self.names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "CUSTOM")
+            if self.op_name == "CUSTOM" and code.CustomCode():
+                self.op_name = f"CUSTOM ({code.CustomCode().decode(errors='replace')})"
             outs = op.OutputsAsNumpy() if op.OutputsLength() else []
             self.node = self.tensor(int(outs[0])).Name().decode(errors="replace") if len(outs) else f"#{k}"
             handler = getattr(self, f"_{self.op_name.lower()}", None)
