@@ -11,7 +11,7 @@ it, from input row ``q - j``. So each output pixel is an ordinary correlation ov
 ``G`` (phases x window x Cin x Cout, output channels innermost like every other weight here) is built from the
 constant weight at compile time; ``xpad`` is the input with ``J - 1`` zeros before it. The nest is the one the
 dense family schedules (spatial NHWC loops, then a reduction over the window and input channels), so bias,
-activation and residual add fuse into it and the padding is inlined into its loads like any convolution's.
+activation and residual add fuse into it and its zero padding is handled like any convolution's.
 """
 
 from __future__ import annotations
