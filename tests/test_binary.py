@@ -76,7 +76,7 @@ def test_weights_and_activations_are_exactly_binary(method, train):
         alpha = m.scale().detach()
         for o in range(w.shape[0]):
             values = set(torch.unique(w[o]).tolist())
-            allowed = {0.0, float(alpha[o])} if method == "siman" else {-float(alpha[o]), float(alpha[o])}
+            allowed = {0.0, float(alpha[o])} if m.code_set == "01" else {-float(alpha[o]), float(alpha[o])}
             assert values <= allowed and len(values) == 2, (name, o, values)
         a = m.binary_input(torch.randn(4, m.in_channels, 6, 6))
         assert set(torch.unique(a).tolist()) == {-1.0, 1.0}
@@ -159,18 +159,38 @@ def test_binarize_drives_the_schedule_step_by_step():
 
 def test_siman_marks_exactly_the_top_half_by_magnitude():
     conv = nn.Conv2d(3, 8, 3, bias=False)  # 27 weights per output channel: 13 ones
-    m = binary.SiMaNConv2d(conv).eval()
+    m = binary.SiMaNConv2d(conv, codes="01").eval()
     codes = m.codes()
     assert set(torch.unique(codes).tolist()) == {0, 1}
     assert codes.view(8, -1).sum(1).tolist() == [13] * 8
-    mag = (conv.weight - conv.weight.mean((1, 2, 3), keepdim=True)).detach().abs().view(8, -1)
+    mag = (m.weight - m.weight.mean((1, 2, 3), keepdim=True)).detach().abs().view(8, -1)  # the latent weights
     ones = codes.view(8, -1).bool()
     for o in range(8):
         assert float(mag[o][ones[o]].min()) > float(mag[o][~ones[o]].max())
     with torch.no_grad():  # the sign of a weight does not decide its bit
         m.weight[0, 0, 0, 0] = -10.0
     assert int(m.codes()[0, 0, 0, 0]) == 1
-    assert set(torch.unique(binary.SiMaNConv2d(conv, codes="pm1").codes()).tolist()) == {-1, 1}
+    pm1 = binary.SiMaNConv2d(conv)
+    assert pm1.code_set == "pm1" and set(torch.unique(pm1.codes()).tolist()) == {-1, 1}  # the released forward
+
+
+def test_siman_starts_from_the_codes_of_the_full_precision_weights():
+    """SiMaN's bit follows the magnitude, not the sign: converted as they are, the fp32 weights would give codes
+    unrelated to the fp32 function. In magnitude form the first codes are the top half of w by value."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 16, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.add_(0.004 * torch.randn(16, 1, 1, 1))  # channel means, as trained weights have
+    w = conv.weight.detach().view(16, -1)
+    by_value = binary.SiMaNConv2d.top_half(w)
+    codes = binary.SiMaNConv2d(conv).eval().codes().view(16, -1)
+    assert float(((codes > 0).float() == by_value).float().mean()) > 0.99
+    sign_codes = (w >= 0).float()
+    assert float(((codes > 0).float() == sign_codes).float().mean()) > 0.9  # close to sign's own starting codes
+    # the latent weights keep w's scale, so a step of the optimizer flips codes as it does for sign
+    latent = binary.SiMaNConv2d(conv).weight.detach()
+    assert 0.5 < float(latent.std() / conv.weight.std()) < 3
+    torch.testing.assert_close(binary.SiMaNConv2d(conv).alpha.detach(), conv.weight.detach().abs().mean((1, 2, 3)))
 
 
 def test_siman_clip_schedule_and_no_weight_decay_on_binary_layers():
@@ -216,7 +236,7 @@ def test_what_the_kernels_read_reproduces_each_layer(method):
         x, out = captured[name]
         torch.testing.assert_close(bw.conv(x), out, rtol=1e-5, atol=1e-5)
         assert bw.codes.dtype == np.int8 and bw.scale.shape == (bw.codes.shape[0],)
-        assert bw.code_set == ("01" if method == "siman" else "pm1")
+        assert bw.code_set == "pm1"  # SiMaN too: its released forward computes with 2B - 1
         assert bw.act_mode == ("sample-mean" if method == "siman" else "static")
     assert layers["conv3.0"].bias is not None
     # conv3 reads a ReLU: a static method thresholds at its channels' medians, so both bits occur

@@ -10,15 +10,21 @@ one xnor (or and) and a popcount. Each method is a different way to pick the bit
            over training), then sign; a learnable per-channel scale alpha ~ U(0, 1); activations sign(a), divided
            by their per-sample std in training only (that only shapes the gradient), with the Bi-Real surrogate
            d sign(a)/da ~ max(0, 2 - 2|a|).
-    siman  SiMaN (Lin et al., TPAMI 2023, lmbxmu/SiMaN): {0, +1} codes, +1 on the top half of each output channel's
-           standardized weights by magnitude (exactly n // 2 of them, the released code's `quick` sort); gradients
-           reach the magnitudes straight through; a magnitude clip of the latent weights from the [p, 100 - p]
-           percentiles, p falling from 15 to 0; alpha learnable from mean |w|; no weight decay on binary layers;
-           activations sign(a - mean over (C, H, W) of that sample), at inference as well, with the Bi-Real
-           surrogate. The released code computes with 2B - 1 (an xnor kernel); the paper's analytic solution, and
-           the and-popcount kernel of issue 15, use B itself: `codes="01"` (default) trains what that kernel runs,
-           `codes="pm1"` trains the released code's form.
-
+    siman  SiMaN (Lin et al., TPAMI 2023, lmbxmu/SiMaN): codes B in {0, +1}, B = 1 on the top half of each output
+           channel's standardized weights by magnitude (exactly n // 2 of them, the released code's `quick` sort);
+           gradients reach the magnitudes straight through; a magnitude clip of the latent weights from the
+           [p, 100 - p] percentiles, p falling from 15 to 0; alpha learnable from mean |w|; no weight decay on binary
+           layers; activations sign(a - mean over (C, H, W) of that sample), at inference as well, with the Bi-Real
+           surrogate. The convolution runs with 2B - 1, as the released code's forward does (methods.md 7.1), so an
+           xnor kernel runs it on the bits B: `codes="pm1"` (default). `codes="01"` computes with B itself (the
+           and-popcount kernel); against ±1 activations that adds half the window sum of the activations, the same
+           map for every output channel whatever the codes, and a network converted that way does not train (13% on
+           the built-in digits after 300 steps from the fp32 weights, against 58% with "pm1").
+           Since the sign of a latent weight never decides its bit, the fp32 weights enter in magnitude form
+           (`magnitude_form`): latent weights whose magnitude order is the fp32 weights' value order, so the first
+           codes are B = 1 on the top half of w by value, i.e. sign(w - median) as 2B - 1 (the released code
+           initialises B = (sign(w) + 1) / 2 from the weights for the same reason). Converting the fp32 magnitudes
+           instead would start from codes that are random with respect to the fp32 function (50% agreement).
 Padding: a padded activation is 0, not -1 (PyTorch's zero padding of the ±1 map), so a kernel must correct for it.
 sign(0) is +1 throughout (bit = a >= threshold, TVM's binarize_pack convention).
 
@@ -237,12 +243,14 @@ class SiMaNConv2d(BinaryConv2d):
     method = "siman"
     act_mode = "sample-mean"
 
-    def __init__(self, conv: nn.Conv2d, codes: str = "01"):
+    def __init__(self, conv: nn.Conv2d, codes: str = "pm1"):
         super().__init__(conv)
         if codes not in ("01", "pm1"):
             raise ValueError(f"SiMaN codes must be '01' or 'pm1', not {codes!r}")
         self.code_set = codes
-        self.alpha = nn.Parameter(conv.weight.detach().abs().mean((1, 2, 3)).clone())
+        self.alpha = nn.Parameter(conv.weight.detach().abs().mean((1, 2, 3)).clone())  # from the fp32 weights
+        with torch.no_grad():
+            self.weight.copy_(magnitude_form(conv.weight.detach()))
 
     @torch.no_grad()
     def clip_magnitudes(self) -> None:
@@ -282,6 +290,28 @@ class SiMaNConv2d(BinaryConv2d):
     def binary_input(self, x: torch.Tensor) -> torch.Tensor:
         a = x - x.mean((1, 2, 3), keepdim=True)
         return _SignBiReal.apply(a / torch.sqrt(a.var((1, 2, 3), keepdim=True) + EPS))
+
+
+@torch.no_grad()
+def magnitude_form(w: torch.Tensor) -> torch.Tensor:
+    """SiMaN's latent weights for a full-precision weight `w` [Cout, ...]: their magnitudes about the channel mean
+    are ordered as the values of w, so SiMaN's first codes put B = 1 on the top half of w by value (2B - 1 =
+    sign(w - median), the sign code of w with SiMaN's balance). In SiMaN the sign of a latent weight never decides
+    its bit (the magnitude rank does), so the fp32 weights taken as they are would give codes unrelated to the
+    function they were trained for; the released code likewise starts its codes at B = (sign(w) + 1) / 2.
+
+    Magnitude m_i = v_i - min(v) + std(v), with v = w - median(w) per channel: increasing in w, and the distance
+    of a weight to the flip point (the channel's median magnitude) is |v_i|, in w's units, as sign's is |w_i|, so
+    Adam's steps flip codes at the rate they do for sign. Signs alternate along the value order so the channel
+    mean is near 0 and SiMaN's centring keeps the order (bar a tie at the median). The sign carries no code."""
+    flat = w.reshape(w.shape[0], -1).float()
+    n = flat.shape[1]
+    v = flat - flat.median(1, keepdim=True).values
+    m = v - v.min(1, keepdim=True).values + v.std(1, unbiased=False, keepdim=True)
+    alternate = 1.0 - 2.0 * (torch.arange(n, device=w.device) % 2).to(flat.dtype)  # +1, -1, +1, ...
+    signs = torch.empty_like(flat).scatter_(1, flat.argsort(1, descending=True), alternate.expand_as(flat).contiguous())
+    latent = signs * m
+    return (latent - latent.mean(1, keepdim=True)).view_as(w).to(w.dtype)
 
 
 _CLASSES: dict[str, type[BinaryConv2d]] = {"sign": SignConv2d, "recu": ReCUConv2d, "siman": SiMaNConv2d}
@@ -324,7 +354,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> tuple[list[str], dict[str
 
 
 def convert(model: nn.Module, method: str, example: torch.Tensor,
-            keep: Callable[[str, nn.Conv2d], bool] | None = None, siman_codes: str = "01") -> list[str]:
+            keep: Callable[[str, nn.Conv2d], bool] | None = None, siman_codes: str = "pm1") -> list[str]:
     """Replace the model's convolutions by `method`'s binary ones, in place, starting from their weights; returns
     the names of the binarized layers. `example` (a batch of images as the model takes them) finds the stem (convs
     reading the image) and the classifier (the last weighted layer run), which stay full precision, and the inputs
@@ -373,7 +403,7 @@ def set_progress(model: nn.Module, progress: float) -> None:
 def binarize(model: nn.Module, method: str, ds: data.Dataset, resolution: int, steps: int, *,
              teacher: nn.Module | None = None, teacher_resolution: int | None = None, lr: float = 1e-3,
              batch: int = 32, weight_decay: float = 1e-2, kd_weight: float = 1.0, seed: int = 0,
-             keep: Callable[[str, nn.Conv2d], bool] | None = None, siman_codes: str = "01",
+             keep: Callable[[str, nn.Conv2d], bool] | None = None, siman_codes: str = "pm1",
              progress: Callable[[int, int, str, float], None] | None = None) -> nn.Module:
     """Binarize a trained full-precision CNN in place (`convert`) and train it `steps` steps from its weights:
     labels plus distillation from `teacher` (the fp32 network, if given), AdamW with warm-up and cosine decay
