@@ -65,6 +65,7 @@ def compress(network: Network, data=None, *, sparsity: float | None = None, bloc
 
 PRECISIONS = {"int8": (8, 8), "w4a8": (4, 8)}  # --quantize: (weight bits, activation bits)
 CALIBRATIONS = ("fdda", "real", "noise", "zeroq")
+SENSITIVITY_IMAGES = 32  # ranking layers needs a network's response, not calibrated ranges: one batch, per layer
 
 
 def quantize_network(network: Network, data, *, precision: str = "int8", calibration: str = "fdda",
@@ -99,7 +100,7 @@ def quantize_network(network: Network, data, *, precision: str = "int8", calibra
     after = accuracy_of(q.module, *data.val, resolution)
     kept: list[str] = []
     if max_drop is not None and 100 * (before - after) > max_drop:
-        order = Q.sensitivity(network.module, syn.images, bits)
+        order = Q.sensitivity(network.module, syn.images[:SENSITIVITY_IMAGES], bits)
         k = 1
         while k < len(order):  # 1, 2, 4, ... layers in fp32: a few evaluations, not one per layer
             trial = Q.quantize(network.module, syn.images, bits, keep_float=order[:k])

@@ -418,15 +418,27 @@ def _float_layer(node: fx.Node, modules: dict) -> FloatLayer:
 def sensitivity(model: nn.Module, calibration: torch.Tensor, bits: tuple[int, int] = (8, 8)) -> list[str]:
     """The network's convolution and linear layers, the most sensitive to quantization first: each scored by how
     far the network's outputs on `calibration` move (mean squared error against fp32) when its weights alone are
-    quantized. Every activation is on its int8 grid in every trial, as it is in a mixed network: keeping a layer
-    in fp32 saves its weights' rounding, not its tensors'."""
-    names = [n.target for n in _layers(fold_bn(model))]
-    reference = model.eval()(calibration.float())
+    rounded to `bits`. Every activation is on its int8 grid in every trial, as it is in a mixed network: keeping a
+    layer in fp32 saves its weights' rounding, not its tensors'. One traced copy, one forward pass per layer."""
+    wbits, _ = _bits(bits)
+    x = calibration.float()
+    gm = fold_bn(model)
+    nodes = _layers(gm)
+    points = insert_quant_points(gm)
+    gm(x)
+    for q in points.values():
+        q.freeze()
+    reference = model.eval()(x)
+    modules = dict(gm.named_modules())
     scores = {}
-    for name in names:
-        q = quantize(model, calibration, bits, keep_float=[n for n in names if n != name])
-        scores[name] = float((q.module(calibration.float()) - reference).pow(2).mean())
-    return sorted(names, key=lambda n: -scores[n])
+    for node in nodes:
+        m = modules[node.target]
+        w = m.weight.data
+        ints, scale = quantize_weight(w, wbits)
+        m.weight.data = ints.float() * scale.view(-1, *[1] * (w.dim() - 1))
+        scores[node.target] = float((gm(x) - reference).pow(2).mean())
+        m.weight.data = w
+    return sorted(scores, key=lambda n: -scores[n])
 
 
 def _finish_layer(node: fx.Node, modules: dict, bits: int) -> QuantLayer:
