@@ -14,7 +14,6 @@ import torch
 from test_quantize import RES, Tiny, _images
 from torch import nn
 
-from edgeprune.codegen.importers import import_model
 from edgeprune.codegen.tflite_export import export_tflite
 from edgeprune.compress import integer as I
 from edgeprune.compress import quantize as Q
@@ -50,12 +49,15 @@ def _litert(path, x: np.ndarray) -> np.ndarray:
     return it.get_tensor(od["index"])
 
 
-@pytest.mark.parametrize("model", [Tiny, Pools])
-def test_exported_tflite_runs_in_litert_as_the_program(model, tmp_path):
+@pytest.mark.parametrize("model,keep_float", [(Tiny, ()), (Pools, ()), (Tiny, ("dw.0", "classifier"))],
+                         ids=["tiny", "pools", "tiny-mixed"])
+def test_exported_tflite_runs_in_litert_as_the_program(model, keep_float, tmp_path):
+    """int8 layers, and with some kept in fp32 (mixed precision: DEQUANTIZE, float layer, QUANTIZE)."""
     torch.manual_seed(0)
     x, _ = _images(48)
-    q = Q.quantize(model().eval(), x)
+    q = Q.quantize(model().eval(), x, keep_float=keep_float)
     prog = I.program(q, (1, 3, RES, RES))
+    assert sum(op.kind == "fconv" for op in prog.ops) == len(keep_float)
     path = export_tflite(prog, tmp_path / "net.tflite")
     step = prog.ops[-1].params["scale"]
     agree = 0
@@ -66,19 +68,30 @@ def test_exported_tflite_runs_in_litert_as_the_program(model, tmp_path):
         assert np.abs(ours - theirs).max() <= step * 1.001
         agree += int(ours.argmax() == theirs.argmax())
     assert agree >= 15
-    # and our own import reads it back: the same layers, the same arithmetic but for LiteRT's recomputed constants
-    back = import_model(path)
-    assert [s.shape for s in back.inputs] == [(1, RES, RES, 3)]
+    # and our own import reads it back (layers in fp32 too): the same program but for TFLite's recomputed constants
+    import tflite
+
+    from edgeprune.codegen.tflite_int8 import lower
+
+    m = tflite.Model.GetRootAsModel(path.read_bytes(), 0)
+    back, spec, _, _ = lower(path, m, m.Subgraphs(0))
+    assert spec.shape == (1, RES, RES, 3)
+    assert [op.kind for op in back.ops if op.kind not in ("flatten",)] == \
+        [op.kind for op in prog.ops if op.kind not in ("flatten",)]
+    for i in range(4):
+        xi = x[i:i + 1].numpy()
+        assert np.abs(I.run(back, xi) - I.run(prog, xi)).max() <= step * 1.001
 
 
 def test_export_refuses_what_tflite_cannot_hold(tmp_path):
     from edgeprune.artifacts import IntegerOp, IntegerProgram
     from edgeprune.errors import UserError
 
-    prog = IntegerProgram("x", (1, 3, 4, 4), [IntegerOp("quantize", ["x"], "q", {"scale": 0.1, "zero_point": 0}),
-                                             IntegerOp("fconv", ["q"], "y", {}, "layer3"),
-                                             IntegerOp("dequantize", ["y"], "output", {"scale": 0.1,
-                                                                                      "zero_point": 0})], "output")
-    with pytest.raises(UserError) as e:
-        export_tflite(prog, tmp_path / "x.tflite")
-    assert "layer3" in str(e.value) and "\n" not in str(e.value)
+    q = IntegerOp("quantize", ["x"], "q", {"scale": 0.1, "zero_point": 0})
+    out = IntegerOp("dequantize", ["y"], "output", {"scale": 0.1, "zero_point": 0})
+    relu = {"multiplier": 2 ** 30, "shift": 30, "input_zero_point": 0, "output_zero_point": 0, "output_scale": 0.1}
+    for op, what in [(IntegerOp("binary", ["q"], "y", {}, "layer3"), "layer3"),  # a kind TFLite has no form of
+                     (IntegerOp("requant", ["q"], "y", {**relu, "act_min": -5, "act_max": 9}, "clamp4"), "clamp4")]:
+        with pytest.raises(UserError) as e:
+            export_tflite(IntegerProgram("x", (1, 3, 4, 4), [q, op, out], "output"), tmp_path / "x.tflite")
+        assert what in str(e.value) and "\n" not in str(e.value)

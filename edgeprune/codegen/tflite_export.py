@@ -1,5 +1,6 @@
 """An integer program (edgeprune.artifacts.IntegerProgram) written as an int8 .tflite that LiteRT runs: float input
-and output like our build (QUANTIZE first, DEQUANTIZE last), int8 everywhere between.
+and output like our build (QUANTIZE first, DEQUANTIZE last), int8 everywhere between but for layers the program
+keeps in fp32 (DEQUANTIZE, the float layer, QUANTIZE).
 
 TFLite keeps scales, not fixed-point constants: each int8 tensor gets the scale the program records for it
 (`output_scale`), and each layer per-channel weight scales chosen so that input scale x weight scale / output scale
@@ -39,7 +40,7 @@ class _Exporter:
             handler = getattr(self, f"_{op.kind}", None)
             if handler is None:
                 raise UserError(f"cannot export layer '{op.name or op.output}' ({op.kind}) to .tflite: this version "
-                                "exports int8 layers only (quantize it in int8, or compile the network instead)")
+                                "has no TFLite form of it")
             handler(op, op.params)
         self.g.outputs.append(self.env[self.prog.output][0])
         return self.g
@@ -93,8 +94,8 @@ class _Exporter:
         t, left, b, r = pad
         n, _, _, c = self.g.tensors[x].shape
         paddings = self.const(f"{op.output}/paddings", np.array([[0, 0], [t, b], [left, r], [0, 0]], np.int32))
-        grid = self.g.tensors[x].grid
-        y = self.g.tensor(f"{op.output}/padded", (n, h + t + b, w + left + r, c), dtype="int8", grid=grid)
+        grid, dtype = self.g.tensors[x].grid, self.g.tensors[x].dtype
+        y = self.g.tensor(f"{op.output}/padded", (n, h + t + b, w + left + r, c), dtype=dtype, grid=grid)
         if fill is None:
             self.g.op("PAD", [x, paddings], [y])
         else:
@@ -155,6 +156,41 @@ class _Exporter:
             wt = self.const(f"{op.output}/filter", np.ascontiguousarray(w.transpose(0, 2, 3, 1)), (w_scale, zeros, 0))
             t = self.out(op, (n, oh, ow, o), s_out, zo)
             self.g.op("CONV_2D", [x, wt, bias], [t], ("Conv2DOptions", fields))
+
+    def _fconv(self, op: IntegerOp, p: dict) -> None:
+        """A layer kept in fp32 (mixed precision): DEQUANTIZE, the float convolution or dense layer with its
+        activation fused (a clamp at 0 and 6 in float is the program's clamp on the output grid), QUANTIZE."""
+        x = self.env[op.inputs[0]][0]
+        s_out, zo = float(p["output_scale"]), int(p["output_zero_point"])
+        act = self.activation(op, s_out, zo)
+        xf = self.g.tensor(f"{op.output}/dequantized", self.g.tensors[x].shape)
+        self.g.op("DEQUANTIZE", [x], [xf])
+        w, bias = np.asarray(p["weight"], np.float32), np.asarray(p["bias"], np.float32)
+        b = self.const(f"{op.output}/bias", bias)
+        if w.ndim == 2:
+            wt = self.const(f"{op.output}/weights", w)
+            y = self.g.tensor(f"{op.output}/float", (self.g.tensors[x].shape[0], w.shape[0]))
+            self.g.op("FULLY_CONNECTED", [xf, wt, b], [y], ("FullyConnectedOptions", {"FusedActivationFunction": act}))
+        else:
+            n, h, wd, _ = self.g.tensors[x].shape
+            o, _, kh, kw = w.shape
+            stride, dilation = tuple(p["stride"]), tuple(p["dilation"])
+            pad = self.pads(op, (h, wd), (kh, kw), stride, dilation)
+            oh = (h + pad[0] + pad[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+            ow = (wd + pad[1] + pad[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+            xf, padding = self.padded(op, xf, pad, (kh, kw), stride, dilation)  # float PAD: zeros, as the program
+            fields = {"Padding": padding, "StrideH": stride[0], "StrideW": stride[1], "FusedActivationFunction": act,
+                      "DilationHFactor": dilation[0], "DilationWFactor": dilation[1]}
+            y = self.g.tensor(f"{op.output}/float", (n, oh, ow, o))
+            if int(p["groups"]) > 1:
+                wt = self.const(f"{op.output}/filter", np.ascontiguousarray(w[:, 0].transpose(1, 2, 0)[None]))
+                self.g.op("DEPTHWISE_CONV_2D", [xf, wt, b], [y],
+                          ("DepthwiseConv2DOptions", {**fields, "DepthMultiplier": 1}))
+            else:
+                wt = self.const(f"{op.output}/filter", np.ascontiguousarray(w.transpose(0, 2, 3, 1)))
+                self.g.op("CONV_2D", [xf, wt, b], [y], ("Conv2DOptions", fields))
+        t = self.out(op, self.g.tensors[y].shape, s_out, zo)
+        self.g.op("QUANTIZE", [y], [t])
 
     def _add(self, op: IntegerOp, p: dict) -> None:
         if len(op.inputs) != 2:

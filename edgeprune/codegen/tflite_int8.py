@@ -4,7 +4,8 @@ int8 kernel family like a network edgeprune quantized itself.
 TVM's TFLite frontend refuses much of what int8 converters write (quantized PAD and TRANSPOSE, float islands
 between DEQUANTIZE and QUANTIZE), so int8 files are lowered here op by op instead:
 
-  CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED   conv ops, with TFLite's per-channel (or per-tensor) multipliers
+  CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED   conv ops, with TFLite's per-channel (or per-tensor) multipliers;
+                                                in float between DEQUANTIZE and QUANTIZE, fconv (kept in fp32)
   ADD, float ADD between DEQUANTIZE/QUANTIZE    add                 MEAN over H, W; global AVERAGE_POOL_2D   mean
   MAX_POOL_2D   maxpool      RELU, RELU6, QUANTIZE int8 -> int8   requant      PAD, PADV2   folded into the next
   convolution's (or max pooling's) padding      TRANSPOSE, RESHAPE, SQUEEZE   layout only (see below)
@@ -59,6 +60,18 @@ class _Float:
     activation: int = 0  # the last ADD's fused activation (NONE = 0)
     node: str = ""
     keep: bool | None = None  # averaged over H, W (keeping them or not), or None
+
+
+@dataclass
+class _FloatLayer:
+    """A float convolution or dense layer on a dequantized int8 tensor (a layer a converter left in fp32), lowered
+    as the program's fconv when the QUANTIZE after it gives the output grid."""
+
+    input: str  # the program's int8 tensor it reads
+    params: dict
+    shape: tuple[int, ...]
+    activation: int
+    node: str
 
 
 @dataclass
@@ -128,7 +141,7 @@ class _Lowering:
         if not _has_data(self.model, t):
             raise self.fail(f"takes tensor '{t.Name().decode()}' computed at run time where a constant is needed")
         raw = self.model.Buffers(t.Buffer()).DataAsNumpy()
-        return np.frombuffer(raw.tobytes(), dtype=dtype).reshape(self.shape(i))
+        return np.frombuffer(raw.tobytes(), dtype=dtype).reshape(self.shape(i)).copy()  # writable: torch reads it
 
     def grid(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         q = self.tensor(i).Quantization()
@@ -297,13 +310,26 @@ class _Lowering:
         (t, b), (left, r) = pads
         return t, left, b, r
 
+    def source(self, i: int, pad_ok: bool = False) -> tuple[_Q, bool]:
+        """The int8 tensor a layer reads, and whether the layer computes in float (it reads it dequantized)."""
+        v = self.value(i)
+        if isinstance(v, _Float) and len(v.terms) == 1 and v.keep is None and v.activation == self.act.NONE:
+            return v.terms[0], True
+        return self.int8(i, pad_ok), False
+
+    def weights(self, i: int, in_float: bool) -> np.ndarray:
+        if in_float and self.tensor(i).Type() != self.tt.FLOAT32:
+            raise self.fail("computes in float with quantized weights (dynamic-range quantization): quantize "
+                            "its input and output too")
+        return self.data(i, np.float32 if in_float else np.int8)
+
     def _conv_2d(self, op, ins, out, depthwise: bool = False) -> None:
-        x = self.int8(ins[0], pad_ok=True)
+        x, in_float = self.source(ins[0], pad_ok=True)
         if x.perm != NHWC:
             raise self.fail("reads a tensor that is not channels-last")
         table = "DepthwiseConv2DOptions" if depthwise else "Conv2DOptions"
         opts = self.options(op, table)
-        w = self.data(ins[1], np.int8)  # OHWI, or 1HW(C*M) depthwise
+        w = self.weights(ins[1], in_float)  # OHWI, or 1HW(C*M) depthwise
         _, c, h, wd = x.shape
         if depthwise:
             if w.shape[3] != c:
@@ -324,20 +350,21 @@ class _Lowering:
             pad = tuple(a + b for a, b in zip(pad, x.pad))
         oh = (h + pad[0] + pad[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
         ow = (wd + pad[1] + pad[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        self.layer(ins, out, x, weight, 3 if depthwise else 0, (1, o, oh, ow), opts.FusedActivationFunction(),
-                   stride=stride, padding=pad, dilation=dilation, groups=c if depthwise else 1)
+        (self.float_layer if in_float else self.layer)(
+            ins, out, x, weight, 3 if depthwise else 0, (1, o, oh, ow), opts.FusedActivationFunction(),
+            stride=stride, padding=pad, dilation=dilation, groups=c if depthwise else 1)
 
     def _depthwise_conv_2d(self, op, ins, out) -> None:
         self._conv_2d(op, ins, out, depthwise=True)
 
     def _fully_connected(self, op, ins, out) -> None:
-        x = self.int8(ins[0])
+        x, in_float = self.source(ins[0])
         if len(x.shape) == 4:  # FULLY_CONNECTED flattens its input itself
             x = self.flatten(x, out)
         opts = self.options(op, "FullyConnectedOptions")
         if opts.WeightsFormat() != 0:
             raise self.fail("has shuffled weights: only the default weight format is supported")
-        w = self.data(ins[1], np.int8)
+        w = self.weights(ins[1], in_float)
         if w.ndim != 2 or w.shape[1] != x.shape[1]:
             raise self.fail(f"has weights of shape {list(w.shape)} for {x.shape[1]} features")
         weight = w
@@ -345,8 +372,19 @@ class _Lowering:
             weight = np.empty_like(w)
             weight[:, x.order] = w
             x = _Q(x.name, x.shape, x.scale, x.zero_point, x.perm)
-        self.layer(ins, out, x, np.ascontiguousarray(weight), 0, (x.shape[0], w.shape[0]),
-                   opts.FusedActivationFunction(), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
+        (self.float_layer if in_float else self.layer)(
+            ins, out, x, np.ascontiguousarray(weight), 0, (x.shape[0], w.shape[0]), opts.FusedActivationFunction(),
+            stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
+
+    def float_layer(self, ins, out, x: _Q, weight: np.ndarray, axis: int, shape, act: int, **geometry) -> None:
+        if x.pad is not None:
+            raise self.fail("computes in float after an int8 PAD")
+        bias = np.zeros(weight.shape[0], np.float32)
+        if len(ins) > 2 and ins[2] >= 0:
+            bias = self.weights(ins[2], True).reshape(-1).copy()
+        self.values[out] = _FloatLayer(x.name, dict(weight=weight, bias=bias, input_scale=x.scale,
+                                                    input_zero_point=x.zero_point, **geometry),
+                                       tuple(shape), act, self.node)
 
     def layer(self, ins, out, x: _Q, weight: np.ndarray, axis: int, shape, act: int, **geometry) -> None:
         o = weight.shape[0]
@@ -415,6 +453,12 @@ class _Lowering:
             shape = self.input_shape
             name = self.emit("quantize", [self.prog_input], out, scale=scale, zero_point=zp)
             self.values[out] = _Q(name, shape, scale, zp, v.perm)
+        elif isinstance(v, _FloatLayer):
+            self.node = v.node
+            lo, hi = self.clamp(v.activation, scale, zp)
+            name = self.emit("fconv", [v.input], out, **v.params, output_scale=scale, output_zero_point=zp,
+                             act_min=lo, act_max=hi)
+            self.values[out] = _Q(name, v.shape, scale, zp, NHWC if len(v.shape) == 4 else (0, 1))
         elif isinstance(v, _Float) and v.keep is not None:
             self.values[out] = self.mean(v.terms, out, v.keep, (scale, zp))
         elif isinstance(v, _Float) and len(v.terms) > 1:
