@@ -43,7 +43,7 @@ class _Layers:
         c = self.g.tensors[x].shape[3]
         w, s = self.weights((1, k, k, c) if depthwise else (o, k, k, c), per_channel)
         if depthwise:
-            s = self.rng.uniform(0.5, 1.5, c).astype(np.float32) * 1e-2
+            s = self.rng.uniform(0.5, 1.5, c if per_channel else 1).astype(np.float32) * 1e-2
         fan = k * k * (1 if depthwise else c)
         grid = self.grid_after(x, s, fan)
         bias = self.rng.integers(-2000, 2000, c if depthwise else o)
@@ -104,6 +104,21 @@ def _map_output(seed: int = 2) -> TFLiteGraph:
     c1 = L.conv(x, 12, 3, "conv1")
     r2 = g.qrelu(c1, "relu2", (g.grid(c1)[0] * 0.7, -100))
     g.output(g.dequantize(g.pool(r2, "AVERAGE", 8, 8, "avgpool3"), "features"))
+    return g
+
+
+def _per_tensor(seed: int = 4) -> TFLiteGraph:
+    """Per-tensor weight scales only, so that it has a uint8 twin (as_uint8) LiteRT runs: float input ->
+    QUANTIZE -> CONV_2D (RELU6) -> DEPTHWISE -> ADD -> MEAN -> FULLY_CONNECTED -> DEQUANTIZE."""
+    g = TFLiteGraph()
+    L = _Layers(g, seed)
+    x = g.quantize(g.input("image", (1, 8, 8, 3)), "quant", (0.03, 1))
+    c1 = L.conv(x, 8, 3, "conv1", per_channel=False, act="RELU6")
+    d2 = L.conv(c1, 8, 3, "dw2", depthwise=True, per_channel=False)
+    a3 = g.qadd(d2, c1, "add3", (g.grid(d2)[0] * 1.2, 2))
+    m4 = g.mean(a3, [1, 2], "mean4", (g.grid(a3)[0] * 0.6, -3))
+    w, s = L.weights((10, 8), per_channel=False)
+    g.output(g.dequantize(g.qfully_connected(m4, w, s, "fc5", L.grid_after(m4, s, 8)), "logits"))
     return g
 
 
@@ -171,7 +186,7 @@ def _check_against_litert(path, build, runs: int = 4, seed: int = 3) -> int:
     return worst
 
 
-@pytest.mark.parametrize("graph", [_channels_last, _from_pytorch, _map_output])
+@pytest.mark.parametrize("graph", [_channels_last, _from_pytorch, _map_output, _per_tensor])
 def test_lowered_programs_match_litert_for_many_weights(graph, tmp_path):
     """The lowering alone (the interpreter runs the program), over several random weight sets."""
     for seed in range(4):
@@ -212,6 +227,18 @@ def test_int8_map_output_keeps_the_file_layout(tmp_path):
     build = compile_model(path, "host", tmp_path / "build")
     assert [s.shape for s in build.outputs] == [(1, 1, 1, 12)]
     _check_against_litert(path, build)
+
+
+def test_uint8_tflite_compiles_as_its_int8_twin(tmp_path):
+    """TFLite's older uint8 scheme: the same program as the int8 graph, and LiteRT's uint8 kernels agree."""
+    g = _per_tensor()
+    u8 = g.as_uint8().save(tmp_path / "u8.tflite")
+    twin = _program(g.save(tmp_path / "i8.tflite"))[0]
+    prog = _program(u8)[0]
+    for a, b in zip(prog.ops, twin.ops):
+        assert a.kind == b.kind and all(np.array_equal(a.params[k], b.params[k]) for k in b.params), a.kind
+    build = compile_model(u8, "host", tmp_path / "build")
+    _check_against_litert(u8, build)
 
 
 @pytest.mark.slow

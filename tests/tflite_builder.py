@@ -9,6 +9,7 @@ filters 1HWC.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,6 +209,19 @@ class TFLiteGraph:
         opts = ("Pool2DOptions", {"Padding": pad, "StrideW": stride, "StrideH": stride, "FilterWidth": k,
                                   "FilterHeight": k, "FusedActivationFunction": self._act("NONE")})
         return self._op(f"{kind}_POOL_2D", [x], name, (n, oh, ow, c), opts, grid=self.grid(x))
+
+    def as_uint8(self) -> TFLiteGraph:
+        """The same graph in TFLite's older asymmetric scheme: every int8 tensor as uint8, its values and zero
+        points 128 higher (the same arithmetic). LiteRT's uint8 kernels take per-tensor weight scales only."""
+        g = copy.deepcopy(self)
+        for t in g.tensors:
+            if t.dtype == "int8":
+                t.dtype = "uint8"
+                if t.data is not None:
+                    t.data = (t.data.astype(np.int16) + 128).astype(np.uint8)
+                if t.grid is not None:
+                    t.grid = (t.grid[0], t.grid[1] + 128, t.grid[2])
+        return g
 
     def output(self, t: int) -> None:
         self.outputs.append(t)

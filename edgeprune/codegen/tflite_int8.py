@@ -18,7 +18,8 @@ reorders features; the reorder is folded into the next FULLY_CONNECTED's weight 
 Arithmetic: the program requantizes once, (acc * m + 2**(s-1)) >> s, with TFLite's own (m, s) for convolutions;
 TFLite rounds twice (a rounding doubling high multiply, then a rounding shift), so a result may differ by one step
 of its grid. The compiled model takes and returns float in the file's layouts: an int8 input is quantized on its
-grid inside, an int8 output is returned dequantized.
+grid inside, an int8 output is returned dequantized. uint8 tensors (TFLite's older scheme) are the same values less
+128; uint8 weights are taken less their zero point, which must leave them within int8.
 """
 
 from __future__ import annotations
@@ -150,15 +151,17 @@ class _Lowering:
         return q.ScaleAsNumpy().astype(np.float64), q.ZeroPointAsNumpy().astype(np.int64)
 
     def act_grid(self, i: int) -> tuple[float, int]:
+        """An activation's grid as the program holds it: int8; a uint8 tensor is the same values less 128 (its
+        zero point too), which changes no arithmetic."""
         t = self.tensor(i)
-        if t.Type() != self.tt.INT8:
-            kind = {self.tt.UINT8: "uint8", self.tt.INT16: "int16"}.get(t.Type(), f"type {t.Type()}")
-            raise self.fail(f"has a {kind} tensor '{t.Name().decode()}': only int8 activations are supported "
-                            "(re-quantize to int8)")
+        if t.Type() not in (self.tt.INT8, self.tt.UINT8):
+            kind = {self.tt.INT16: "int16"}.get(t.Type(), f"type {t.Type()}")
+            raise self.fail(f"has a {kind} tensor '{t.Name().decode()}': only int8 and uint8 activations are "
+                            "supported (re-quantize to int8)")
         scale, zp = self.grid(i)
         if scale.size != 1:
             raise self.fail("has a per-channel activation: only per-tensor activation grids are supported")
-        return float(scale[0]), int(zp[0])
+        return float(scale[0]), int(zp[0]) - (128 if t.Type() == self.tt.UINT8 else 0)
 
     def options(self, op, table: str):
         opts = op.BuiltinOptions()
@@ -321,7 +324,16 @@ class _Lowering:
         if in_float and self.tensor(i).Type() != self.tt.FLOAT32:
             raise self.fail("computes in float with quantized weights (dynamic-range quantization): quantize "
                             "its input and output too")
-        return self.data(i, np.float32 if in_float else np.int8)
+        if self.tensor(i).Type() != self.tt.UINT8:
+            return self.data(i, np.float32 if in_float else np.int8)
+        # uint8 weights (TFLite's older asymmetric scheme): less their zero point, as int8 when they fit
+        q = self.tensor(i).Quantization()
+        zp, axis = q.ZeroPointAsNumpy().astype(np.int64), q.QuantizedDimension()
+        w = self.data(i, np.uint8).astype(np.int64)
+        w -= zp.reshape([-1 if d == axis else 1 for d in range(w.ndim)]) if zp.size > 1 else zp[0]
+        if w.min() < -128 or w.max() > 127:
+            raise self.fail(f"has uint8 weights that do not fit int8 less their zero point ({w.min()}..{w.max()})")
+        return w.astype(np.int8)
 
     def _conv_2d(self, op, ins, out, depthwise: bool = False) -> None:
         x, in_float = self.source(ins[0], pad_ok=True)
@@ -389,7 +401,7 @@ class _Lowering:
     def layer(self, ins, out, x: _Q, weight: np.ndarray, axis: int, shape, act: int, **geometry) -> None:
         o = weight.shape[0]
         w_scale, w_zp = self.grid(ins[1])
-        if np.any(w_zp != 0):
+        if np.any(w_zp != 0) and self.tensor(ins[1]).Type() != self.tt.UINT8:  # uint8: zero point taken off
             raise self.fail("has asymmetric weights (zero point not 0): only symmetric int8 weights are supported")
         if w_scale.size not in (1, o) or (w_scale.size > 1 and self.tensor(ins[1]).Quantization()
                                           .QuantizedDimension() != axis):
@@ -561,7 +573,8 @@ class _Lowering:
             raise self.fail("changes the grid, which TFLite's PAD does not")
         value = zp
         if self.op_name == "PADV2" and len(ins) > 2 and ins[2] >= 0:
-            value = int(self.data(ins[2], np.int8).reshape(-1)[0])
+            u8 = self.tensor(ins[2]).Type() == self.tt.UINT8
+            value = int(self.data(ins[2], np.uint8 if u8 else np.int8).reshape(-1)[0]) - (128 if u8 else 0)
         pad = (int(prog[2, 0]), int(prog[3, 0]), int(prog[2, 1]), int(prog[3, 1]))
         # the consumer reads the unpadded tensor, with this padding added to its own
         self.values[out] = _Q(x.name, x.shape, x.scale, x.zero_point, x.perm, pad, value)
