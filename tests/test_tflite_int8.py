@@ -301,20 +301,10 @@ def test_int8_tflite_compiles_from_the_command_line(tmp_path, cli):
     assert np.abs(np.load(tmp_path / "y.npy") - theirs).max() <= step * 1.001
 
 
-@pytest.mark.slow
-def test_litert_torch_int8_file_matches_litert(tmp_path):
-    """A file from litert-torch's PT2E quantizer itself (when it is installed; the default install has not got it):
-    int8 NCHW input and TRANSPOSE, PAD before stride-2 depthwise layers, residual adds left in float between
-    DEQUANTIZE and QUANTIZE, MEAN, FULLY_CONNECTED."""
-    pytest.importorskip("litert_torch")
-    import contextlib
-    import sys
-
-    import litert_torch
+def _small_net():
+    """A MobileNetV2-like network in PyTorch (stem, a stride-2 block, a residual block, mean, linear) and an input."""
     import torch
-    from litert_torch.quantize import pt2e_quantizer, quant_config
     from torch import nn
-    from torchao.quantization.pt2e import quantize_pt2e
 
     def block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
         return nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in), nn.BatchNorm2d(c_in), nn.ReLU6(),
@@ -333,7 +323,24 @@ def test_litert_torch_int8_file_matches_litert(tmp_path):
             return self.head(y.mean((2, 3)))
 
     torch.manual_seed(0)
-    model, x = Net().eval(), torch.randn(1, 3, 32, 32)
+    return Net().eval(), torch.randn(1, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_litert_torch_int8_file_matches_litert(tmp_path):
+    """A file from litert-torch's PT2E quantizer itself (when it is installed; the default install has not got it):
+    int8 NCHW input and TRANSPOSE, PAD before stride-2 depthwise layers, residual adds left in float between
+    DEQUANTIZE and QUANTIZE, MEAN, FULLY_CONNECTED."""
+    pytest.importorskip("litert_torch")
+    import contextlib
+    import sys
+
+    import litert_torch
+    import torch
+    from litert_torch.quantize import pt2e_quantizer, quant_config
+    from torchao.quantization.pt2e import quantize_pt2e
+
+    model, x = _small_net()
     quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
         pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True))
     path = tmp_path / "net.tflite"
@@ -346,4 +353,32 @@ def test_litert_torch_int8_file_matches_litert(tmp_path):
             str(path))
     build = compile_model(path, "host", tmp_path / "build")
     assert [s.shape for s in build.inputs] == [(1, 3, 32, 32)]
+    _check_against_litert(path, build, runs=8)
+
+
+@pytest.mark.slow
+def test_ai_edge_quantizer_int8_file_matches_litert(tmp_path):
+    """A float .tflite (litert-torch) quantized to int8 by ai-edge-quantizer's static recipe (both when installed),
+    which writes the weights after the flatbuffer (buffer offsets), not inside it."""
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("ai_edge_quantizer")
+    import contextlib
+    import sys
+
+    import litert_torch
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import quantizer, recipe
+
+    model, x = _small_net()
+    float_path, path = tmp_path / "float.tflite", tmp_path / "net.tflite"
+    with contextlib.redirect_stdout(sys.stderr):
+        litert_torch.convert(model, (x,)).export(str(float_path))
+        (key, sig), = Interpreter(model_path=str(float_path)).get_signature_list().items()
+        rng = np.random.default_rng(0)
+        qt = quantizer.Quantizer(str(float_path))
+        qt.load_quantization_recipe(recipe.static_wi8_ai8())
+        result = qt.calibrate({key: [{sig["inputs"][0]: rng.standard_normal(x.shape).astype(np.float32)}
+                                     for _ in range(8)]})
+        qt.quantize(result).export_model(str(path))
+    build = compile_model(path, "host", tmp_path / "build")
     _check_against_litert(path, build, runs=8)

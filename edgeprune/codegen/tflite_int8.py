@@ -104,7 +104,19 @@ def is_quantized(model, sub) -> bool:
 
 
 def _has_data(model, t) -> bool:
-    return t.Buffer() < model.BuffersLength() and model.Buffers(t.Buffer()).DataLength() > 0
+    if t.Buffer() >= model.BuffersLength():
+        return False
+    b = model.Buffers(t.Buffer())
+    return b.DataLength() > 0 or b.Offset() > 1  # inside the flatbuffer, or after it (large-model layout)
+
+
+def _buffer(file: bytes, model, t) -> bytes:
+    """A constant's bytes: in the flatbuffer, or at an offset after it, where ai-edge-quantizer (and TFLite's
+    converter for models over 2 GB) writes them."""
+    b = model.Buffers(t.Buffer())
+    if b.DataLength() > 0:
+        return b.DataAsNumpy().tobytes()
+    return file[b.Offset():b.Offset() + b.Size()]
 
 
 def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
@@ -114,6 +126,7 @@ def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
 class _Lowering:
     def __init__(self, path: Path, model, sub) -> None:
         self.path, self.model, self.sub = path, model, sub
+        self.file = Path(path).read_bytes()
         self.names = _op_names()
         self.tt = _m("TensorType").TensorType
         self.act = _m("ActivationFunctionType").ActivationFunctionType
@@ -141,8 +154,8 @@ class _Lowering:
         t = self.tensor(i)
         if not _has_data(self.model, t):
             raise self.fail(f"takes tensor '{t.Name().decode()}' computed at run time where a constant is needed")
-        raw = self.model.Buffers(t.Buffer()).DataAsNumpy()
-        return np.frombuffer(raw.tobytes(), dtype=dtype).reshape(self.shape(i)).copy()  # writable: torch reads it
+        raw = _buffer(self.file, self.model, t)
+        return np.frombuffer(raw, dtype=dtype).reshape(self.shape(i)).copy()  # writable: torch reads it
 
     def grid(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         q = self.tensor(i).Quantization()
@@ -287,7 +300,7 @@ class _Lowering:
         t = self.tensor(i)
         if not _has_data(self.model, t):
             return None
-        return np.frombuffer(self.model.Buffers(t.Buffer()).DataAsNumpy().tobytes(), np.int32)
+        return np.frombuffer(_buffer(self.file, self.model, t), np.int32)
 
     def output(self, i: int) -> tuple[int, ...]:
         self.op_name, self.node = "output", self.tensor(i).Name().decode(errors="replace")
