@@ -411,6 +411,14 @@ def run(req: Request) -> dict:
         if (stage / "build" / "model.onnx").exists():  # an int8 build compiles its integer program, not ONNX
             shutil.copy2(stage / "build" / "model.onnx", stage / "model.onnx")
         torch.save(net.state_dict(), stage / "weights.pt")
+        tflite = None
+        if network.integer is not None:  # the int8 program as a .tflite too, for LiteRT and TFLite Micro users
+            from .codegen.tflite_export import export_tflite
+
+            try:
+                tflite = export_tflite(network.integer, stage / "model.tflite").name
+            except UserError as e:
+                tflite = f"not written: {e}"
         big = teacher
         report = {
             "target": target.name, "device": device.uri if device else None, "budget_ms": req.budget_ms,
@@ -442,7 +450,8 @@ def run(req: Request) -> dict:
             "origin": final.candidate.origin,
             "sparsity": _sparsity_report(req, final, done.build),
             "memory": {k: v for k, v in done.build.memory.items() if k.endswith("_bytes")} or None,
-            "quantize": _quantize_report(req, final, done.build),
+            "quantize": _quantize_report(req, final, done.build) | ({"tflite": tflite} if tflite else {})
+            if req.quantize else None,
             "search": {"evaluated": evaluated, "rounds": len(rounds), "pool_subnets": len(ckpt["pools"])},
             "dataset": ds.name,
             "classes": ds.classes,

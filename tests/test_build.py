@@ -154,6 +154,7 @@ def test_quantize_int8_compiles_the_integer_program_and_reports_each_layers_prec
     assert len(qz["layers"]) == len(weighted) and all(layer["sources"] for layer in qz["layers"])
     assert report["latency"]["measured_ms"] is not None
     assert "precision int8" in stdout
+    assert qz["tflite"] == "model.tflite" and (out / "model.tflite").stat().st_size > 1000  # the same program
 
 
 def test_quantize_refuses_what_it_cannot_do_in_one_line(cli, tmp_path):
