@@ -18,33 +18,15 @@ import numpy as np
 from edgeprune.codegen.tflite_write import Graph, Op, Tensor, serialize
 from edgeprune.codegen.tflite_write import schema as _m
 
-
-@dataclass
-class _Tensor:
-    name: str
-    shape: tuple[int, ...]
-    data: np.ndarray | None  # None for activations
-    dtype: str = "float32"
-    grid: tuple[np.ndarray, np.ndarray, int] | None = None  # (scales, zero points, quantized dimension)
-
-
 Grid = tuple[float, int]  # an activation's (scale, zero point)
-
-
-@dataclass
-class _Op:
-    code: tuple[int, str]  # (builtin code, custom code)
-    inputs: list[int]
-    outputs: list[int]
-    options: tuple[str, dict] | None  # (options table name, fields)
 
 
 @dataclass
 class TFLiteGraph:
     """Build a one-subgraph float32 TFLite model op by op; ``save`` writes the flatbuffer."""
 
-    tensors: list[_Tensor] = field(default_factory=list)
-    ops: list[_Op] = field(default_factory=list)
+    tensors: list[Tensor] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
     inputs: list[int] = field(default_factory=list)
     outputs: list[int] = field(default_factory=list)
 
@@ -58,14 +40,14 @@ class TFLiteGraph:
         return self._tensor(name, value.shape, value)
 
     def _tensor(self, name: str, shape, data, dtype: str = "float32", grid=None) -> int:
-        self.tensors.append(_Tensor(name, tuple(int(d) for d in shape), data, dtype, grid))
+        self.tensors.append(Tensor(name, tuple(int(d) for d in shape), data, dtype, grid))
         return len(self.tensors) - 1
 
     def _op(self, builtin: str, inputs: list[int], out_name: str, out_shape, options=None, custom: str = "",
             grid: Grid | None = None) -> int:
         code = getattr(_m("BuiltinOperator").BuiltinOperator, builtin)
         out = self._tensor(out_name, out_shape, None, "int8" if grid else "float32", _grid(grid))
-        self.ops.append(_Op((code, custom), inputs, [out], options))
+        self.ops.append(Op((code, custom), inputs, [out], options))
         return out
 
     @staticmethod
@@ -229,8 +211,7 @@ class TFLiteGraph:
     # ------------------------------------------------------------ serialization (edgeprune.codegen.tflite_write)
 
     def to_bytes(self) -> bytes:
-        return serialize(Graph([Tensor(t.name, t.shape, t.data, t.dtype, t.grid) for t in self.tensors],
-                               [Op(o.code, o.inputs, o.outputs, o.options) for o in self.ops], self.inputs,
+        return serialize(Graph(list(self.tensors), list(self.ops), self.inputs,
                                self.outputs, "edgeprune test model"))
 
     def save(self, path: str | Path) -> Path:
