@@ -59,18 +59,25 @@ class _Builder:
 
     # ------------------------------------------------------------ conversions
 
+    @staticmethod
+    def _to_grid(y, scale: float, zero_point: int, lo: int = -128, hi: int = 127) -> relax.Expr:
+        """float -> int8: clamp(round_half_even(y / scale) + zero_point, lo, hi)."""
+        q = relax.op.add(relax.op.round(relax.op.divide(y, _const(scale, "float32"))), _const(zero_point, "float32"))
+        return relax.op.astype(relax.op.clip(q, int(lo), int(hi)), "int8")
+
+    @staticmethod
+    def _from_grid(x, scale: float, zero_point: int) -> relax.Expr:
+        """int8 -> float: (x - zero_point) * scale."""
+        return relax.op.multiply(relax.op.subtract(relax.op.astype(x, "float32"), _const(zero_point, "float32")),
+                                 _const(scale, "float32"))
+
     def _quantize(self, op: IntegerOp, x) -> relax.Expr:
-        p = op.params
         if len(x.ty.shape) == 4:
             x = self.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
-        q = relax.op.add(relax.op.round(relax.op.divide(x, _const(p["scale"], "float32"))),
-                         _const(p["zero_point"], "float32"))
-        return self.emit(relax.op.astype(relax.op.clip(q, -128, 127), "int8"))
+        return self.emit(self._to_grid(x, op.params["scale"], op.params["zero_point"]))
 
     def _dequantize(self, op: IntegerOp, x) -> relax.Expr:
-        p = op.params
-        f = relax.op.multiply(relax.op.subtract(relax.op.astype(x, "float32"), _const(p["zero_point"], "float32")),
-                              _const(p["scale"], "float32"))
+        f = self._from_grid(x, op.params["scale"], op.params["zero_point"])
         if len(x.ty.shape) == 4:
             f = relax.op.permute_dims(f, [0, 3, 1, 2])
         return self.emit(f)
@@ -125,9 +132,7 @@ class _Builder:
         p = op.params
         w = np.asarray(p["weight"], np.float32)
         self.layers.append(("matmul" if w.ndim == 2 else "conv", op.name, w.shape[0]))
-        xf = relax.op.multiply(relax.op.subtract(relax.op.astype(x, "float32"),
-                                                 _const(p["input_zero_point"], "float32")),
-                               _const(p["input_scale"], "float32"))
+        xf = self._from_grid(x, p["input_scale"], p["input_zero_point"])
         if w.ndim == 2:
             y = relax.op.matmul(self.emit(xf), relax.const(np.ascontiguousarray(w.T)))
         else:
@@ -137,9 +142,7 @@ class _Builder:
                                    strides=tuple(p["stride"]), padding=pad, dilation=tuple(p["dilation"]),
                                    groups=int(p["groups"]), data_layout="NHWC", kernel_layout="HWIO")
         y = relax.op.add(self.emit(y), relax.const(np.asarray(p["bias"], np.float32)))
-        q = relax.op.add(relax.op.round(relax.op.divide(y, _const(p["output_scale"], "float32"))),
-                         _const(p["output_zero_point"], "float32"))
-        return self.emit(relax.op.astype(relax.op.clip(q, int(p["act_min"]), int(p["act_max"])), "int8"))
+        return self.emit(self._to_grid(y, p["output_scale"], p["output_zero_point"], p["act_min"], p["act_max"]))
 
     # ------------------------------------------------------------ integer elementwise and pooling
 
@@ -163,12 +166,11 @@ class _Builder:
             acc = relax.op.add(acc, t)
         return self.emit(self._round_shift(acc, p["shift"], p["output_zero_point"], p["act_min"], p["act_max"]))
 
-    def _requant(self, op: IntegerOp, x, lo: int | None = None, hi: int | None = None) -> relax.Expr:
+    def _requant(self, op: IntegerOp, x) -> relax.Expr:
         p = op.params
         acc = relax.op.multiply(self._centred(x, p["input_zero_point"]), _const(p["multiplier"], "int64"))
-        lo = p.get("act_min", -128) if lo is None else lo
-        hi = p.get("act_max", 127) if hi is None else hi
-        return self.emit(self._round_shift(acc, p["shift"], p["output_zero_point"], lo, hi))
+        return self.emit(self._round_shift(acc, p["shift"], p["output_zero_point"], p.get("act_min", -128),
+                                           p.get("act_max", 127)))
 
     def _mean(self, op: IntegerOp, *xs) -> relax.Expr:
         p = op.params  # one input, or the sum of several (multipliers, input_zero_points: a .tflite's float mean)

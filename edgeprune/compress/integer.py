@@ -22,16 +22,14 @@ from ..artifacts import IntegerOp, IntegerProgram
 from ..errors import UserError
 from ..fixedpoint import add_multipliers, quantize_multiplier
 from .quantize import (
-    _ACT_FUNCTIONS,
-    _ACTIVATIONS,
     QMAX,
     QMIN,
     ActQuant,
     Quantized,
     QuantLayer,
+    _activation_kind,
     _clamp,
     _fused_activation,
-    _is,
     reference,
     requantize,
 )
@@ -43,14 +41,6 @@ _FLATTEN_METHODS = ("flatten", "view", "reshape")
 _PASS = (nn.Identity, nn.Dropout)
 _PASS_FUNCTIONS = (F.dropout,)
 _PASS_METHODS = ("contiguous",)
-
-
-def _activation_kind(node: fx.Node, modules: dict) -> str | None:
-    if _is(node, modules, (nn.ReLU6,), (F.relu6,)):
-        return "relu6"
-    if _is(node, modules, _ACTIVATIONS, _ACT_FUNCTIONS):
-        return "relu"
-    return None
 
 
 def _is_mean(node: fx.Node, modules: dict) -> bool:
@@ -224,9 +214,19 @@ def _conv(p: dict, x: np.ndarray) -> np.ndarray:
     return reference(layer, x)
 
 
+def _to_grid(y: np.ndarray, scale: float, zero_point: int, lo: int = QMIN, hi: int = QMAX) -> np.ndarray:
+    """float32 -> int8: clamp(round_half_even(y / scale) + zero_point, lo, hi)."""
+    return np.clip(np.round(y.astype(np.float32) / np.float32(scale)) + zero_point, lo, hi).astype(np.int8)
+
+
+def _from_grid(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """int8 -> float32: (x - zero_point) * scale."""
+    return ((x.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)).astype(np.float32)
+
+
 def _fconv(p: dict, x: np.ndarray) -> np.ndarray:
     """A layer kept in fp32: dequantize, PyTorch's float convolution or linear layer, quantize with its clamp."""
-    xf = torch.from_numpy((x.astype(np.float32) - np.float32(p["input_zero_point"])) * np.float32(p["input_scale"]))
+    xf = torch.from_numpy(_from_grid(x, p["input_scale"], p["input_zero_point"]))
     w, b = torch.from_numpy(np.asarray(p["weight"], np.float32)), torch.from_numpy(np.asarray(p["bias"], np.float32))
     if w.dim() == 2:
         y = F.linear(xf, w, b)
@@ -235,8 +235,7 @@ def _fconv(p: dict, x: np.ndarray) -> np.ndarray:
         t, left, bottom, right = pad if len(pad) == 4 else (pad[0], pad[1], pad[0], pad[1])
         y = F.conv2d(F.pad(xf, (left, right, t, bottom)), w, b, tuple(p["stride"]), 0, tuple(p["dilation"]),
                      int(p["groups"]))
-    q = np.round(y.numpy() / np.float32(p["output_scale"])) + p["output_zero_point"]
-    return np.clip(q, p["act_min"], p["act_max"]).astype(np.int8)
+    return _to_grid(y.numpy(), p["output_scale"], p["output_zero_point"], p["act_min"], p["act_max"])
 
 
 def _maxpool(p: dict, x: np.ndarray) -> np.ndarray:
@@ -254,10 +253,9 @@ def _maxpool(p: dict, x: np.ndarray) -> np.ndarray:
 def _step(op: IntegerOp, env: dict) -> np.ndarray:
     p, xs = op.params, [env[i] for i in op.inputs]
     if op.kind == "quantize":
-        q = np.round(xs[0].astype(np.float32) / np.float32(p["scale"])) + p["zero_point"]
-        return np.clip(q, QMIN, QMAX).astype(np.int8)
+        return _to_grid(xs[0], p["scale"], p["zero_point"])
     if op.kind == "dequantize":
-        return ((xs[0].astype(np.float32) - np.float32(p["zero_point"])) * np.float32(p["scale"])).astype(np.float32)
+        return _from_grid(xs[0], p["scale"], p["zero_point"])
     if op.kind == "conv":
         return _conv(p, xs[0])
     if op.kind == "fconv":

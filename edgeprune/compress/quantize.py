@@ -298,9 +298,18 @@ def _input_point(node: fx.Node, modules: dict) -> ActQuant:
     return modules[src.target]
 
 
+def _activation_kind(node: fx.Node, modules: dict) -> str | None:
+    """"relu6" or "relu" for an activation node (module or function), else None."""
+    if _is(node, modules, (nn.ReLU6,), (F.relu6,)):
+        return "relu6"
+    if _is(node, modules, _ACTIVATIONS, _ACT_FUNCTIONS):
+        return "relu"
+    return None
+
+
 def _output_point(node: fx.Node, modules: dict) -> tuple[ActQuant, str]:
     act = _fused_activation(node, modules)
-    kind = "none" if act is None else "relu6" if _is(act, modules, (nn.ReLU6,), (F.relu6,)) else "relu"
+    kind = "none" if act is None else _activation_kind(act, modules)
     src = act or node
     user = next(iter(src.users))
     return modules[user.target], kind
