@@ -153,7 +153,8 @@ def build(target: str, budget_ms: float, out: str | Path, *, device: str | None 
           finetune_steps: int | None = None, optimistic: bool = False, quiet: bool = True,
           sparsity: float | str | None = None, block: int = 4, prune_steps: int | None = None,
           quantize: str | None = None, calibration: str = "fdda", max_drop: float = 1.0, per_class: int = 4,
-          ram: int | str | None = None, flash: int | str | None = None) -> dict:
+          ram: int | str | None = None, flash: int | str | None = None, binarize: str | None = None,
+          binary_fraction: float = 0.1, binarize_steps: int | None = None) -> dict:
     """Search (and fine-tune the chosen subnet for `finetune_steps`, default 200), compress, compile and (with a
     device) measure a network that meets `budget_ms` on `target`; writes `out` atomically and returns the report
     (report.json). With no device the prior's prediction is judged at the slow edge of its band (boards of one core
@@ -162,9 +163,12 @@ def build(target: str, budget_ms: float, out: str | Path, *, device: str | None 
     for `prune_steps` (default 200). `quantize` ("int8", "w4a8" or "auto": int8 where it costs at most `max_drop`
     points of validation accuracy) searches with int8 pricing, quantizes the subnet after fine-tuning, calibrated on
     `calibration` ("fdda": synthetic images from `per_class` real ones per class; "real"; "noise"), and compiles
-    its integer program. `ram` and `flash` (bytes or "256KiB"-style) are budgets of the C package too: the search
-    looks only at subnets that fit all three. Raises BudgetError when nothing fits."""
-    from .compress import PRUNE_STEPS
+    its integer program. `binarize` ("recu", "siman" or "auto": fp32 and both tried, the most accurate kept) makes
+    `binary_fraction` of the subnet's 1x1 layers binary, those the device's costs say save most, searched with that
+    pricing and trained `binarize_steps` (default 200) from the fine-tuned weights. `ram` and `flash` (bytes or
+    "256KiB"-style) are budgets of the C package too: the search looks only at subnets that fit all three.
+    Raises BudgetError when nothing fits."""
+    from .compress import BINARIZE_STEPS, PRUNE_STEPS
     from .pipeline import FINETUNE_STEPS, SUPERNET, Request
     from .pipeline import run as run_pipeline
 
@@ -174,5 +178,6 @@ def build(target: str, budget_ms: float, out: str | Path, *, device: str | None 
                   finetune_steps=FINETUNE_STEPS if finetune_steps is None else finetune_steps, optimistic=optimistic,
                   sparsity=sparsity, block=block, prune_steps=PRUNE_STEPS if prune_steps is None else prune_steps,
                   quantize=quantize, calibration=calibration, max_drop=max_drop, per_class=per_class,
-                  memory=memory_budget(ram, flash))
+                  memory=memory_budget(ram, flash), binarize=binarize, binary_fraction=binary_fraction,
+                  binarize_steps=BINARIZE_STEPS if binarize_steps is None else binarize_steps)
     return run_pipeline(req)

@@ -322,7 +322,9 @@ def cmd_build(args) -> int:
                            finetune_steps=args.finetune_steps, optimistic=args.optimistic,
                            quiet=args.quiet or args.json, sparsity=args.sparsity, block=args.block,
                            prune_steps=args.prune_steps, quantize=args.quantize, calibration=args.calibration,
-                           max_drop=args.max_drop, per_class=args.per_class, ram=args.ram, flash=args.flash)
+                           max_drop=args.max_drop, per_class=args.per_class, ram=args.ram, flash=args.flash,
+                           binarize=args.binarize, binary_fraction=args.binary_fraction,
+                           binarize_steps=args.binarize_steps)
     except BudgetError as e:
         print(f"edgeprune: {e}", file=sys.stderr)
         return 1
@@ -354,6 +356,14 @@ def cmd_build(args) -> int:
             int8 = sum(1 for layer in qz["layers"] if layer["precision"] == "int8")
             print(f"  precision {qz['chosen']} ({qz['why']}; tried {tried}); {int8} of {len(qz['layers'])} layers "
                   f"compiled int8, calibrated on {qz['calibration']}")
+        bz = report.get("binarize") or {}
+        if bz.get("requested") is not None:
+            tried = "; ".join(f"{t['precision']}: {t['val_accuracy']:.1%} val at {t['predicted_ms']:.3g} ms predicted"
+                              for t in bz["tried"])
+            weights = (f", their weights {bz['weight_bytes']} bytes against {bz['fp32_weight_bytes']} in fp32"
+                       if bz.get("layers") else "")
+            print(f"  precision {bz['chosen']} ({bz['why']}; tried {tried}); {len(bz['kernels_binary'])} layers "
+                  f"compiled binary{weights}")
         if report.get("memory"):
             print(f"  {_memory_line(report['memory'])}")
         print(f"  report: {out / 'report.html'}")
@@ -458,6 +468,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-drop", type=float, default=1.0,
                    help="--quantize auto: the most validation accuracy int8 may cost, in points (default: 1)")
     s.add_argument("--per-class", type=_at_least(1), default=4, help="FDDA: real images per class (default: 4)")
+    s.add_argument("--binarize", choices=("recu", "siman", "auto"),
+                   help="binary 1x1 layers (1-bit weights and activations, bit-packed kernels), searched with their "
+                        "pricing and trained from the fine-tuned weights: recu, siman, or auto (try fp32, recu and "
+                        "siman, keep the most accurate) (default: none)")
+    s.add_argument("--binary-fraction", type=float, default=0.1,
+                   help="--binarize: the share of 1x1 layers made binary, those the device's costs say save the most "
+                        "time (default: 0.1)")
+    s.add_argument("--binarize-steps", type=_at_least(0), help="--binarize: training steps (default: 200)")
     s.add_argument("--ram", type=_size("--ram"), metavar="SIZE",
                    help="C package RAM (arena + workspace) the subnet must fit, e.g. 256KiB")
     s.add_argument("--flash", type=_size("--flash"), metavar="SIZE",

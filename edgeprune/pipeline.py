@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import Build, LatencyTable, Measurement, MemoryBudget, MemoryBudgetError, Network
-from .compress import PRUNE_STEPS
+from .compress import BINARIZE_STEPS, PRECISIONS, PRUNE_STEPS
 from .errors import UserError
 from .search import space as S
 from .search.memory import bounded as memory_bounded
@@ -81,11 +81,15 @@ class Request:
     calibration: str = "fdda"  # what post-training quantization calibrates on: fdda | real | noise
     max_drop: float = 1.0  # --quantize auto: the most validation accuracy (points) int8 may cost
     per_class: int = 4  # FDDA: real images per class
+    binarize: str | None = None  # recu | siman | auto (fp32 and both methods tried, the most accurate kept) | None
+    binary_fraction: float = 0.1  # the share of 1x1 layers binarized: those the device's costs say save most
+    binarize_steps: int = BINARIZE_STEPS
     memory: MemoryBudget | None = None  # RAM and flash of the C package: the search fits them too
 
 
 SPARSITIES = (0.0, 0.5, 0.75)  # what --sparsity auto weighs against each other
 QUANTIZE = ("int8", "w4a8", "auto")
+BINARIZE = ("recu", "siman", "auto")
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Trial:
     finetune: dict
     precision: str = "fp32"  # fp32, or the --quantize precision it was searched, priced and quantized at
     quantized: dict = field(default_factory=dict)  # compress.quantize's account: bits, calibration, accuracy drop
+    binarized: dict = field(default_factory=dict)  # compress.binarize_network's account: method, layers, accuracy
 
 
 @dataclass
@@ -168,9 +173,23 @@ def _sparsities(sparsity: float | str | None, block: int) -> tuple[float, ...]:
 
 
 def _precisions(req: Request, sparsities: tuple[float, ...]) -> tuple[str, ...]:
-    """The precisions a build tries: fp32, the one asked for, or fp32 and int8 for "auto"."""
+    """The precisions a build tries: fp32, the one asked for, or fp32 and int8 for --quantize auto; binary ones are
+    "binary-<method>", fp32 and both methods for --binarize auto."""
     from .compress import CALIBRATIONS
 
+    if req.binarize is not None:
+        if req.binarize not in BINARIZE:
+            raise UserError(f"--binarize {req.binarize}: choose one of {', '.join(BINARIZE)}")
+        if req.quantize is not None or any(sparsities):
+            raise UserError("--binarize cannot be combined with --quantize or --sparsity yet (the binary kernels "
+                            "are dense fp32 around 1-bit layers); choose one")
+        if not 0.0 < req.binary_fraction <= 1.0:
+            raise UserError(f"--binary-fraction {req.binary_fraction:g}: the share of 1x1 layers binarized is above "
+                            "0 and at most 1")
+        if req.binarize_steps < 0:
+            raise UserError(f"--binarize-steps {req.binarize_steps}: the training steps are at least 0")
+        methods = ("recu", "siman") if req.binarize == "auto" else (req.binarize,)
+        return (("fp32",) if req.binarize == "auto" else ()) + tuple(f"binary-{m}" for m in methods)
     if req.quantize is None:
         return ("fp32",)
     if req.quantize not in QUANTIZE:
@@ -188,6 +207,28 @@ def _precisions(req: Request, sparsities: tuple[float, ...]) -> tuple[str, ...]:
 def _eligible(req: Request, trial: Trial) -> bool:
     """--quantize auto takes a quantized trial only when quantization cost at most --max-drop points."""
     return req.quantize != "auto" or trial.precision == "fp32" or trial.quantized["drop_points"] <= req.max_drop
+
+
+def _int8(precision: str) -> bool:
+    return precision in PRECISIONS
+
+
+def _binarize_report(req: Request, final: Round, build: Build) -> dict | None:
+    """What the build chose about binary layers, and why: each precision tried with its subnet, prediction and
+    accuracy, the layers made binary, and the kernels compile ran in bits."""
+    if req.binarize is None:
+        return None
+    chosen = next((tr for tr in final.trials if tr.candidate is final.candidate), None)
+    tried = [{"precision": tr.precision, "predicted_ms": round(tr.candidate.predicted_ms, 4),
+              "macs": S.macs(tr.candidate.arch), "resolution": tr.candidate.arch.resolution,
+              "val_accuracy": round(float(tr.network.accuracy), 4), **tr.binarized} for tr in final.trials]
+    why = ("the most accurate on validation images of the precisions tried, each with the widest subnet its "
+           "pricing fits in the budget" if req.binarize == "auto" else "as requested")
+    return {"requested": req.binarize, "fraction": req.binary_fraction,
+            "chosen": chosen.precision if chosen else "fp32", **(chosen.binarized if chosen else {}),
+            "kernels_binary": [r.kernel for r in build.layers if r.family == "binary"],
+            "tried": tried, "why": (why + f"; binary layers: the {req.binary_fraction:.0%} of 1x1 layers whose "
+                                    "bit-packed kernel the device's costs price the most time below dense")}
 
 
 def _quantize_report(req: Request, final: Round, build: Build) -> dict | None:
@@ -278,13 +319,13 @@ def run(req: Request) -> dict:
 
     from . import data
     from .codegen.build import _replace_dir
-    from .compress import compress, quantize_network
+    from .compress import binarize_network, compress, pointwise_layers, quantize_network
     from .compress.fdda import STEPS as FDDA_STEPS
     from .cost import model_for
     from .measure.devices import get_device
     from .search.evaluate import accuracy, subnet
     from .search.finetune import before_after
-    from .search.select import network_of, search
+    from .search.select import binary_rows, network_of, search
     from .search.train import load
     from .targets import get_target
 
@@ -331,7 +372,9 @@ def run(req: Request) -> dict:
                 if len(precisions) > 1:
                     _log(req, f"  in {precision}:")
                 t = time.perf_counter()
-                priced = priced_by(model, (sparsity, req.block) if sparsity else None, int8=precision != "fp32")
+                binary = req.binary_fraction if precision.startswith("binary-") else 0.0
+                priced = priced_by(model, (sparsity, req.block) if sparsity else None, int8=_int8(precision),
+                                   binary=binary)
                 bounded = memory_bounded(priced, aim, fitting, *_element_bytes(precision))
                 best, stats = search(supernet, ckpt, ds, bounded, aim, resolutions, lambda m: _log(req, m))
                 best.predicted_ms = priced(best.arch)  # its latency alone, whichever budget bound it
@@ -354,7 +397,21 @@ def run(req: Request) -> dict:
                               f"accuracy {network.accuracy:.1%}")
                 times[f"finetune_{r + 1}"] = times.get(f"finetune_{r + 1}", 0.0) + time.perf_counter() - t
                 quantized: dict = {}
-                if precision != "fp32":
+                binarized: dict = {}
+                if binary:
+                    t = time.perf_counter()
+                    method = precision.removeprefix("binary-")
+                    names, (rows, at) = pointwise_layers(network), binary_rows(model, best.arch, binary)
+                    if len(names) != sum(1 for row in S.layers(best.arch, binary=True) if row.family == "binary"):
+                        raise UserError("the subnet's 1x1 layers do not match its cost rows; please report it")
+                    with progress_bar(req.binarize_steps, f"binarize ({method})", quiet=req.quiet) as bar:
+                        network, binarized = binarize_network(network, ds, method, [names[j] for j in at],
+                                                              steps=req.binarize_steps, seed=req.seed, progress=bar)
+                    _log(req, f"  binarized {len(at)} of {len(names)} 1x1 layers ({method}, {req.binarize_steps} "
+                              f"steps, {binarized['seconds']:.0f} s): val accuracy {binarized['val_fp32']:.1%} -> "
+                              f"{binarized['val_binary']:.1%}")
+                    times[f"binarize_{r + 1}"] = times.get(f"binarize_{r + 1}", 0.0) + time.perf_counter() - t
+                elif precision != "fp32":
                     t = time.perf_counter()
                     steps = FDDA_STEPS if req.calibration == "fdda" else 0  # the synthetic images' optimization
                     with progress_bar(steps, f"calibrate ({req.calibration})", quiet=req.quiet or not steps) as bar:
@@ -367,13 +424,15 @@ def run(req: Request) -> dict:
                               f"-> {quantized['val_quantized']:.1%}"
                               + (f"; {len(kept)} most sensitive layers kept in fp32" if kept else ""))
                     times[f"quantize_{r + 1}"] = times.get(f"quantize_{r + 1}", 0.0) + time.perf_counter() - t
-                trials.append(Trial(sparsity, best, network, tuned, precision, quantized))
+                trials.append(Trial(sparsity, best, network, tuned, precision, quantized, binarized))
             # The most accurate on validation images; of equals, the one predicted faster.
             chosen = max([tr for tr in trials if _eligible(req, tr)],
                          key=lambda tr: (round(tr.network.accuracy, 4), -tr.candidate.predicted_ms))
             best, network = chosen.candidate, chosen.network
-            source = model.predict(S.layers(best.arch, sparse=(chosen.sparsity, req.block)
-                                            if chosen.sparsity else None, int8=chosen.precision != "fp32")).source
+            rows = binary_rows(model, best.arch, req.binary_fraction)[0] if chosen.binarized else \
+                S.layers(best.arch, sparse=(chosen.sparsity, req.block) if chosen.sparsity else None,
+                         int8=_int8(chosen.precision))
+            source = model.predict(rows).source
             rounds.append(Round(best, source, finetune=chosen.finetune, trials=trials))
             if len(sparsities) > 1:
                 _log(req, f"  chose {'no' if not chosen.sparsity else f'{chosen.sparsity:.0%}'} sparsity: the most "
@@ -452,6 +511,7 @@ def run(req: Request) -> dict:
             "memory": {k: v for k, v in done.build.memory.items() if k.endswith("_bytes")} or None,
             "quantize": _quantize_report(req, final, done.build) | ({"tflite": tflite} if tflite else {})
             if req.quantize else None,
+            "binarize": _binarize_report(req, final, done.build),
             "search": {"evaluated": evaluated, "rounds": len(rounds), "pool_subnets": len(ckpt["pools"])},
             "dataset": ds.name,
             "classes": ds.classes,

@@ -166,3 +166,44 @@ def test_quantize_refuses_what_it_cannot_do_in_one_line(cli, tmp_path):
     with pytest.raises(SystemExit) as e:  # argparse: not a precision it knows
         cli("build", "--target", "host", "--latency", "2ms", "-o", tmp_path / "x", "--quantize", "int4")
     assert e.value.code == 2
+
+
+def test_binarize_recu_trains_the_costliest_1x1_layers_and_compiles_them_to_bit_kernels(cli, tmp_path):
+    """--binarize recu: the search prices a fifth of the 1x1 layers as bit-packed kernels (those the device's costs
+    say save most), the fine-tuned subnet gets exactly those layers binary and trained, compile runs each of them as a
+    binary kernel, the device measures it, and the build computes what onnxruntime computes from its model.onnx."""
+    import onnxruntime as ort
+
+    from edgeprune.artifacts import Build
+    from edgeprune.measure.devices import LocalDevice
+
+    out = tmp_path / "out"
+    rc, stdout, err = cli("build", "--target", "host", "--latency", "5ms", "-o", out, "--binarize", "recu",
+                          "--binary-fraction", "0.2", "--binarize-steps", "4", "--finetune-steps", "2",
+                          "--device", "local", "--runs", "5", "--median", "--rounds", "1",
+                          "--table", tmp_path / "t.json")
+    assert rc in (0, 1), err  # 1: measured over the budget on a loaded machine; the build is written either way
+    bz = json.loads((out / "report.json").read_text())["binarize"]
+    assert bz["requested"] == "recu" and bz["chosen"] == "binary-recu" and bz["method"] == "recu"
+    assert len(bz["tried"]) == 1 and bz["steps"] == 4 and 0 <= bz["val_binary"] <= 1
+    built = json.loads((out / "build" / "build.json").read_text())
+    pointwise = [layer for layer in built["layers"] if layer["op"] == "pointwise"]
+    binary = [layer for layer in built["layers"] if layer["family"] == "binary"]
+    assert len(bz["layers"]) == len(binary) == len(bz["kernels_binary"]) == max(1, round(0.2 * len(pointwise)))
+    assert all(layer["weight_bits"] == 1 and layer["act_bits"] == 1 for layer in binary)
+    assert bz["weight_bytes"] * 8 < bz["fp32_weight_bytes"]  # packed bits, plus a scale and bias per channel
+    assert "layers compiled binary" in stdout
+    build = Build.load(out / "build")
+    x = np.random.default_rng(0).standard_normal(build.inputs[0].shape).astype(np.float32)
+    ref = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    assert_close(LocalDevice().run(build, [x])[0], ref[0])
+
+
+def test_binarize_refuses_what_it_cannot_do_in_one_line(cli, tmp_path):
+    for extra, what in ((("--quantize", "int8"), "--binarize cannot be combined"),
+                        (("--binary-fraction", "1.5"), "--binary-fraction 1.5")):
+        rc, _, err = cli("build", "--target", "host", "--latency", "2ms", "-o", tmp_path / "o", "--binarize", "siman",
+                         *extra)
+        assert rc == 2
+        assert_one_line_error(err, what)
+        assert not (tmp_path / "o").exists()

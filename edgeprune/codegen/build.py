@@ -158,7 +158,12 @@ def compile_model(
     elif isinstance(model, Network):  # in memory: its ONNX form is kept in the build as the source
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.src-", dir=out_dir.parent))
-        imported = import_network(model, scratch / SOURCE)
+        if any(p.scheme == "binary" for p in model.plan.values()):  # its module in export form (compress.binary)
+            from .binarized import import_binarized
+
+            imported, _ = import_binarized(model.module, tuple(model.input_shape), scratch / SOURCE, target)
+        else:
+            imported = import_network(model, scratch / SOURCE)
         imported.source = str(out_dir / SOURCE)
         package_name = package_name or model.name
     else:

@@ -67,15 +67,16 @@ def import_network(network: Network, onnx_path: str | Path) -> ImportedModel:
     becomes the build's source (so --debug-layers can rebuild its reference), and imported like any ONNX file.
 
     The per-layer plan travels beside the module in the Network. Block-sparse ("bsr") layers need nothing more: their
-    zeros are in the weights, where compile finds them (kernels/bsr.py). int8 and binary plans are not compiled yet."""
+    zeros are in the weights, where compile finds them (kernels/bsr.py). int8 networks compile their integer program
+    (codegen/integer.py) and binary ones their export form (codegen/binarized.py), not through here."""
     import warnings
 
     import torch
 
     other = sorted({p.scheme for p in network.plan.values()} - {"dense", "bsr"})
     if other:
-        raise UserError(f"layers planned as {', '.join(other)} cannot be compiled by this version; "
-                        "plan them dense or bsr (the int8 and binary kernels are not built yet)")
+        raise UserError(f"layers planned as {', '.join(other)} cannot be written as plain ONNX; compile the Network "
+                        "itself (compile_model), which lowers int8 and binary layers with their own kernels")
     x = torch.zeros(*network.input_shape)
     onnx_path = Path(onnx_path)
     with warnings.catch_warnings(), torch.no_grad():

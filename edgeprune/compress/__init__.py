@@ -117,3 +117,68 @@ def quantize_network(network: Network, data, *, precision: str = "int8", calibra
             "drop_points": round(100 * (float(before) - float(after)), 2), "layers": len(q.layers),
             "fp32_layers": kept}
     return replace(network, module=q.module, plan=plan, accuracy=after, integer=program), info
+
+
+BINARIZE_STEPS = 200  # training from the fp32 weights with distillation: a minute or two for a subnet on 2 cores
+
+
+def pointwise_layers(network: Network) -> list[str]:
+    """The network's 1x1 convolutions (groups 1), in the order they run: the layers binarization chooses among."""
+    import torch
+    from torch import nn
+
+    from .trace import forward_hooked
+
+    names: list[str] = []
+
+    def on_layer(name: str, m: nn.Module, args: tuple) -> None:
+        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and m.groups == 1 and name not in names:
+            names.append(name)
+
+    forward_hooked(network.module, torch.zeros(*network.input_shape), on_layer)
+    return names
+
+
+def binarize_network(network: Network, data, method: str, layers: list[str], *, steps: int = BINARIZE_STEPS,
+                     teacher=None, seed: int = 0,
+                     progress: Callable[[int, int, str, float], None] | None = None) -> tuple[Network, dict]:
+    """`layers` of a copy of the network made binary by `method` (recu, siman or sign: binary.py) and the copy
+    trained `steps` steps from its fp32 weights, with distillation from `teacher` (default: the network itself).
+    Returns the Network in export form (each binary layer the float operators a bit-packed kernel replaces, which
+    compile finds: codegen/binarized.py), planned "binary" for those layers, with its validation accuracy, and
+    what was done: method, layers, steps, accuracy before and after, weight bytes against fp32."""
+    import time
+
+    from torch import nn
+
+    from ..training import accuracy as accuracy_of
+    from . import binary
+
+    if method not in binary.METHODS:
+        raise UserError(f"binarization method '{method}': choose one of {', '.join(binary.METHODS)}")
+    if not layers:
+        raise UserError("no layer to binarize: name at least one 1x1 convolution of the network")
+    resolution = int(network.input_shape[-1])
+    chosen = set(layers)
+    module = copy.deepcopy(network.module)
+    convs = dict(module.named_modules())
+    missing = sorted(n for n in chosen if not isinstance(convs.get(n), nn.Conv2d))
+    if missing:
+        raise UserError(f"no convolution named {', '.join(missing)} in the network; name layers it has")
+    before = network.accuracy if network.accuracy is not None else accuracy_of(network.module, *data.val, resolution)
+    fp32_bytes = sum(4 * convs[n].weight.numel() for n in chosen)
+    t = time.perf_counter()
+    binary.binarize(module, method, data, resolution, steps, teacher=teacher or network.module, seed=seed,
+                    keep=lambda name, conv: name not in chosen, progress=progress)
+    done = binary.binary_layers(module)
+    if set(done) != chosen:  # the stem, the classifier, depthwise and projections stay fp32 whatever was asked
+        kept = sorted(chosen - set(done))
+        raise UserError(f"layers {', '.join(kept)} stay full precision (the stem, the classifier, depthwise or "
+                        "shortcut projections); binarize other 1x1 convolutions")
+    after = accuracy_of(module, *data.val, resolution)
+    plan = dict(network.plan) | binary.plans(module)
+    info = {"method": method, "layers": [n for n in layers], "steps": steps,
+            "seconds": round(time.perf_counter() - t, 2), "val_fp32": round(float(before), 4),
+            "val_binary": round(float(after), 4), "drop_points": round(100 * (float(before) - float(after)), 2),
+            "weight_bytes": sum(bw.weight_bytes for bw in done.values()), "fp32_weight_bytes": fp32_bytes}
+    return replace(network, module=binary.export_form(module, done), plan=plan, accuracy=after), info

@@ -38,7 +38,8 @@ def layer_cost(op: str, inputs: Sequence[Shape], weights: Sequence[Shape], outpu
     if op not in OP_CLASSES:
         raise ValueError(f"unknown operator class {op!r}; one of {', '.join(OP_CLASSES)}")
     plan = plan or LayerPlan("")
-    family = family or {"bsr": "bsr", "int8": "int8"}.get(plan.scheme, "dense")  # the family that runs such a plan
+    # the family that runs such a plan
+    family = family or {"bsr": "bsr", "int8": "int8", "binary": "binary"}.get(plan.scheme, "dense")
     w = tuple(weights[0]) if weights else ()
     if reduction:
         per_out = reduction

@@ -35,13 +35,32 @@ class BudgetError(UserError):
                          f"({how}); raise --latency or choose a faster target")
 
 
+def binary_rows(model: LatencyModel, arch: S.Arch, fraction: float) -> tuple[list, list[int]]:
+    """The subnet's cost rows with `fraction` of its 1x1 layers binary (at least one): those whose bit-packed kernel
+    `model` prices the most time below the dense one, a per-layer choice by the device's costs. Returns the rows
+    and the chosen layers' positions among the 1x1 layers in the order they run (compress.pointwise_layers)."""
+    dense, binary = S.layers(arch), S.layers(arch, binary=True)
+    at = [i for i, row in enumerate(binary) if row.family == "binary"]
+    saved = [model.layer_ms(dense[i])[0] - model.layer_ms(binary[i])[0] for i in at]
+    k = max(1, round(fraction * len(at)))
+    best = sorted(range(len(at)), key=lambda j: -saved[j])[:k]
+    chosen = sorted(j for j in best if saved[j] > 0)  # a layer the device runs no faster in bits stays dense
+    rows = list(dense)
+    for j in chosen:
+        rows[at[j]] = binary[at[j]]
+    return rows, chosen
+
+
 def priced_by(model: LatencyModel, sparse: tuple[float, int] | None = None,
-              int8: bool = False) -> Callable[[S.Arch], float]:
+              int8: bool = False, binary: float = 0.0) -> Callable[[S.Arch], float]:
     """Predicted ms of a subnet: its analytic cost rows priced by `model`. With `sparse` = (sparsity, N), its
     pointwise layers pruned to that sparsity in 1xN blocks, each priced as compile will run it: sparse or dense,
-    whichever the model prices faster. With `int8`, as the integer program compile runs for a quantized subnet."""
+    whichever the model prices faster. With `int8`, as the integer program compile runs for a quantized subnet.
+    With `binary` (a fraction), that fraction of its 1x1 layers binary, chosen by binary_rows."""
     if int8:
         return lambda arch: model.predict(S.layers(arch, int8=True)).ms
+    if binary:
+        return lambda arch: model.predict(binary_rows(model, arch, binary)[0]).ms
     if not sparse or not sparse[0]:
         return lambda arch: model.predict(S.layers(arch)).ms
 

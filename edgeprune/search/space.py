@@ -104,17 +104,19 @@ def macs(arch: Arch, num_classes: int = 10) -> int:
 
 
 def layers(arch: Arch, num_classes: int = 10, sparse: tuple[float, int] | None = None,
-           int8: bool = False) -> list[LayerCost]:
+           int8: bool = False, binary: bool = False) -> list[LayerCost]:
     """The cost rows of a subnet's kernels, made by the same function a compiled build's kernels are
     (edgeprune.cost.rows): what the latency model prices. Convolutions carry their BatchNorm, activation and
     residual add, as TVM fuses them. With `sparse` = (sparsity, N), the 1x1 convolutions 1xN pruning takes (those
     whose outputs are whole blocks of N) are rows of block-sparse kernels at that density. With `int8`, every
     convolution and the classifier are rows of int8 kernels (the integer program compile runs), and the residual
-    adds are their own integer kernels."""
+    adds are their own integer kernels. With `binary`, the 1x1 convolutions binarization takes (all but the
+    classifier; the stem and depthwise layers stay fp32) are rows of bit-packed kernels, 1-bit weights and
+    activations."""
     q = LayerPlan("", "int8", 8, 8) if int8 else None
 
     def pw(cin: int, cout: int, size: int, residual: bool = False) -> LayerCost:
-        plan = q
+        plan = LayerPlan("", "binary", 1, 1) if binary else q
         if sparse and sparse[0] > 0 and cout % sparse[1] == 0:
             plan = LayerPlan("", "bsr", block=sparse[1], density=1.0 - sparse[0])
         return rows_of.conv(cin, cout, 1, 1, size, residual=residual and not int8, plan=plan)
