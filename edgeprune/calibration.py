@@ -4,10 +4,10 @@ device's latency table (calibrate/<device>.json) that the latency model fits.
 The suite is MobileNetV2-style pieces (stem convolutions, pointwise expansions, depthwise 3/5/7, projections with
 residual adds, pooling and classifier heads) at widths and resolutions from the search space, some of them with
 their 1x1 layers pruned in 1xN blocks (the block-sparse kernels, N 4/8/16, at 50-90% sparsity), and whole subnets
-of the search space (every other one quantized: the int8 kernels), drawn with a fixed seed so every device is timed
-on the same suite. It runs the pipeline's own stages: compile every network (all before any is timed: compiling
-beside a measurement would skew it), measure them together (measure.batch: interleaved rounds on `local`, every
-board of an rpc:// key at once), and learn.
+of the search space (every other one quantized: the int8 kernels; the rest with every other 1x1 layer binary: the
+bit-packed kernels), drawn with a fixed seed so every device is timed on the same suite. It runs the pipeline's own
+stages: compile every network (all before any is timed: compiling beside a measurement would skew it), measure them
+together (measure.batch: interleaved rounds on `local`, every board of an rpc:// key at once), and learn.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def suite(count: int, seed: int = 1234) -> list[Network]:
             net = architecture_network(Space().sample(space_rng), seed + i, name=f"cal{i:03d}")
             # every other subnet as the int8 program a quantized build compiles, so the table times int8
             # kernels on subnets' own shapes (calibrated on noise: their speed does not depend on the scales)
-            nets.append(_int8(net, seed + i) if i % 6 == 2 else net)
+            # and the others with every other 1x1 layer binary (ReCU codes), so it times the bit-packed kernels too
+            nets.append(_int8(net, seed + i) if i % 6 == 2 else _binary(net, seed + i))
             continue
         res = int(rng.choice([32, 48, 64, 96, 112, 128, 160]))
         c = int(rng.choice([8, 16, 24, 32, 48, 64, 96]))
@@ -90,6 +91,18 @@ def _int8(net: Network, seed: int) -> Network:
     q = Q.quantize(net.module, images)
     return Network(q.module, net.input_shape, net.name, q.plan(), arch=net.arch,
                    integer=integer.program(q, net.input_shape))
+
+
+def _binary(net: Network, seed: int) -> Network:
+    import torch
+
+    from .compress import binary, pointwise_layers
+
+    chosen = set(pointwise_layers(net)[::2])
+    module = net.module
+    example = torch.randn(4, *net.input_shape[1:], generator=torch.Generator().manual_seed(seed))
+    binary.convert(module, "recu", example, keep=lambda name, conv: name not in chosen)
+    return Network(binary.export_form(module), net.input_shape, net.name, binary.plans(module), arch=net.arch)
 
 
 def compile_all(networks: list[Network], target: Target, directory: Path, fmt: str = "so",

@@ -250,3 +250,19 @@ def test_arm_priors_are_fitted_and_carry_the_band_of_their_boards():
     fitted = model_for(a7, _entries(([rows.conv(64, 64, 1, 1, 28)], 1.0)))
     assert fitted.predict(conv).band == (1.0, 1.0)  # the device's own figures: no spread of other boards
     assert not get_target("host").prior_fitted and model_for(get_target("host")).predict(conv).band == (1.0, 1.0)
+
+
+@pytest.mark.slow
+def test_calibration_suite_times_binary_kernels_in_the_other_whole_subnets(tmp_path):
+    """The whole subnets not quantized have every other 1x1 layer binary (ReCU codes, untrained): compiled, each of
+    them is a bit-packed kernel whose cost row carries 1-bit weights and activations, beside dense rows."""
+    from edgeprune.calibration import suite
+    from edgeprune.codegen import compile_model
+
+    net = suite(6)[5]
+    binary = [name for name, plan in net.plan.items() if plan.scheme == "binary"]
+    assert len(binary) > 3
+    build = compile_model(net, "host", tmp_path / "b")
+    rows = [row for row in build.layers if row.family == "binary"]
+    assert len(rows) == len(binary) and all(r.weight_bits == 1 and r.act_bits == 1 for r in rows)
+    assert sum(row.family == "dense" and row.op == "pointwise" for row in build.layers) >= len(binary) - 1
