@@ -155,7 +155,8 @@ class IntegerOp:
       conv        a convolution or dense layer: weight int8 (OIHW / OI), bias int32, multiplier, shift (per
                   output channel), input_zero_point, output_zero_point, act_min, act_max, stride, padding
                   ((rows, columns), or (top, left, bottom, right)), dilation, groups (1, or depthwise);
-                  acc = sum (x - zx) w + bias, out = clamp(zo + round(acc * m / 2**shift))
+                  acc = sum (x - zx) w + bias (int32), out = zo + round_half_even(clamp(float32(acc) *
+                  float32(m / 2**shift), act_min - zo, act_max - zo)) in IEEE float32 (quantize.requantize)
       fconv       a convolution or dense layer kept in fp32 (mixed precision): weight and bias float32, input
                   and output scale and zero point, act_min, act_max and geometry as for conv; out = clamp(zo +
                   round((conv(dequantized x) + bias) / output_scale))

@@ -1,8 +1,12 @@
 """Fixed-point constants of int8 arithmetic, shared by the stages that write integer programs (compress) and those
 that read quantized files (codegen's .tflite import): pure numpy, at the bottom layer so both may import it.
 
-A real multiplier m is applied to an integer accumulator as (acc * multiplier + 2**(shift-1)) >> shift, with
-multiplier an int32 in [2**30, 2**31) and the product in int64 (compress/quantize.py `requantize` is the reference).
+A real multiplier m is kept as (multiplier, shift): an int32 in [2**30, 2**31) and a right shift, m ~ multiplier /
+2**shift. Adds, means and standalone requantizations apply it in fixed point, (acc * multiplier + 2**(shift-1)) >>
+shift with the product in int64 (compress/quantize.py `requantize_fixed`). A convolution's epilogue, which runs once
+per output and dominates layers with a short reduction, applies it in float32 (`requant_scale`, then
+compress/quantize.py `requantize`): one int32 -> float conversion, one multiply, a clamp and a round to nearest even,
+the same IEEE operations on every CPU, so the result is bit-exact everywhere and a third cheaper than int64 products.
 """
 
 from __future__ import annotations
@@ -42,3 +46,12 @@ def sum_multipliers(scales: list[float], scale_out: float) -> tuple[tuple[int, .
     ratios = [s / scale_out for s in scales]
     shift = int(np.clip(30 - math.floor(math.log2(max(ratios))), 1, 62))
     return tuple(min(2 ** 31 - 1, int(round(r * 2.0 ** shift))) for r in ratios), shift
+
+
+ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: y + this - this rounds |y| < 2**22 to the nearest integer, ties to even
+
+
+def requant_scale(multiplier, shift) -> np.ndarray:
+    """The float32 scale a convolution's epilogue multiplies its int32 accumulator by: multiplier / 2**shift (exact
+    in float64), rounded once to float32."""
+    return (np.asarray(multiplier, np.float64) * np.exp2(-np.asarray(shift, np.float64))).astype(np.float32)

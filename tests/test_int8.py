@@ -24,10 +24,12 @@ from edgeprune.targets import get_target
 HOST = get_target("host").tvm_target()
 VARIANTS = ["widen", "vnni"] if K.has_vnni(HOST) else ["widen"]
 
-# (kind, c, o, kernel, stride, padding, map): a stem over 3 channels, 3x3 convs, depthwise at both strides,
-# pointwise with channel counts off the vector width, and a dense layer (a 1x1 map).
+# (kind, c, o, kernel, stride, padding, map): a stem over 3 channels, 3x3 convs (on a 7x7 map the VNNI kernel's row
+# is a tile of 4 and one of 3), depthwise at both strides, pointwise with channel counts off the vector width, and a
+# dense layer (a 1x1 map).
 SHAPES = [("conv", 3, 16, 3, 2, (0, 0, 1, 1), 16), ("depthwise", 24, 24, 3, 2, (0, 1, 1, 0), 12),
-          ("conv", 3, 16, 3, 2, 1, 17), ("conv", 24, 40, 3, 1, 1, 10), ("pointwise", 32, 64, 1, 1, 0, 14),
+          ("conv", 3, 16, 3, 2, 1, 17), ("conv", 24, 40, 3, 1, 1, 10), ("conv", 64, 64, 3, 1, 1, 7),
+          ("pointwise", 32, 64, 1, 1, 0, 14),
           ("pointwise", 20, 10, 1, 1, 0, 7), ("depthwise", 48, 48, 3, 2, 1, 15), ("depthwise", 32, 32, 5, 1, 2, 9),
           ("dense", 72, 10, 1, 1, 0, 1)]
 

@@ -93,9 +93,10 @@ def _conv_reference(x: np.ndarray, w: np.ndarray, bias: np.ndarray, zx: int, str
 
 def _requantize(acc: np.ndarray, mult: np.ndarray, shift: np.ndarray, zo: int, lo: int, hi: int) -> np.ndarray:
     out = np.empty_like(acc)
-    for c in range(acc.shape[1]):  # Python ints: no overflow, exact round half up
-        m, s = int(mult[c]), int(shift[c])
-        out[:, c] = np.vectorize(lambda a, m=m, s=s: (int(a) * m + (1 << (s - 1))) >> s)(acc[:, c])
+    for c in range(acc.shape[1]):  # one float32 product per value, Python's round (half to even), then the clamp
+        scale = np.float32(int(mult[c]) / 2 ** int(shift[c]))
+        vals = acc[:, c]
+        out[:, c] = np.reshape([round(float(np.float32(a) * scale)) for a in vals.ravel()], vals.shape)
     return np.clip(out + zo, lo, hi)
 
 
@@ -168,15 +169,18 @@ def test_fake_quant_agrees_with_integer_arithmetic_within_one_step(tiny, name):
     np.testing.assert_array_equal(Q.reference(layer, x_int.astype(np.int8)), ours)
 
 
-def test_requantize_rounds_half_up_once():
+def test_requantize_rounds_half_to_even_once_in_float32_and_fixed_point_half_up():
     mult, shift = Q.quantize_multiplier(np.array([0.5, 0.3, 1e-3, 1.5]))
     assert np.all((mult >= 2 ** 30) & (mult < 2 ** 31))
     np.testing.assert_allclose(mult / 2.0 ** shift, [0.5, 0.3, 1e-3, 1.5], rtol=2 ** -30)
     acc = np.array([[3, -3, 5, 7]]).T.repeat(4, 1)  # rows: accumulators, columns: channels
-    out = Q.requantize(acc, mult, shift, zero_point=0, axis=1)
-    assert out[:, 0].tolist() == [2, -1, 3, 4]  # 1.5 -> 2, -1.5 -> -1, 2.5 -> 3, 3.5 -> 4
-    assert out[:, 3].tolist() == [5, -4, 8, 11]  # 4.5 -> 5, -4.5 -> -4, 7.5 -> 8, 10.5 -> 11
+    out = Q.requantize(acc, mult, shift, zero_point=0, axis=1)  # a convolution's epilogue: float32, ties to even
+    assert out[:, 0].tolist() == [2, -2, 2, 4]  # 1.5 -> 2, -1.5 -> -2, 2.5 -> 2, 3.5 -> 4
+    assert out[:, 3].tolist() == [4, -4, 8, 10]  # 4.5 -> 4, -4.5 -> -4, 7.5 -> 8, 10.5 -> 10
     assert Q.requantize(np.array([[10 ** 6]]), mult[:1], shift[:1], 100).item() == 127  # saturates
+    assert Q.requantize(np.array([[-(2 ** 31)]]), mult[:1], shift[:1], 0).item() == -128
+    fixed = Q.requantize_fixed(acc, mult, shift, zero_point=0, axis=1)  # adds and means: int64, half up
+    assert fixed[:, 0].tolist() == [2, -1, 3, 4] and fixed[:, 3].tolist() == [5, -4, 8, 11]
 
 
 def test_4bit_scales_minimize_the_rounding_error():

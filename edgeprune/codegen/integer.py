@@ -19,6 +19,7 @@ from tvm import relax
 
 from ..artifacts import IntegerOp, IntegerProgram, TensorSpec
 from ..errors import UserError
+from ..fixedpoint import requant_scale
 from .kernels import int8
 from .kernels.common import OP, CpuSpec
 
@@ -110,8 +111,7 @@ class _Builder:
         variant = int8.variant_for(conv, self.target)
         wp, bias = int8.pack(conv, w, np.asarray(p["bias"]), variant)
         width = bias.shape[0]
-        mult = np.pad(np.asarray(p["multiplier"], np.int32), (0, width - o))
-        shift = np.pad(np.asarray(p["shift"], np.int32), (0, width - o), constant_values=1)
+        scale = np.pad(requant_scale(p["multiplier"], p["shift"]), (0, width - o))
         key = (conv, variant, dense)  # layers of one shape share a kernel (firmware flash)
         if key not in self.kernels:
             func = int8.kernel(conv, variant, self.spec, self.threads)
@@ -121,8 +121,7 @@ class _Builder:
             self.kernels[key] = self.bb.add_func(func, name)
         self.layers.append(("matmul" if dense else "conv", op.name, o))
         oh, ow = conv.out_hw
-        out = self.emit(relax.call_tir(self.kernels[key], [x, relax.const(wp), relax.const(bias), relax.const(mult),
-                                                           relax.const(shift)],
+        out = self.emit(relax.call_tir(self.kernels[key], [x, relax.const(wp), relax.const(bias), relax.const(scale)],
                                        relax.TensorType((1, oh, ow, o), "int8")))
         return self.emit(relax.op.reshape(out, (1, o))) if dense else out
 

@@ -31,7 +31,7 @@ from .quantize import (
     _clamp,
     _fused_activation,
     reference,
-    requantize,
+    requantize_fixed,
 )
 
 _ADD = (operator.add, operator.iadd, torch.add)
@@ -272,11 +272,11 @@ def _step(op: IntegerOp, env: dict) -> np.ndarray:
             return np.clip(((acc + (1 << (p["shift"] - 1))) >> p["shift"]) + p["output_zero_point"], -128,
                            127).astype(np.int8)
         acc = (xs[0].astype(np.int64) - p["input_zero_point"]).sum((2, 3), keepdims=True)
-        return requantize(acc, [p["multiplier"]], [p["shift"]], p["output_zero_point"], axis=0)
+        return requantize_fixed(acc, [p["multiplier"]], [p["shift"]], p["output_zero_point"], axis=0)
     if op.kind == "requant":
         acc = xs[0].astype(np.int64) - p["input_zero_point"]
-        return requantize(acc, [p["multiplier"]], [p["shift"]], p["output_zero_point"], p["act_min"], p["act_max"],
-                          axis=0)
+        return requantize_fixed(acc, [p["multiplier"]], [p["shift"]], p["output_zero_point"], p["act_min"],
+                                p["act_max"], axis=0)
     if op.kind == "maxpool":
         return _maxpool(p, xs[0])
     if op.kind == "flatten":

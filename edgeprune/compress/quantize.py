@@ -13,9 +13,11 @@ Scheme (the one TFLite's int8 spec and onnxruntime's QDQ u8s8/s8s8 use, so both 
                borders too). On x86 VNNI (u8 x s8) the kernel flips x to uint8 with xor 0x80 (zx + 128), the same
                fold; on ARM (s8 x s8 sdot, or vmlal.s16 after widening) it runs as is.
   bias         int32 at scale input_scale * weight_scale[c].
-  requantize   out = clamp(zo + round_half_up(acc * multiplier / 2**shift), act_min, act_max): one rounding, with
-               multiplier an int32 in [2**30, 2**31) and acc * multiplier computed in int64 (`requantize` is the
-               reference); the fused ReLU/ReLU6 is the clamp.
+  requantize   a convolution's int32 accumulator to its int8 output: y = float32(acc) * float32(multiplier /
+               2**shift), clamped to [act_min - zo, act_max - zo], rounded to nearest even, + zo (`requantize` is
+               the reference): IEEE float32 operations, the same on every CPU, and the cheapest epilogue the
+               kernels have (XNNPACK and onnxruntime's MLAS requantize in float32 too). The fused ReLU/ReLU6 is the
+               clamp. Adds, means and standalone requantizations use the int64 fixed point (`requantize_fixed`).
 
 BatchNorm is folded into the convolutions here, after any synthetic calibration data was made (FDDA and ZeroQ align
 images to the BN statistics; methods.md 5.6). Where activations are quantized: the network input, after every
@@ -41,7 +43,7 @@ from torch import fx, nn
 from .. import data
 from ..artifacts import LayerPlan
 from ..errors import UserError
-from ..fixedpoint import QMAX, QMIN, quantize_multiplier  # noqa: F401 - re-exported: compress.quantize.*
+from ..fixedpoint import QMAX, QMIN, quantize_multiplier, requant_scale  # noqa: F401 - re-exported
 from . import fdda as _fdda
 
 SOURCES = ("real", "fdda", "zeroq", "noise")
@@ -85,8 +87,21 @@ def quantize_weight(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch
 
 def requantize(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, zero_point: int, lo: int = QMIN,
                hi: int = QMAX, axis: int = 1) -> np.ndarray:
-    """The reference requantization integer kernels must match bit for bit: int32 accumulators (per-channel
-    multiplier and shift along `axis`) to int8, rounding half up once: (acc * mult + 2**(shift-1)) >> shift."""
+    """The reference of a convolution's epilogue, which the int8 kernels match bit for bit: int32 accumulators (bias
+    added; per-channel multiplier and shift along `axis`) to int8 through float32: acc converted, multiplied by
+    requant_scale(multiplier, shift), clamped to [lo - zero_point, hi - zero_point], rounded half to even."""
+    shape = [1] * acc.ndim
+    shape[axis] = -1
+    scale = requant_scale(multiplier, shift).reshape(shape)
+    y = np.clip(np.asarray(acc).astype(np.int32).astype(np.float32) * scale, np.float32(lo - zero_point),
+                np.float32(hi - zero_point))
+    return (np.rint(y).astype(np.int32) + zero_point).astype(np.int8)
+
+
+def requantize_fixed(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, zero_point: int, lo: int = QMIN,
+                     hi: int = QMAX, axis: int = 1) -> np.ndarray:
+    """Fixed-point requantization (adds, means, standalone requantizations): int accumulators (per-channel multiplier
+    and shift along `axis`) to int8, rounding half up once: (acc * mult + 2**(shift-1)) >> shift, in int64."""
     shape = [1] * acc.ndim
     shape[axis] = -1
     mult = np.asarray(multiplier, dtype=np.int64).reshape(shape)
