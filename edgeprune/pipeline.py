@@ -213,6 +213,15 @@ def _int8(precision: str) -> bool:
     return precision in PRECISIONS
 
 
+def _no_faster_in_int8(network: Network, model) -> list[str]:
+    """The layers `model` (the device's latency model) prices no faster as int8 kernels than in fp32."""
+    from .artifacts import LayerPlan
+    from .compress import layer_costs
+
+    fp32, int8 = layer_costs(network), layer_costs(network, LayerPlan("", "int8", 8, 8))
+    return [name for name, row in fp32.items() if model.layer_ms(int8[name])[0] >= model.layer_ms(row)[0]]
+
+
 def _binarize_report(req: Request, final: Round, build: Build) -> dict | None:
     """What the build chose about binary layers, and why: each precision tried with its subnet, prediction and
     accuracy, the layers made binary, and the kernels compile ran in bits."""
@@ -241,8 +250,9 @@ def _quantize_report(req: Request, final: Round, build: Build) -> dict | None:
     precision = {f"w{r.weight_bits}a{r.act_bits}" if r.family == "int8" else "fp32" for r in build.layers
                  if r.op in ("conv", "pointwise", "depthwise", "matmul")}
     why = ("the most accurate on validation images of the precisions tried, each with the widest subnet its "
-           f"pricing fits in the budget; int8 only where it cost at most {req.max_drop:g} points (the most "
-           "sensitive layers kept in fp32 until it did)" if req.quantize == "auto" else "as requested")
+           f"pricing fits in the budget; int8 only where the device's costs price it faster and where it cost at most "
+           f"{req.max_drop:g} points (the most sensitive layers kept in fp32 until it did)" if req.quantize == "auto"
+           else "as requested")
     return {"requested": req.quantize, "calibration": req.calibration, "chosen": chosen.precision if chosen else
             "fp32", "layers": [{"kernel": r.kernel, "op": r.op, "precision": "int8" if r.family == "int8" else
                                 "fp32", "sources": list(r.sources)} for r in build.layers
@@ -414,15 +424,19 @@ def run(req: Request) -> dict:
                 elif precision != "fp32":
                     t = time.perf_counter()
                     steps = FDDA_STEPS if req.calibration == "fdda" else 0  # the synthetic images' optimization
+                    # auto: a layer the device's costs price no faster in int8 stays fp32
+                    slower = _no_faster_in_int8(network, model) if req.quantize == "auto" else []
                     with progress_bar(steps, f"calibrate ({req.calibration})", quiet=req.quiet or not steps) as bar:
                         network, quantized = quantize_network(
                             network, ds, precision=precision, calibration=req.calibration, per_class=req.per_class,
-                            seed=req.seed, max_drop=req.max_drop if req.quantize == "auto" else None, progress=bar)
-                    kept = quantized["fp32_layers"]
+                            seed=req.seed, max_drop=req.max_drop if req.quantize == "auto" else None,
+                            keep_float=slower, progress=bar)
+                    sensitive = len(quantized["fp32_layers"]) - len(slower)
                     _log(req, f"  quantized to {precision} ({req.calibration} calibration, "
                               f"{quantized['calibration_seconds']:.0f} s): val accuracy {quantized['val_fp32']:.1%} "
                               f"-> {quantized['val_quantized']:.1%}"
-                              + (f"; {len(kept)} most sensitive layers kept in fp32" if kept else ""))
+                              + (f"; {len(slower)} layers no faster in int8 kept in fp32" if slower else "")
+                              + (f"; {sensitive} most sensitive layers kept in fp32" if sensitive else ""))
                     times[f"quantize_{r + 1}"] = times.get(f"quantize_{r + 1}", 0.0) + time.perf_counter() - t
                 trials.append(Trial(sparsity, best, network, tuned, precision, quantized, binarized))
             # The most accurate on validation images; of equals, the one predicted faster.

@@ -307,3 +307,31 @@ def test_each_calibration_source_gives_its_images(tiny):
     assert abs(float(noise.mean())) < 0.1 and 0.8 < float(noise.std()) < 1.1
     q_noise, q_real = (Q.quantize(tiny, made[s].images) for s in ("noise", "real"))
     assert q_noise.layers["expand.0"].input_scale != q_real.layers["expand.0"].input_scale  # the source matters
+
+
+def test_auto_keeps_in_fp32_the_layers_the_device_runs_no_faster_in_int8():
+    """--quantize auto's per-layer speed rule: each layer's cost row (compress.layer_costs, one forward pass finds
+    its map) priced by the device's model in fp32 and in int8; a layer timed slower in int8 on this device (here one
+    measured row) stays fp32, and the program computes it as an fp32 layer between int8 tensors."""
+    from edgeprune import api, data
+    from edgeprune.artifacts import LayerPlan
+    from edgeprune.compress import layer_costs, quantize_network
+    from edgeprune.cost import model_for
+    from edgeprune.pipeline import _no_faster_in_int8
+    from edgeprune.targets import get_target
+
+    net = api._builtin("mobilenetv2-0.35-96")
+    fp32, int8 = layer_costs(net), layer_costs(net, LayerPlan("", "int8", 8, 8))
+    weighted = [n for n, m in net.module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert sorted(fp32) == sorted(int8) == sorted(weighted)
+    assert all(int8[n].weight_bits == 8 and fp32[n].weight_bits == 32 for n in fp32)
+    assert {fp32[n].op for n in fp32} == {"conv", "pointwise", "depthwise", "matmul"}
+    model = model_for(get_target("host"))
+    assert _no_faster_in_int8(net, model) == []  # the host's prior: int8 is faster everywhere
+    slow = weighted[5]
+    model.measured[int8[slow].key()] = 10 * model.layer_ms(fp32[slow])[0]  # as if timed on a device
+    same_kernel = [n for n in weighted if int8[n].key() == int8[slow].key()]  # a row prices a kernel shape
+    assert _no_faster_in_int8(net, model) == same_kernel and slow in same_kernel
+    q, info = quantize_network(net, data.load(None, seed=0), calibration="noise", keep_float=same_kernel)
+    assert info["fp32_where_faster"] == same_kernel and info["fp32_layers"] == same_kernel
+    assert [op.name for op in q.integer.ops if op.kind == "fconv"] == same_kernel

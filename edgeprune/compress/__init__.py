@@ -10,11 +10,11 @@ receives names every layer that has weights.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 
-from ..artifacts import LayerPlan, Network
+from ..artifacts import LayerCost, LayerPlan, Network
 from ..errors import UserError
 
 PRUNE_STEPS = 200  # as many as build fine-tunes a subnet: a few minutes on 2 cores
@@ -68,15 +68,42 @@ CALIBRATIONS = ("fdda", "real", "noise", "zeroq")
 SENSITIVITY_IMAGES = 32  # ranking layers needs a network's response, not calibrated ranges: one batch, per layer
 
 
+def layer_costs(network: Network, plan: LayerPlan | None = None) -> dict[str, LayerCost]:
+    """Each convolution's and linear layer's cost row on the network's input (one forward pass finds its map),
+    running as `plan` says (dense fp32 when None): what a latency model prices, layer by layer."""
+    import torch
+    from torch import nn
+
+    from ..cost import rows
+    from .trace import forward_hooked
+
+    out: dict[str, LayerCost] = {}
+
+    def on_layer(name: str, m: nn.Module, args: tuple) -> None:
+        if name in out:
+            return
+        if isinstance(m, nn.Linear):
+            out[name] = rows.dense(m.in_features, m.out_features, plan=plan)
+        elif isinstance(m, nn.Conv2d):
+            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            out[name] = rows.conv(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0],
+                                  int(args[0].shape[-1]), depthwise=depthwise, plan=plan)
+
+    forward_hooked(network.module, torch.zeros(*network.input_shape), on_layer)
+    return out
+
+
 def quantize_network(network: Network, data, *, precision: str = "int8", calibration: str = "fdda",
                      per_class: int = 4, seed: int = 0, max_drop: float | None = None,
+                     keep_float: Collection[str] = (),
                      progress: Callable[[int, int, str, float], None] | None = None) -> tuple[Network, dict]:
     """Post-training quantization of the network (calibration images from `calibration`, BatchNorm folded after
     them, per-channel weights and per-tensor activations), as the integer program codegen compiles
     (integer.program). With `max_drop` (points of validation accuracy), layers are kept in fp32, the most sensitive
     first (quantize.sensitivity), until quantization costs no more than that; the info says which. Returns the
     quantized Network (its module the float simulation, its accuracy the simulation's on the validation split) and
-    what was done: bits, calibration, seconds, accuracy before/after, the layers kept in fp32."""
+    what was done: bits, calibration, seconds, accuracy before/after, the layers kept in fp32. Layers named in
+    `keep_float` stay fp32 from the start (a device that runs them no faster in int8)."""
     import time
 
     from ..training import accuracy as accuracy_of
@@ -96,17 +123,18 @@ def quantize_network(network: Network, data, *, precision: str = "int8", calibra
                                per_class=per_class, seed=seed, progress=progress)
     made = time.perf_counter() - t
     before = network.accuracy if network.accuracy is not None else accuracy_of(network.module, *data.val, resolution)
-    q = Q.quantize(network.module, syn.images, bits)
+    slower = list(keep_float)
+    q = Q.quantize(network.module, syn.images, bits, keep_float=slower)
     after = accuracy_of(q.module, *data.val, resolution)
-    kept: list[str] = []
+    kept: list[str] = list(slower)
     if max_drop is not None and 100 * (before - after) > max_drop:
-        order = Q.sensitivity(network.module, syn.images[:SENSITIVITY_IMAGES], bits)
+        order = [n for n in Q.sensitivity(network.module, syn.images[:SENSITIVITY_IMAGES], bits) if n not in slower]
         k = 1
         while k < len(order):  # 1, 2, 4, ... layers in fp32: a few evaluations, not one per layer
-            trial = Q.quantize(network.module, syn.images, bits, keep_float=order[:k])
+            trial = Q.quantize(network.module, syn.images, bits, keep_float=slower + order[:k])
             acc = accuracy_of(trial.module, *data.val, resolution)
             if 100 * (before - acc) <= max_drop:
-                q, after, kept = trial, acc, order[:k]
+                q, after, kept = trial, acc, slower + order[:k]
                 break
             k *= 2
     program = integer.program(q, tuple(network.input_shape))
@@ -115,7 +143,7 @@ def quantize_network(network: Network, data, *, precision: str = "int8", calibra
             "calibration_images": len(syn.images), "calibration_seconds": round(made, 2),
             "val_fp32": round(float(before), 4), "val_quantized": round(float(after), 4),
             "drop_points": round(100 * (float(before) - float(after)), 2), "layers": len(q.layers),
-            "fp32_layers": kept}
+            "fp32_layers": kept, "fp32_where_faster": slower}
     return replace(network, module=q.module, plan=plan, accuracy=after, integer=program), info
 
 
