@@ -209,6 +209,27 @@ def test_network_binary_layers_run_as_binary_kernels(method, tmp_path):
         assert_close(Session(build).run([x.numpy()])[0], model(x).numpy())
 
 
+def test_compile_of_a_binary_onnx_file_runs_its_binary_layers_in_bits(cli, tmp_path):
+    """`edgeprune compile` of an ONNX file in binary export form, written by anyone (here torch.onnx), finds the
+    binary layers and runs them as binary kernels; the build computes what onnxruntime computes from the file."""
+    import json
+
+    import onnxruntime as ort
+
+    from edgeprune.models import zoo
+
+    model, x = _binarized("recu")
+    onnx = zoo.export_onnx(binary.export_form(model), x, tmp_path / "net.onnx")
+    rc, _, err = cli("compile", onnx, "--target", "host", "-o", tmp_path / "b")
+    assert rc == 0, err
+    built = json.loads((tmp_path / "b" / "build.json").read_text())
+    assert [r["sources"] for r in built["layers"] if r["family"] == "binary"] == [["conv1/Conv"], ["conv2/Conv"]]
+    from edgeprune.artifacts import Build
+
+    ref = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert_close(Session(Build.load(tmp_path / "b")).run([x.numpy()])[0], ref)
+
+
 class TwoLayers(nn.Module):
     """Two binary layers side by side on one input, their outputs the kernels' own, concatenated (a copy)."""
 

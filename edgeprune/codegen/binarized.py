@@ -360,18 +360,31 @@ def import_binarized(model: nn.Module, input_shape: tuple[int, ...], onnx_path: 
     """(an ImportedModel whose binary layers call binary kernels, the Report): `model` (a network in export form,
     compress.binary.export_form) is written to `onnx_path`, which stays the build's source."""
     from ..models import zoo
-    from .importers import ImportedModel, import_model
-    from .lower import canonicalize
+    from .importers import import_model
 
     x = torch.zeros(*input_shape)
     path = zoo.export_onnx(model.eval(), x, onnx_path)
-    imported = import_model(path)
+    found = with_binary_kernels(import_model(path), target, threads)
+    if found is None:
+        raise UserError("no binary convolution was found in the exported graph; please report it")
+    return found
+
+
+def with_binary_kernels(imported, target: Target, threads: int | None = None):
+    """(the imported model with its binary layers calling binary kernels, the Report), or None when its graph has
+    no binarization (a `where`) to look at or no binary layer was found: any ONNX file in export form, however
+    it was written, compiles binary this way."""
+    from .importers import ImportedModel
+    from .lower import canonicalize
+
+    if not any(_op(v) == "relax.where" for v in _Graph(imported.mod["main"]).value.values()):
+        return None  # the common case, a float network: not worth a canonicalization
     tvm_target = target.tvm_target()
     with tvm_target:
         mod = canonicalize()(imported.mod)
     mod, report = binarize_module(mod, tvm_target, threads or target.cores)
     if not report.binary_layers:
-        raise UserError("no binary convolution was found in the exported graph; please report it")
+        return None
     return ImportedModel(mod, imported.inputs, imported.source, imported.format, imported.sha256,
                          _reorder_convs(imported.layers, report.conv_order)), report
 

@@ -168,6 +168,10 @@ def compile_model(
         package_name = package_name or model.name
     else:
         imported = model if isinstance(model, ImportedModel) else import_model(model, input_shape, target)
+        if not isinstance(model, ImportedModel):  # a file in binary export form: its binary layers run in bits
+            from .binarized import with_binary_kernels
+
+            imported = (with_binary_kernels(imported, target) or (imported,))[0]
     try:
         from .choose import chooser
 
