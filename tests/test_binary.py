@@ -157,6 +157,47 @@ def test_binarize_drives_the_schedule_step_by_step():
     assert seen[-1][2] == pytest.approx(0.99) and not model.training
 
 
+@pytest.mark.parametrize("method", binary.METHODS)
+def test_two_stage_binarizes_activations_first_then_weights(method):
+    """Two-stage training: the first stage computes with the method's binary activations and full-precision weights
+    (ReCU's centred, as its standardization centres them), the second with both binary; the weight schedules run
+    over the second stage only, and the steps add up to `steps`."""
+    torch.manual_seed(0)
+    model = Tiny()
+    fp32 = {n: model.get_submodule(n).weight.detach().clone() for n in BINARY}
+    binary.convert(model, method, torch.randn(8, 3, 12, 12), weights_binary=False)
+    x = torch.randn(4, 16, 12, 12)
+    m = model.conv1[0].eval()
+    assert not bool(m.weights_binary)
+    real = fp32["conv1.0"] - (fp32["conv1.0"].mean((1, 2, 3), keepdim=True) if method == "recu" else 0)
+    torch.testing.assert_close(m.weight.detach(), fp32["conv1.0"])  # SiMaN: not yet in magnitude form
+    torch.testing.assert_close(m(x), nn.functional.conv2d(m.binary_input(x), real, None, 1, 1))
+    with pytest.raises(UserError, match="first stage of two-stage training"):
+        binary.binary_layers(model)
+    m.binarize_weights()
+    assert bool(m.weights_binary) and set(torch.unique(m.codes()).tolist()) == {-1, 1}
+    if method == "siman":  # the first codes are the top half of the fp32 weights by value
+        torch.testing.assert_close(m.alpha.detach(), fp32["conv1.0"].abs().mean((1, 2, 3)))
+        by_value = binary.SiMaNConv2d.top_half(fp32["conv1.0"].view(16, -1))
+        assert float(((m.codes().view(16, -1) > 0).float() == by_value).float().mean()) > 0.99
+
+    model = Tiny()
+    seen = []
+
+    def progress(step, steps, label, loss):
+        c = model.conv1[0]
+        seen.append((label, step, steps, bool(c.weights_binary), float(c.progress)))
+
+    binary.binarize(model, method, toy_data(64), 12, 6, batch=16, activation_steps=2, progress=progress)
+    assert [s[:4] for s in seen] == [(f"{method} (activations)", 1, 2, False), (f"{method} (activations)", 2, 2, False),
+                                      (method, 1, 4, True), (method, 2, 4, True), (method, 3, 4, True),
+                                      (method, 4, 4, True)]
+    assert [s[4] for s in seen[2:]] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(bool(c.weights_binary) for c in binary.binary_modules(model).values()) and not model.training
+    with pytest.raises(UserError, match="activation_steps must be between 0 and steps"):
+        binary.binarize(Tiny(), method, toy_data(32), 12, 2, activation_steps=3)
+
+
 def test_siman_marks_exactly_the_top_half_by_magnitude():
     conv = nn.Conv2d(3, 8, 3, bias=False)  # 27 weights per output channel: 13 ones
     m = binary.SiMaNConv2d(conv, codes="01").eval()

@@ -44,6 +44,7 @@ per-sample mean already centres its input.
 
 Use:
     binarize(model, "recu", ds, resolution, steps, teacher=fp32_copy, progress=cb)   # convert + train, in place
+    binarize(..., activation_steps=steps // 2)      # two-stage: binary activations first, then weights too
     binary_layers(model) -> {name: BinaryWeights}   # codes, scale, activation threshold, packing, a reference conv
     plans(model) -> {name: LayerPlan}               # scheme "binary", 1-bit weights and activations
 """
@@ -142,7 +143,7 @@ class BinaryConv2d(nn.Conv2d):
     code_set = "pm1"  # the weight codes: "pm1" = {-1, +1}, "01" = {0, 1}
     act_mode = "static"  # "static": bit = a >= act_threshold[c]; "sample-mean": bit = a >= mean of the sample
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, weights_binary: bool = True):
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                          conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
         with torch.no_grad():
@@ -151,6 +152,8 @@ class BinaryConv2d(nn.Conv2d):
                 self.bias.copy_(conv.bias)
         self.register_buffer("progress", torch.tensor(0.0))
         self.register_buffer("act_threshold", torch.zeros(conv.in_channels))
+        # False in the first stage of two-stage training: binary activations, full-precision weights
+        self.register_buffer("weights_binary", torch.tensor(weights_binary))
 
     # subclasses: the forward weight (binary codes through their estimator), the scale, the activation bits
     def binary_weight(self) -> torch.Tensor:
@@ -166,9 +169,18 @@ class BinaryConv2d(nn.Conv2d):
         """The weight the convolution runs with: codes x the output channel's scale ({-a, +a} or {0, a})."""
         return self.binary_weight() * self.scale().view(-1, 1, 1, 1)
 
+    def real_weight(self) -> torch.Tensor:
+        """The full-precision weight of the first stage of two-stage training (binary activations only)."""
+        return self.weight
+
+    @torch.no_grad()
+    def binarize_weights(self) -> None:
+        """From here on the weights are binary too (the second stage)."""
+        self.weights_binary.fill_(True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.binary_input(x), self.effective_weight(), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+        w = self.effective_weight() if bool(self.weights_binary) else self.real_weight()
+        return F.conv2d(self.binary_input(x), w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     @torch.no_grad()
     def codes(self) -> torch.Tensor:
@@ -208,9 +220,14 @@ class ReCUConv2d(BinaryConv2d):
 
     method = "recu"
 
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__(conv)
+    def __init__(self, conv: nn.Conv2d, weights_binary: bool = True):
+        super().__init__(conv, weights_binary)
         self.alpha = nn.Parameter(torch.rand(conv.out_channels))  # U(0, 1), as released (not mean |w|)
+
+    def real_weight(self) -> torch.Tensor:
+        """The centred weight: ReCU's codes are the signs of w - mean_c(w) (its standardization), so the first
+        stage trains the function whose signs the second stage starts from."""
+        return self.weight - self.weight.mean((1, 2, 3), keepdim=True)
 
     def tau(self) -> float:
         return recu_tau(float(self.progress))
@@ -243,14 +260,22 @@ class SiMaNConv2d(BinaryConv2d):
     method = "siman"
     act_mode = "sample-mean"
 
-    def __init__(self, conv: nn.Conv2d, codes: str = "pm1"):
-        super().__init__(conv)
+    def __init__(self, conv: nn.Conv2d, codes: str = "pm1", weights_binary: bool = True):
+        super().__init__(conv, False)
         if codes not in ("01", "pm1"):
             raise ValueError(f"SiMaN codes must be '01' or 'pm1', not {codes!r}")
         self.code_set = codes
         self.alpha = nn.Parameter(conv.weight.detach().abs().mean((1, 2, 3)).clone())  # from the fp32 weights
-        with torch.no_grad():
-            self.weight.copy_(magnitude_form(conv.weight.detach()))
+        if weights_binary:
+            self.binarize_weights()
+
+    @torch.no_grad()
+    def binarize_weights(self) -> None:
+        """The full-precision weights become SiMaN's latent weights (`magnitude_form`), alpha their mean |w|."""
+        if not bool(self.weights_binary):
+            self.alpha.copy_(self.weight.abs().mean((1, 2, 3)))
+            self.weight.copy_(magnitude_form(self.weight))
+        super().binarize_weights()
 
     @torch.no_grad()
     def clip_magnitudes(self) -> None:
@@ -354,7 +379,8 @@ def _trace(model: nn.Module, example: torch.Tensor) -> tuple[list[str], dict[str
 
 
 def convert(model: nn.Module, method: str, example: torch.Tensor,
-            keep: Callable[[str, nn.Conv2d], bool] | None = None, siman_codes: str = "pm1") -> list[str]:
+            keep: Callable[[str, nn.Conv2d], bool] | None = None, siman_codes: str = "pm1",
+            weights_binary: bool = True) -> list[str]:
     """Replace the model's convolutions by `method`'s binary ones, in place, starting from their weights; returns
     the names of the binarized layers. `example` (a batch of images as the model takes them) finds the stem (convs
     reading the image) and the classifier (the last weighted layer run), which stay full precision, and the inputs
@@ -375,7 +401,8 @@ def convert(model: nn.Module, method: str, example: torch.Tensor,
         chosen.append(name)
     for name in chosen:
         conv = convs[name]
-        b = SiMaNConv2d(conv, siman_codes) if method == "siman" else _CLASSES[method](conv)
+        b = (SiMaNConv2d(conv, siman_codes, weights_binary) if method == "siman"
+             else _CLASSES[method](conv, weights_binary))
         a = inputs[name]
         if b.act_mode == "static" and float(a.min()) >= 0:
             # the median balances the bits; where most of a channel is 0, the split is 0 against positive
@@ -404,30 +431,46 @@ def binarize(model: nn.Module, method: str, ds: data.Dataset, resolution: int, s
              teacher: nn.Module | None = None, teacher_resolution: int | None = None, lr: float = 1e-3,
              batch: int = 32, weight_decay: float = 1e-2, kd_weight: float = 1.0, seed: int = 0,
              keep: Callable[[str, nn.Conv2d], bool] | None = None, siman_codes: str = "pm1",
+             activation_steps: int = 0,
              progress: Callable[[int, int, str, float], None] | None = None) -> nn.Module:
     """Binarize a trained full-precision CNN in place (`convert`) and train it `steps` steps from its weights:
     labels plus distillation from `teacher` (the fp32 network, if given), AdamW with warm-up and cosine decay
     (training.distill), ReCU's tau and SiMaN's clip following the steps. Weight decay applies to conv and
     classifier weights (ReCU: not to BatchNorm or alpha), and for SiMaN not to binary layers. `progress(step,
-    steps, method, loss)` is called after every step. Returns the model, BatchNorm recalibrated, in eval mode."""
+    steps, method, loss)` is called after every step. Returns the model, BatchNorm recalibrated, in eval mode.
+
+    Two-stage training (ReActNet; ReCU's `imagenet_two-stage`): the first `activation_steps` of the `steps` train
+    with the method's binary activations and full-precision weights, the rest with both binary, each stage with
+    its own optimizer and warm-up + cosine schedule; the weight schedules (tau, SiMaN's clip) run over the
+    second stage."""
     _check_method(method)
     if steps < 0:
         raise UserError(f"binarization steps must be >= 0, not {steps}")
+    if not 0 <= activation_steps <= steps:
+        raise UserError(f"activation_steps must be between 0 and steps ({steps}), not {activation_steps}")
     if resolution <= 0:
         raise UserError(f"resolution must be positive, not {resolution}")
     example = data.tensors(ds.train[0][:batch], resolution)
-    names = convert(model, method, example, keep, siman_codes)
+    names = convert(model, method, example, keep, siman_codes, weights_binary=activation_steps == 0)
     if not names:
         raise UserError("no convolution to binarize: the model's convs are all stem, classifier, depthwise or "
                         "shortcut projections (kept at full precision)")
     binary = {f"{n}.weight" for n in names}
     no_decay = (lambda n, p: n in binary) if method == "siman" else None
+    if activation_steps:
+        training.distill(model, resolution, teacher, teacher_resolution or resolution, ds, activation_steps, lr=lr,
+                         batch=batch, weight_decay=weight_decay, kd_weight=kd_weight, seed=seed,
+                         opt=training.optimizer(model, lr, weight_decay, no_decay=no_decay),
+                         progress=progress, label=f"{method} (activations)")
+        for m in binary_modules(model).values():
+            m.binarize_weights()
+    weight_steps = steps - activation_steps
     opt = training.optimizer(model, lr, weight_decay, no_decay=no_decay)
     set_progress(model, 0.0)
-    training.distill(model, resolution, teacher, teacher_resolution or resolution, ds, steps, lr=lr, batch=batch,
-                     weight_decay=weight_decay, kd_weight=kd_weight, seed=seed, opt=opt,
-                     after_step=lambda step: set_progress(model, (step + 1) / steps), progress=progress,
-                     label=method)
+    training.distill(model, resolution, teacher, teacher_resolution or resolution, ds, weight_steps, lr=lr,
+                     batch=batch, weight_decay=weight_decay, kd_weight=kd_weight, seed=seed,
+                     opt=opt, after_step=lambda step: set_progress(model, (step + 1) / weight_steps),
+                     progress=progress, label=method)
     set_progress(model, 1.0)
     return model.eval()
 
@@ -498,6 +541,9 @@ def binary_layers(model: nn.Module) -> dict[str, BinaryWeights]:
     weights (SiMaN's top-half codes are recomputed, not read from the last training step)."""
     out = {}
     for name, m in binary_modules(model).items():
+        if not bool(m.weights_binary):
+            raise UserError(f"layer {name} is in the first stage of two-stage training (full-precision weights); "
+                            "binarize_weights() makes its weights binary")
         with torch.no_grad():
             out[name] = BinaryWeights(
                 name, m.method, m.code_set, m.codes().numpy(), m.scale().detach().float().numpy().copy(),
