@@ -11,8 +11,10 @@ Protocol:
      what sets the published runtimes apart from our kernels, fitted and left out of the shipped prior: per core,
      the gain of Winograd (ncnn and TVM on 3x3 stride-1 convolutions; ours are direct); shared by all cores, the
      speed of each runtime (ncnn fp32, ncnn int8, TVM) against XNNPACK's, and of an Android NDK (clang) build of ncnn
-     against one for Linux, from the board facts the CSV records (its OS; clock and threads scale every figure). A
-     weak pull toward generic values keeps small targets stable;
+     against one for Linux, from the board facts the CSV records (its OS; clock and threads scale every figure).
+     Shared too, and shipped (edgeprune/cost/model.py PRIOR_TRAFFIC): the bytes our kernels move per byte of their
+     tensors, where the memory roofline binds. benchncnn's SqueezeNet runs at 227 px, priced so. A weak pull toward
+     generic values keeps small targets stable;
   4. leave-one-board-out: each board (a board and runtime as the table lists it) predicted by the prior fitted on
      the other boards of its core, scaled to the board's clock and threads; its error per figure.
 
@@ -58,10 +60,12 @@ CORE_PULL = np.array([0.1, 0.1, 0.5, 0.3, 0.1, 0.3])
 #   log speed of ncnn fp32, ncnn int8, TVM fp32; log speed of an ncnn built with the Android NDK (clang, run on
 #   Android) against one built for Linux, on the same core and clock. Two boards have it (i.MX7D on A7, Snapdragon
 #   410 on A53): shared, so leaving one out still fits it on the other.
-RUNTIME_START = np.array([0.0, 0.0, 0.0, 0.0])
-RUNTIME_LOWER = np.array([np.log(0.3), np.log(0.3), np.log(0.3), np.log(0.3)])
-RUNTIME_UPPER = np.array([np.log(3.0), np.log(3.0), np.log(3.0), np.log(3.0)])
-RUNTIME_PULL = np.array([0.1, 0.1, 0.1, 0.1])
+# Last, shipped (edgeprune/cost/model.py PRIOR_TRAFFIC): the log of the bytes our kernels move per byte of their
+# tensors, which sets where the memory roofline binds; 1 to start (each tensor moved once), up to 4.
+RUNTIME_START = np.array([0.0, 0.0, 0.0, 0.0, 0.0])
+RUNTIME_LOWER = np.array([np.log(0.3), np.log(0.3), np.log(0.3), np.log(0.3), 0.0])
+RUNTIME_UPPER = np.array([np.log(3.0), np.log(3.0), np.log(3.0), np.log(3.0), np.log(4.0)])
+RUNTIME_PULL = np.array([0.1, 0.1, 0.1, 0.1, 0.1])
 CONV_OF_POINTWISE = 0.9  # direct 3x3 without im2col: a little below the 1x1 GEMM's rate (x86 here: 0.8-1.0)
 GOAL_MEDIAN, GOAL_MAX = 20.0, 40.0
 
@@ -138,7 +142,9 @@ def predict(target, theta: np.ndarray, runtime: np.ndarray, fig: Figure, rows: d
     if fig.runtime == "ncnn" and fig.os == "android":
         log_speed += runtime[3]
     layers = rows[fig.network] if fig.precision == "fp32" else int8(rows[fig.network])
-    ms = sum(fitted_prior_ms(r, t, fig.threads, w) for r in layers) * INPUT_PIXELS.get((fig.runtime, fig.network), 1)
+    traffic = float(np.exp(runtime[4]))
+    ms = sum(fitted_prior_ms(r, t, fig.threads, w, traffic) for r in layers)
+    ms *= INPUT_PIXELS.get((fig.runtime, fig.network), 1.0)
     return ms / float(np.exp(log_speed))
 
 
@@ -218,7 +224,8 @@ def print_constants(name: str, target, theta: np.ndarray, runtime: np.ndarray, e
     print(f"\n# {name}: fitted on {len(errors)} figures of {len(per_board)} boards; Winograd gain of ncnn/TVM on "
           f"this core {np.exp(theta[5]):.2f}; shared by the cores, speeds against ours: ncnn fp32 "
           f"{np.exp(runtime[0]):.2f}, ncnn int8 {np.exp(runtime[1]):.2f}, TVM {np.exp(runtime[2]):.2f}, an Android "
-          f"NDK build of ncnn against a Linux one {np.exp(runtime[3]):.2f} (all left out of the shipped prior)")
+          f"NDK build of ncnn against a Linux one {np.exp(runtime[3]):.2f} (all left out of the shipped prior); "
+          f"PRIOR_TRAFFIC (edgeprune/cost/model.py, shared) = {np.exp(runtime[4]):.2f}")
     print(f"prior_eff_pointwise = {t.prior_eff_pointwise:.3f}\nprior_eff_conv = {t.prior_eff_conv:.3f}\n"
           f"prior_eff_depthwise = {t.prior_eff_depthwise:.3f}\nprior_eff_matmul = {t.prior_eff_matmul:.3f}\n"
           f"prior_int8_efficiency = {t.prior_int8_efficiency:.3f}\n"

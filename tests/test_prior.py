@@ -49,7 +49,8 @@ def test_the_fit_reads_the_board_facts(prior):
     rows = {"squeezenet1.1-224": [_pointwise()], "mobilenetv1-1.0-224": [_pointwise()]}
     target = get_target("cortex-a7")
     theta = prior.CORE_START.copy()
-    runtime = np.array([0.0, 0.0, 0.0, np.log(1.5)])
+    runtime = prior.RUNTIME_START.copy()
+    runtime[3] = np.log(1.5)  # an Android NDK build of ncnn 1.5x as fast as a Linux one
 
     def fig(**kw):
         base = dict(board="b", core="A7", ghz=1.0, threads=1, runtime="ncnn", version="2022-01-03", os="linux",
@@ -69,3 +70,19 @@ def _pointwise():
     from edgeprune.cost import rows
 
     return rows.conv(64, 64, 1, 1, 28)
+
+
+def test_depthwise_meets_the_bandwidth_before_pointwise_does():
+    """The fitted prior's memory roofline: on an A72, a depthwise layer stops scaling with threads at the board's
+    bandwidth (its bytes times PRIOR_TRAFFIC), while a wide 1x1 convolution keeps scaling as t ** thread_scaling."""
+    from edgeprune.cost import rows
+    from edgeprune.cost.model import PRIOR_TRAFFIC, LatencyModel, memory_ms
+
+    a72 = get_target("cortex-a72")
+    overhead = a72.prior_overhead_us / 1e3
+    dw, pw = rows.conv(96, 96, 3, 1, 112, depthwise=True), rows.conv(256, 256, 1, 1, 28)  # MobileNetV2's, ResNet's
+    one, four = LatencyModel(a72, threads=1), LatencyModel(a72, threads=4)
+    assert four.predict([dw]).ms - overhead == pytest.approx(PRIOR_TRAFFIC * memory_ms(dw, a72))
+    assert (one.predict([dw]).ms - overhead) / (four.predict([dw]).ms - overhead) < 4 ** a72.prior_thread_scaling
+    assert (one.predict([pw]).ms - overhead) / (four.predict([pw]).ms - overhead) == pytest.approx(
+        4 ** a72.prior_thread_scaling)

@@ -36,6 +36,12 @@ PRIOR_OVERHEAD_MS = 0.005  # per kernel call: dispatch, parallel launch
 # activations, not by arithmetic: the prior prices it at the depthwise rate. Only the prior uses this cut-off; the
 # fit learns each class's rate from measurements.
 WINDOW_ONLY_MACS = 49
+# Bytes the kernels move per byte of their tensors counted once (a row's act + weight + out bytes): packing, im2col
+# and tiles read again when a layer does not fit in L2; it also absorbs the targets' bandwidths being what a board
+# sustains at best (STREAM), not under a convolution's access pattern. Fitted by bench/prior.py on every published
+# ARM figure and shared by the cores; the fitted prior's memory roofline uses it, so depthwise and other layers with
+# few MACs per byte stop scaling with threads once they meet the board's bandwidth.
+PRIOR_TRAFFIC = 3.25
 MIN_FIT_ENTRIES = 8  # fewer measured networks than this: scale the prior instead of fitting per class
 MIN_CLASS_KERNELS = 4  # per-kernel fit: a class with fewer timed kernels is priced by the scaled prior
 
@@ -82,10 +88,12 @@ def terms(row: LayerCost, target: Target, threads: int | None = None) -> tuple[f
     return 2 * row.macs / peak_per_ms, memory_ms(row, target)
 
 
-def fitted_prior_ms(row: LayerCost, target: Target, threads: int | None = None, winograd: float = 1.0) -> float:
+def fitted_prior_ms(row: LayerCost, target: Target, threads: int | None = None, winograd: float = 1.0,
+                    traffic: float = PRIOR_TRAFFIC) -> float:
     """A row's time from the target's prior fitted to published figures (targets/*.toml, bench/prior.py): one core's
     peak at the row's bit-widths times the class's efficiency, t threads t ** scaling times faster than one, the
-    memory roofline, and an overhead per call. Pooling, means and data movement are priced by their bytes alone.
+    memory roofline (the row's bytes times `traffic` at the target's bandwidth: threads share it), and an overhead
+    per call. Pooling, means and data movement are priced by their bytes alone.
 
     `winograd` divides the work of 3x3 stride-1 convolutions: the published runtimes (ncnn, TVM) use Winograd there,
     and fitting to them must say so; our kernels do not, so the product prices them at 1."""
@@ -99,7 +107,7 @@ def fitted_prior_ms(row: LayerCost, target: Target, threads: int | None = None, 
         speedup = (threads or target.cores) ** target.prior_thread_scaling
         eff *= bsr_efficiency(row, target)
         compute = 2 * macs / (target.clock_mhz * 1e3 * ops_per_cycle(target, row) * eff * speedup)
-    return max(compute, memory_ms(row, target)) + target.prior_overhead_us / 1e3
+    return max(compute, traffic * memory_ms(row, target)) + target.prior_overhead_us / 1e3
 
 
 def winograd_eligible(row: LayerCost) -> bool:
