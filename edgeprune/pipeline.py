@@ -222,15 +222,22 @@ def _no_faster_in_int8(network: Network, model) -> list[str]:
     return [name for name, row in fp32.items() if model.layer_ms(int8[name])[0] >= model.layer_ms(row)[0]]
 
 
+def _tried(final: Round, key: str, account: str | None = None) -> tuple[Trial | None, list[dict]]:
+    """The final round's chosen trial, and each trial as the report lists it: `key` (its precision or sparsity),
+    its subnet, prediction and accuracy, and its stage's `account` (Trial.quantized, Trial.binarized)."""
+    chosen = next((tr for tr in final.trials if tr.candidate is final.candidate), None)
+    return chosen, [{key: getattr(tr, key), "predicted_ms": round(tr.candidate.predicted_ms, 4),
+                     "macs": S.macs(tr.candidate.arch), "resolution": tr.candidate.arch.resolution,
+                     "val_accuracy": round(float(tr.network.accuracy), 4),
+                     **(getattr(tr, account) if account else {})} for tr in final.trials]
+
+
 def _binarize_report(req: Request, final: Round, build: Build) -> dict | None:
     """What the build chose about binary layers, and why: each precision tried with its subnet, prediction and
     accuracy, the layers made binary, and the kernels compile ran in bits."""
     if req.binarize is None:
         return None
-    chosen = next((tr for tr in final.trials if tr.candidate is final.candidate), None)
-    tried = [{"precision": tr.precision, "predicted_ms": round(tr.candidate.predicted_ms, 4),
-              "macs": S.macs(tr.candidate.arch), "resolution": tr.candidate.arch.resolution,
-              "val_accuracy": round(float(tr.network.accuracy), 4), **tr.binarized} for tr in final.trials]
+    chosen, tried = _tried(final, "precision", "binarized")
     why = ("the most accurate on validation images of the precisions tried, each with the widest subnet its "
            "pricing fits in the budget" if req.binarize == "auto" else "as requested")
     return {"requested": req.binarize, "fraction": req.binary_fraction,
@@ -243,10 +250,7 @@ def _binarize_report(req: Request, final: Round, build: Build) -> dict | None:
 def _quantize_report(req: Request, final: Round, build: Build) -> dict | None:
     if req.quantize is None:
         return None
-    chosen = next((tr for tr in final.trials if tr.candidate is final.candidate), None)
-    tried = [{"precision": tr.precision, "predicted_ms": round(tr.candidate.predicted_ms, 4),
-              "macs": S.macs(tr.candidate.arch), "resolution": tr.candidate.arch.resolution,
-              "val_accuracy": round(float(tr.network.accuracy), 4), **tr.quantized} for tr in final.trials]
+    chosen, tried = _tried(final, "precision", "quantized")
     precision = {f"w{r.weight_bits}a{r.act_bits}" if r.family == "int8" else "fp32" for r in build.layers
                  if r.op in ("conv", "pointwise", "depthwise", "matmul")}
     why = ("the most accurate on validation images of the precisions tried, each with the widest subnet its "
@@ -304,11 +308,8 @@ def _table_for(req: Request, device, target) -> tuple[Path | None, LatencyTable]
 def _sparsity_report(req: Request, final: Round, build: Build) -> dict:
     """What the build chose about 1xN sparsity, and why: each sparsity tried with its subnet, prediction and
     accuracy, and how many layers compile ran sparse (it keeps a layer dense where the model prices that faster)."""
-    chosen = next((tr for tr in final.trials if tr.candidate is final.candidate), None)
+    chosen, tried = _tried(final, "sparsity")
     sparse_rows = [r for r in build.layers if r.family == "bsr"]
-    tried = [{"sparsity": tr.sparsity, "predicted_ms": round(tr.candidate.predicted_ms, 4),
-              "macs": S.macs(tr.candidate.arch), "resolution": tr.candidate.arch.resolution,
-              "val_accuracy": round(float(tr.network.accuracy), 4)} for tr in final.trials]
     why = ("the most accurate on validation images of the sparsities tried, each with the widest subnet its pricing "
            "fits in the budget" if len(tried) > 1 else "as requested")
     return {"requested": req.sparsity, "block": req.block, "chosen": chosen.sparsity if chosen else 0.0,
