@@ -1,8 +1,9 @@
 """Binary benchmark (issue 15): accuracy, kernels and the whole network, one run, GOAL lines at the end.
 
 Sections (all by default; --sections picks some):
-  accuracy  ReCU and SiMaN against the sign baseline at the same steps, fp32 listed (bench/binary_accuracy.py;
-            the longest section: --steps / --fp32-steps shorten it);
+  accuracy  ReCU and SiMaN against the sign baseline at the same steps and the same recipe, once per batch-order
+            seed (--batch-seeds, each judged), fp32 listed (bench/binary_accuracy.py; the longest section:
+            --steps / --fp32-steps / --batch-seeds shorten it);
   kernels   our binary 3x3 convolution (kernels/binary.py: bits packed in the kernel, popcounts, BatchNorm affine)
             against our fp32 convolution (the dense family, + bias), each as the network lowers it (one Relax
             layer, NHWC), on ResNet-18's 3x3 shapes at 224 px (64 to 512 channels), host, 2 threads; both timed
@@ -34,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from binary_accuracy import BiRealResNet18, accuracy_goals  # noqa: E402
+from binary_accuracy import BATCH_SEEDS, BiRealResNet18, accuracy_goals  # noqa: E402
 
 SHAPES = [  # ResNet-18 @224: (map, cin, cout, stride) of its 3x3 convolutions
     (56, 64, 64, 1), (56, 64, 128, 2), (28, 128, 128, 1), (28, 128, 256, 2),
@@ -194,7 +195,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=30, help="runs per network measurement")
     ap.add_argument("--steps", type=int, default=800, help="training steps of each binary method (accuracy)")
     ap.add_argument("--fp32-steps", type=int, default=1500)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="data and fp32 seed (accuracy)")
+    ap.add_argument("--batch-seeds", type=int, nargs="+", default=list(BATCH_SEEDS),
+                    help="batch-order seeds of the binary phase, each judged (accuracy)")
     args = ap.parse_args()
     goals: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-binary-") as tmp:
@@ -208,7 +211,7 @@ def main() -> int:
             goals += g
     if "accuracy" in args.sections:
         torch.set_num_threads(1)
-        table, g = accuracy_goals(args.steps, args.seed, args.fp32_steps)
+        table, g = accuracy_goals(args.steps, args.seed, args.fp32_steps, batch_seeds=tuple(args.batch_seeds))
         print(table + "\n", flush=True)
         goals += g
     for line in goals:
