@@ -48,7 +48,8 @@ def sum_multipliers(scales: list[float], scale_out: float) -> tuple[tuple[int, .
     return tuple(min(2 ** 31 - 1, int(round(r * 2.0 ** shift))) for r in ratios), shift
 
 
-ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: y + this - this rounds |y| < 2**22 to the nearest integer, ties to even
+ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: y + this rounds |y| < 2**22 to the nearest integer, ties to even,
+ROUND_MAGIC_BITS = 0x4B400000  # and the sum's bits, read as an int32, are this + round(y)
 
 
 def requant_scale(multiplier, shift) -> np.ndarray:

@@ -69,6 +69,29 @@ def test_kernels_are_bit_exact_against_the_numpy_reference(shape, variant):
     assert len(np.unique(ref)) >= min(10, ref.size // 2)  # the clamp did not flatten the comparison
 
 
+def test_the_scalar_kernel_a_microcontroller_runs_is_bit_exact_on_ties_too():
+    """The scalar widening kernel (one lane, as on cortex-m7), compiled for the host: its float32 epilogue rounds half
+    to even like the reference, on ties too (a scale of 0.5 puts one on every odd accumulator). The cortex-m7
+    package itself is checked on a whole network in test_memory_budget, which caught an epilogue that subtracted
+    the rounding constant in float: LLVM's thumbv7em code did not round."""
+    from edgeprune.codegen.kernels.common import CpuSpec
+
+    rng = np.random.default_rng(7)
+    layer = _layer(rng, "pointwise", 16, 8, 1, 1, 0, act="none")
+    layer.multiplier[:], layer.shift[:] = 2 ** 30, 31  # 0.5
+    conv = K.Conv(5, 5, 16, 8, 1, 1, (1, 1), (0, 0), (1, 1), False, layer.input_zero_point, layer.output_zero_point,
+                  layer.act_min, layer.act_max)
+    w, b = K.pack(conv, layer.weight, layer.bias, "widen")
+    scale = K.requant_scale(layer.multiplier, layer.shift)
+    func = K.kernel(conv, "widen", CpuSpec(lanes=1, acc_regs=32), threads=1).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=HOST)
+    x = rng.integers(-40, 40, size=(1, 5, 5, 16)).astype(np.int8)
+    out = tvm.runtime.tensor(np.zeros((1, 5, 5, 8), np.int8))
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x, w, b, scale)], out)
+    ref = Q.reference(layer, x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(out.numpy(), ref)
+
+
 @pytest.fixture(scope="module")
 def quantized():
     torch.manual_seed(0)

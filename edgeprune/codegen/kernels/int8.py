@@ -4,11 +4,11 @@ the output's int8 store in the same loop nest.
 
 The arithmetic is the one compress/quantize.py `requantize` defines: per output channel, acc = sum (x - zx) * w +
 bias in int32, then in float32 y = float(acc) * scale (scale = multiplier / 2**shift, fixedpoint.requant_scale),
-clamped to [act_min - zo, act_max - zo], rounded to nearest even by adding and subtracting 1.5 * 2**23 (the clamp
-sits between the multiply and the add, so no fused multiply-add can change the rounding), + zo. IEEE float32 on every
-CPU: bit-exact with numpy's, and per 16 outputs about 8 vector instructions where the int64 fixed point took ~20.
-The input zero point is folded: the kernels sum x * w over the raw int8 input and add bias - zx * sum(w), with
-padding filled with zx, so the border needs no correction.
+clamped to [act_min - zo, act_max - zo], rounded to nearest even by adding 1.5 * 2**23 and reading the sum's bits as
+an integer (the clamp sits between the multiply and the add, so no fused multiply-add can change the rounding), +
+zo. IEEE float32 on every CPU: bit-exact with numpy's, and per 16 outputs about 8 vector instructions where the
+int64 fixed point took ~20. The input zero point is folded: the kernels sum x * w over the raw int8 input and add
+bias - zx * sum(w), with padding filled with zx, so the border needs no correction.
 
 TVM 0.27 has no int8 schedule for CPUs, so the kernels are TIR written here with their schedule in the loops, as the
 block-sparse ones are. Two variants, chosen by the CPU (`variants`):
@@ -33,7 +33,7 @@ from tvm import tirx
 
 from ...artifacts import LayerCost, LayerPlan
 from ...cost.rows import layer_cost
-from ...fixedpoint import ROUND_MAGIC, requant_scale
+from ...fixedpoint import ROUND_MAGIC, ROUND_MAGIC_BITS, requant_scale
 from .common import FAMILY, FLOPS, OP, REDUCTION, CpuSpec
 
 NAME = "int8"
@@ -192,9 +192,15 @@ class _Requant:
         zo = c.output_zero_point
         y = tirx.Cast(f32, acc + self.bias[idx]) * self.scale[idx]
         y = tirx.Min(tirx.Max(y, const(c.act_min - zo)), const(c.act_max - zo))
-        r = (y + const(ROUND_MAGIC)) - const(ROUND_MAGIC - zo)  # round half to even, then + zo: exact integers
+        # y + 1.5 * 2**23 rounds y to an integer (ties to even) and holds it in its low mantissa bits: read as an
+        # int32 it is 0x4B400000 + round(y). One float operation after the clamp and no float subtraction: the
+        # cortex-m7 code of (y + c) - (c - zo) did not round (a network's outputs off by a step where the numpy
+        # reference's were not), this form is exact on every target tested.
         i32 = f"int32x{lanes}" if lanes > 1 else "int32"
-        return tirx.Cast(f"int8x{lanes}" if lanes > 1 else "int8", tirx.Cast(i32, r))
+        bits = tirx.call_intrin(i32, "tirx.reinterpret", y + const(ROUND_MAGIC))
+        offset = tirx.IntImm("int32", ROUND_MAGIC_BITS - zo)
+        r = bits - (tirx.Broadcast(offset, lanes) if lanes > 1 else offset)
+        return tirx.Cast(f"int8x{lanes}" if lanes > 1 else "int8", r)
 
 
 def _padded_channels(T, conv: Conv, x, c_alloc: int):
