@@ -412,7 +412,7 @@ def run(req: Request) -> dict:
                 if binary:
                     t = time.perf_counter()
                     method = precision.removeprefix("binary-")
-                    names, (rows, at) = pointwise_layers(network), binary_rows(model, best.arch, binary)
+                    names, (_, at) = pointwise_layers(network), binary_rows(model, best.arch, binary)
                     if len(names) != sum(1 for row in S.layers(best.arch, binary=True) if row.family == "binary"):
                         raise UserError("the subnet's 1x1 layers do not match its cost rows; please report it")
                     with progress_bar(req.binarize_steps, f"binarize ({method})", quiet=req.quiet) as bar:

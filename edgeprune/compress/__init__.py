@@ -152,19 +152,9 @@ BINARIZE_STEPS = 200  # training from the fp32 weights with distillation: a minu
 
 def pointwise_layers(network: Network) -> list[str]:
     """The network's 1x1 convolutions (groups 1), in the order they run: the layers binarization chooses among."""
-    import torch
-    from torch import nn
-
-    from .trace import forward_hooked
-
-    names: list[str] = []
-
-    def on_layer(name: str, m: nn.Module, args: tuple) -> None:
-        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and m.groups == 1 and name not in names:
-            names.append(name)
-
-    forward_hooked(network.module, torch.zeros(*network.input_shape), on_layer)
-    return names
+    modules = dict(network.module.named_modules())
+    return [name for name, row in layer_costs(network).items() if row.op == "pointwise"
+            and tuple(modules[name].kernel_size) == (1, 1) and modules[name].groups == 1]
 
 
 def binarize_network(network: Network, data, method: str, layers: list[str], *, steps: int = BINARIZE_STEPS,
@@ -205,7 +195,7 @@ def binarize_network(network: Network, data, method: str, layers: list[str], *, 
                         "shortcut projections); binarize other 1x1 convolutions")
     after = accuracy_of(module, *data.val, resolution)
     plan = dict(network.plan) | binary.plans(module)
-    info = {"method": method, "layers": [n for n in layers], "steps": steps,
+    info = {"method": method, "layers": list(layers), "steps": steps,
             "seconds": round(time.perf_counter() - t, 2), "val_fp32": round(float(before), 4),
             "val_binary": round(float(after), 4), "drop_points": round(100 * (float(before) - float(after)), 2),
             "weight_bytes": sum(bw.weight_bytes for bw in done.values()), "fp32_weight_bytes": fp32_bytes}

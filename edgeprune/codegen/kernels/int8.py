@@ -254,10 +254,9 @@ def _vnni(T, conv: Conv, x, wt, q: _Requant, out, threads: int) -> None:
     ob = -(-conv.o // _VNNI_LANES)
     kv = _tile(ob, 4)
     most = max(1, 24 // kv)  # 24 accumulators, KV weight vectors and the broadcast word: 29 of 32 zmm
-    row_tile = -(-ow // -(-ow // most))  # a row in tiles as equal as can be
-    run = ow / -(-ow // most) < 4
-    pixels = ow if not run else oh * ow  # what is cut into tiles: a row, or the whole map
-    tw = row_tile if not run else -(-pixels // -(-pixels // most))
+    run = ow / -(-ow // most) < 4  # a row's tiles would be narrower than 4 on average
+    pixels = oh * ow if run else ow  # what is cut into tiles: the whole map, or a row
+    tw = -(-pixels // -(-pixels // most))  # tiles as equal as can be, none wider than `most`
     tiles, rest = pixels // tw, pixels % tw
     lanes = _VNNI_LANES
     i32x = f"int32x{lanes}"
@@ -306,14 +305,14 @@ def _vnni(T, conv: Conv, x, wt, q: _Requant, out, threads: int) -> None:
         per_block = tiles + (1 if rest else 0)
         with T.parallel(0, per_block * (ob // kv)) as job:
             blk, tt = job // per_block, job % per_block
-            if not rest:
+            if rest:
+                with T.If(tt < tiles):
+                    with T.Then():
+                        tile(blk, 0, tt * tw, tw)
+                    with T.Else():
+                        tile(blk, 0, tiles * tw, rest)
+            else:
                 tile(blk, 0, tt * tw, tw)
-                return
-            with T.If(tt < tiles):
-                with T.Then():
-                    tile(blk, 0, tt * tw, tw)
-                with T.Else():
-                    tile(blk, 0, tiles * tw, rest)
         return
     with T.parallel(0, oh * (ob // kv)) as job:
         blk, r0 = job // oh, job % oh
