@@ -266,11 +266,10 @@ def kernel(fused: Fused, params: Sequence[tirx.Buffer], bsr: Bsr, variant: str, 
     from tvm.tirx.script.builder import ir as T
 
     rows, nnz = fused.m // bsr.n, max(1, len(bsr.indices))
-    width = packed_width(bsr.n, spec, variant)
     with IRBuilder() as ib:
         with T.prim_func():
             x = T.arg("x", fused.x)
-            data = T.arg("data", T.buffer((nnz, width), "float32"))
+            data = T.arg("data", T.buffer((nnz, bsr.n), "float32"))
             indices = T.arg("indices", T.buffer((nnz,), "int32"))
             indptr = T.arg("indptr", T.buffer((rows + 1,), "int32"))
             for i in fused.extras:
@@ -293,32 +292,19 @@ def kernel(fused: Fused, params: Sequence[tirx.Buffer], bsr: Bsr, variant: str, 
 
 def pixel_lanes(spec: CpuSpec) -> int:
     """The pixels kernel's vector width in floats. Where 512-bit operations are split in two (Zen 4), 256-bit
-    vectors run the FMAs at the same rate and broadcast 8 bytes instead of 16: 1.1-1.2x faster there (bench/sparse.py
-    probes, 1x4 at 50 and 75%)."""
+    vectors run the FMAs at the same rate and their transposes take fewer shuffles: 1.1-1.3x faster there than
+    512-bit ones (1x4, MobileNetV2's pointwise shapes at 50, 75 and 90%)."""
     return 8 if spec.split_512 else spec.lanes
-
-
-def packed_width(n: int, spec: CpuSpec, variant: str) -> int:
-    """Floats per kept block in the kernel's `data`: N, or a whole vector for the pixels kernel (each weight
-    repeated lanes/N times, so one load feeds all R pixels of a vector)."""
-    return pixel_lanes(spec) if variant == "pixels" else n
-
-
-def packed_data(bsr: Bsr, width: int) -> np.ndarray:
-    """`bsr.data` laid out as the kernel reads it: [nnz, width], weight c at lanes c*R .. c*R + R - 1."""
-    if width == bsr.n:
-        return bsr.data
-    return np.ascontiguousarray(np.repeat(bsr.data, width // bsr.n, axis=1))
 
 
 def _zero():
     return tirx.FloatImm("float32", 0.0)
 
 
-def _store(T, fused: Fused, px, ch, value) -> None:
-    """out[pixel, channel] = epilogue(value): the dense kernel's tail, applied to an accumulator. The output and
-    the epilogue's operands of the output's shape (a residual) are read through flat [P, M] aliases, so no
-    pixel // W and pixel % W are left for the compiler to undo."""
+def _epilogue(fused: Fused, px, ch, value) -> tirx.PrimExpr:
+    """epilogue(value) for out[pixel, channel]: the dense kernel's tail, applied to an accumulator. The epilogue's
+    operands of the output's shape (a residual) are read through flat [P, M] aliases, so no pixel // W and
+    pixel % W are left for the compiler to undo."""
     i64 = "int64"
     px64, ch64 = tirx.Cast(i64, px), tirx.Cast(i64, ch)
     if len(fused.iters) == 4:
@@ -327,50 +313,94 @@ def _store(T, fused: Fused, px, ch, value) -> None:
     else:
         where = [px64, ch64]
     env = dict(zip(fused.iters, where))
-    value = rebuild(fused.value, fused.acc, value, env, fused.flat, fused.iters, (px, ch))
+    return rebuild(fused.value, fused.acc, value, env, fused.flat, fused.iters, (px, ch))
+
+
+def _store(T, fused: Fused, px, ch, value) -> None:
+    """out[pixel, channel] = epilogue(value)."""
     out = next(a for b, a in fused.flat if b.same_as(fused.out))
-    T.buffer_store(out, value, [px, ch])
+    T.buffer_store(out, _epilogue(fused, px, ch, value), [px, ch])
 
 
 def _pixels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_regs: int, threads: int) -> None:
-    """Vectors over R = lanes/N pixels x a block's N outputs, for blocks narrower than a vector (1x4 and 1x8 on
-    AVX-512). Lane c*R + r holds output channel c of pixel r: the R pixels' inputs of one channel are read as one
-    short vector from a transposed tile and broadcast N times (one broadcast load); the block's weights come
-    pre-expanded, each repeated R times (`data` is [nnz, lanes]). A tile of PT = G*R pixels keeps G accumulators;
-    the transposed tile xt[K, PT] is made once per tile and read by every block row."""
-    p, k, rows = fused.pixels, fused.k, fused.m // n
-    r = lanes // n
-    g_acc = _vectors_per_tile(p, r, max(1, min(8, acc_regs - 4)))
-    pt = g_acc * r
-    tiles = -(-p // pt)
-    chunks = _chunks(tiles, rows, threads)
+    """Vectors over L pixels of one output channel, N accumulators per block (XNNPACK's SpMM), for blocks narrower
+    than a vector. A tile of G vectors of pixels is transposed once, channels-last to channels-first (xt[K, G*L]),
+    and read by every block row: per kept block, G vector loads of its input channel and N broadcast weights feed G*N
+    FMAs, with no shuffle in the loop. The transposes in and out are zip networks on whole vectors (log2 L rounds of
+    two-vector shuffles: zip1/zip2 on NEON, a permute or two on AVX-512), not lane-by-lane gathers."""
+    p, rows = fused.pixels, fused.m // n
+    vectors = -(-p // lanes)
+    g_full = _vectors_per_tile(vectors, max(1, acc_regs // n), max(1, -(-8 // n)), 2 * threads)
+    full, tail = divmod(vectors, g_full)
+    tiles = full + (tail > 0)
+    chunks = _chunks(tiles, rows, 2 * threads)
     per = -(-rows // chunks)
-    i32 = "int32"
-    # the R pixels' short vector repeated N times (a Shuffle may not have more lanes out than in: N copies in)
-    spread = [tirx.IntImm(i32, i) for i in range(lanes)]
     with T.parallel(0, tiles * chunks) as tc:
         t, c = tc // chunks, tc % chunks
-        xt = T.alloc_buffer((k, pt), "float32", scope="global")
-        with T.serial(0, k) as kk, T.vectorized(0, pt) as v:
-            px = t * pt + v
-            if p % pt == 0:
-                T.buffer_store(xt, xf[px, kk], [kk, v])
-            else:  # the last tile is padded with zeros, and only its real pixels are stored
-                T.buffer_store(xt, tirx.Select(px < p, xf[tirx.Min(px, p - 1), kk], _zero()), [kk, v])
-        with T.serial(0, per) as obi:
-            ob = c * per + obi
-            with T.If(ob < rows), T.Then():
-                acc = T.alloc_buffer((g_acc, lanes), "float32", scope="global")
-                with T.unroll(0, g_acc) as g:
-                    T.buffer_store(acc, tirx.Broadcast(_zero(), lanes), [g, tirx.Ramp(0, 1, lanes)])
-                with T.serial(indptr[ob], indptr[ob + 1]) as e:
-                    w = data[e, tirx.Ramp(0, 1, lanes)]
-                    with T.unroll(0, g_acc) as g:
-                        x = tirx.Shuffle([xt[indices[e], tirx.Ramp(g * r, 1, r)]] * n, spread)
-                        T.buffer_store(acc, acc[g, tirx.Ramp(0, 1, lanes)] + x * w, [g, tirx.Ramp(0, 1, lanes)])
-                with T.unroll(0, g_acc) as g, T.unroll(0, r) as q, T.If(t * pt + g * r + q < p), T.Then():
-                    with T.vectorized(0, n) as j:
-                        _store(T, fused, t * pt + g * r + q, ob * n + j, acc[g, j * r + q])
+        rows_of = (c * per, per, rows)
+        if tail:  # the last tile has fewer vectors: its own, shorter, code rather than padded work
+            with T.If(t < full):
+                with T.Then():
+                    _one_tile(T, fused, n, xf, data, indices, indptr, lanes, t * (g_full * lanes), g_full, rows_of)
+                with T.Else():
+                    _one_tile(T, fused, n, xf, data, indices, indptr, lanes, full * g_full * lanes, tail, rows_of)
+        else:
+            _one_tile(T, fused, n, xf, data, indices, indptr, lanes, t * (g_full * lanes), g_full, rows_of)
+
+
+def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, base, g_acc: int,
+              rows_of: tuple) -> None:
+    """One tile of the pixels kernel: G vectors of pixels from `base`, block rows first, first + 1, ... < rows."""
+    p, k = fused.pixels, fused.k
+    first, count, rows = rows_of
+    xt = T.alloc_buffer((k, g_acc * lanes), "float32", scope="global")
+    if k >= lanes:
+        with T.serial(0, k // lanes) as kc, T.serial(0, g_acc) as g:
+            # pixels past the map repeat its last one: finite values whose outputs are never stored
+            cols = _zip([xf[tirx.Min(base + g * lanes + q, p - 1), tirx.Ramp(kc * lanes, 1, lanes)]
+                         for q in range(lanes)], lanes)
+            for r, col in enumerate(cols):
+                T.buffer_store(xt, col, [kc * lanes + r, tirx.Ramp(g * lanes, 1, lanes)])
+    if k % lanes:
+        with T.serial(k - k % lanes, k) as kk, T.vectorized(0, g_acc * lanes) as v:
+            T.buffer_store(xt, xf[tirx.Min(base + v, p - 1), kk], [kk, v])
+    vec = tirx.Ramp(0, 1, lanes)
+    with T.serial(0, count) as obi:
+        ob = first + obi
+        with T.If(ob < rows), T.Then():
+            acc = T.alloc_buffer((g_acc * n, lanes), "float32", scope="local")
+            with T.unroll(0, g_acc * n) as a:
+                T.buffer_store(acc, tirx.Broadcast(_zero(), lanes), [a, vec])
+            with T.serial(indptr[ob], indptr[ob + 1]) as e:
+                with T.unroll(0, g_acc) as g, T.unroll(0, n) as j:
+                    x = xt[indices[e], tirx.Ramp(g * lanes, 1, lanes)]
+                    w = tirx.Broadcast(data[e, j], lanes)
+                    T.buffer_store(acc, acc[g * n + j, vec] + x * w, [g * n + j, vec])
+            # each vector's N accumulators zipped into pixel-major order: tr[g, q * N + j] is pixel q, output j
+            tr = T.alloc_buffer((g_acc, lanes * n), "float32", scope="local")
+            with T.unroll(0, g_acc) as g:
+                for r, vec_r in enumerate(_zip([acc[g * n + j, vec] for j in range(n)], lanes)):
+                    T.buffer_store(tr, vec_r, [g, tirx.Ramp(r * lanes, 1, lanes)])
+            with T.unroll(0, g_acc) as g, T.unroll(0, lanes) as q:
+                px = base + g * lanes + q
+                with T.If(px < p), T.Then(), T.vectorized(0, n) as j:
+                    _store(T, fused, px, ob * n + j, tr[g, q * n + j])
+
+
+def _zip(vectors: list, lanes: int) -> list:
+    """V vectors of L lanes interleaved: result r, lane b = vectors[b % V][r * L / V + b // V]. With V = L this is the
+    transpose (result r is lane r of every vector). log2 V rounds of zip-low / zip-high on pairs i, i + V/2 (the
+    perfect shuffle), each a two-vector shuffle the backend emits as one or two instructions."""
+    cur = list(vectors)
+    rounds = len(cur).bit_length() - 1
+    assert len(cur) == 1 << rounds, "a power of two of vectors"
+    half = lanes // 2
+    lo = [tirx.IntImm("int32", i) for k in range(half) for i in (k, lanes + k)]
+    hi = [tirx.IntImm("int32", i) for k in range(half, lanes) for i in (k, lanes + k)]
+    for _ in range(rounds):
+        pairs = [(cur[i], cur[i + len(cur) // 2]) for i in range(len(cur) // 2)]
+        cur = [tirx.Shuffle([a, b], idx) for a, b in pairs for idx in (lo, hi)]
+    return cur
 
 
 def _channels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_regs: int, threads: int) -> None:
@@ -378,7 +408,7 @@ def _channels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ac
     p, rows = fused.pixels, fused.m // n
     pt = _pixel_tile(p, acc_regs // max(1, -(-n // lanes)))
     tiles = p // pt
-    chunks = _chunks(tiles, rows, threads)
+    chunks = _chunks(tiles, rows, 4 * threads)
     per = -(-rows // chunks)
     with T.parallel(0, tiles * chunks) as tc:
         t, c = tc // chunks, tc % chunks
@@ -406,17 +436,20 @@ def preferred(spec: CpuSpec, n: int, pixels: int, outputs: int = 0, density: flo
     return ("pixels", "channels")
 
 
-def _vectors_per_tile(p: int, r: int, most: int) -> int:
-    """G accumulators of R pixels each: the G (4 or more when the map allows, so a weight load feeds 4 FMAs) whose
-    tiles waste the fewest padded pixels on this map; the larger G of equals."""
-    least = min(4, most, max(1, -(-p // r)))
-    return max(range(least, most + 1), key=lambda g: (p / (-(-p // (g * r)) * g * r), g))
+def _vectors_per_tile(vectors: int, most: int, least: int, jobs: int) -> int:
+    """G pixel vectors per tile: up to `most` (the accumulators' register budget over N), fewer while that leaves
+    under `jobs` tiles for the threads (splitting pixels costs nothing; splitting block rows re-transposes the tile),
+    but not under `least` (the accumulators that hide the FMA latency)."""
+    g = max(1, min(most, vectors))
+    while g > least and -(-vectors // g) < jobs:
+        g -= 1
+    return g
 
 
-def _chunks(tiles: int, rows: int, threads: int) -> int:
-    """Split the block rows too when there are too few pixel tiles to keep every thread busy."""
+def _chunks(tiles: int, rows: int, jobs: int) -> int:
+    """Split the block rows too when there are fewer than `jobs` pixel tiles to keep every thread busy."""
     chunks = 1
-    while tiles * chunks < 4 * threads and chunks * 2 <= rows:
+    while tiles * chunks < jobs and chunks * 2 <= rows:
         chunks *= 2
     return chunks
 
@@ -500,8 +533,7 @@ def _sparse_call(fused: Fused, func: tirx.PrimFunc, site: relax.Call, name: str,
                           REDUCTION: fused.k, BLOCK: bsr.n, DENSITY: round(bsr.density, 6), VARIANT: variant,
                           "tirx.is_scheduled": True, "tirx.noalias": True})
     x_index = next(i for i, prm in enumerate(func.params) if prm.same_as(fused.x))
-    data = packed_data(bsr, packed_width(bsr.n, spec, variant))
-    new_args = [args[x_index], relax.const(data), relax.const(bsr.indices), relax.const(bsr.indptr)]
+    new_args = [args[x_index], relax.const(bsr.data), relax.const(bsr.indices), relax.const(bsr.indptr)]
     new_args += [args[i] for i in fused.extras]
     return new, f"{name}_bsr{bsr.n}", new_args
 
