@@ -330,10 +330,10 @@ def _pixels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_
     two-vector shuffles: zip1/zip2 on NEON, a permute or two on AVX-512), not lane-by-lane gathers."""
     p, rows = fused.pixels, fused.m // n
     vectors = -(-p // lanes)
-    g_full = _vectors_per_tile(vectors, max(1, acc_regs // n), max(1, -(-8 // n)), 2 * threads)
+    g_full = _vectors_per_tile(vectors, max(1, acc_regs // n), max(1, -(-8 // n)), threads)
     full, tail = divmod(vectors, g_full)
     tiles = full + (tail > 0)
-    chunks = _chunks(tiles, rows, 2 * threads)
+    chunks = _chunks(tiles, rows, threads)  # each split of the block rows transposes its tile again
     per = -(-rows // chunks)
     with T.parallel(0, tiles * chunks) as tc:
         t, c = tc // chunks, tc % chunks
@@ -424,26 +424,30 @@ def _channels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ac
                     _store(T, fused, t * pt + v, ob * n + j, acc[v, j])
 
 
-def preferred(spec: CpuSpec, n: int, pixels: int, outputs: int = 0, density: float = 1.0) -> tuple[str, ...]:
+def preferred(spec: CpuSpec, n: int, pixels: int, density: float = 1.0) -> tuple[str, ...]:
     """The variants that apply, the one that suits this CPU first. A block that fills a vector runs "channels"
-    only. A narrower one packs pixels into the vector when the transposed tile is shared by enough kept blocks per
-    input channel (outputs x density >= 4 vectors' worth) and there are pixels enough to fill a tile; otherwise
-    its partly filled vectors still cost less than the transposes (bench/sparse.py, kernels)."""
+    only. A narrower one runs "pixels", but for maps too small to fill a vector, and large maps at 85% sparsity and
+    more, where the transposes in and out outweigh the few FMAs between them (1x4 on MobileNetV2's pointwise shapes,
+    bench/sparse.py: pixels faster on all 19 at 50%, 17 at 75%, and at 90% on the 14x14 and 7x7 maps only)."""
     if n >= pixel_lanes(spec):
-        return ("channels",)  # R = lanes / N would be 1: nothing to pack
-    if pixels < spec.lanes or outputs * density < 4 * spec.lanes:
+        return ("channels",)  # one block fills the vector: nothing to pack
+    if pixels < spec.lanes or (pixels > 256 and density < 0.15):
         return ("channels", "pixels")
     return ("pixels", "channels")
 
 
-def _vectors_per_tile(vectors: int, most: int, least: int, jobs: int) -> int:
-    """G pixel vectors per tile: up to `most` (the accumulators' register budget over N), fewer while that leaves
-    under `jobs` tiles for the threads (splitting pixels costs nothing; splitting block rows re-transposes the tile),
-    but not under `least` (the accumulators that hide the FMA latency)."""
-    g = max(1, min(most, vectors))
-    while g > least and -(-vectors // g) < jobs:
-        g -= 1
-    return g
+def _vectors_per_tile(vectors: int, most: int, least: int, threads: int) -> int:
+    """G pixel vectors per tile, from `least` (the accumulators that hide the FMA latency) to `most` (the register
+    budget over N). Tiles are the parallel jobs, and a thread runs a contiguous share of them: the G whose busiest
+    thread has the least work, each vector's work counted (1 + 1/G) for the broadcasts and loop step a tile
+    iteration pays whatever its G (14x14 at 2 threads: G=6 leaves jobs of 18 and 7 vectors, G=5 of 15 and 10)."""
+    def busiest(g: int) -> float:
+        sizes = [g] * (vectors // g) + ([vectors % g] if vectors % g else [])
+        step = -(-len(sizes) // max(1, threads))
+        return max(sum(sizes[i:i + step]) for i in range(0, len(sizes), step)) * (1 + 1 / g)
+
+    top = max(1, min(most, vectors))
+    return min(range(min(least, top), top + 1), key=lambda g: (busiest(g), -g))
 
 
 def _chunks(tiles: int, rows: int, jobs: int) -> int:
@@ -517,12 +521,12 @@ def _sparse_call(fused: Fused, func: tirx.PrimFunc, site: relax.Call, name: str,
     dense_row = dense.cost_row(op, xs, [(1, 1, fused.k, fused.m)], os_, fused.k, name)
     priced = [(f"{v}:{n}", cost_row(op, xs, [(1, 1, fused.k, fused.m)], os_, fused.k, name,
                                     tags={BLOCK: n, DENSITY: d, VARIANT: v}))
-              for n, d in options for v in preferred(spec, n, fused.pixels, fused.m, d)]
+              for n, d in options for v in preferred(spec, n, fused.pixels, d)]
     pick = choose(name, dense_row, priced)
     if pick is None:
         return None
     variant, n = pick.split(":")
-    fits = preferred(spec, int(n), fused.pixels, fused.m)
+    fits = preferred(spec, int(n), fused.pixels)
     variant = variant if variant in fits else fits[0]  # a block as wide as a vector has one way to run
     bsr = to_bsr(w, int(n))
     try:
