@@ -357,8 +357,8 @@ def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ba
     if k >= lanes:
         with T.serial(0, k // lanes) as kc, T.serial(0, g_acc) as g:
             # pixels past the map repeat its last one: finite values whose outputs are never stored
-            cols = _zip([xf[tirx.Min(base + g * lanes + q, p - 1), tirx.Ramp(kc * lanes, 1, lanes)]
-                         for q in range(lanes)], lanes)
+            cols, _ = _zip([xf[tirx.Min(base + g * lanes + q, p - 1), tirx.Ramp(kc * lanes, 1, lanes)]
+                            for q in range(lanes)], lanes)
             for r, col in enumerate(cols):
                 T.buffer_store(xt, col, [kc * lanes + r, tirx.Ramp(g * lanes, 1, lanes)])
     if k % lanes:
@@ -376,31 +376,43 @@ def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ba
                     x = xt[indices[e], tirx.Ramp(g * lanes, 1, lanes)]
                     w = tirx.Broadcast(data[e, j], lanes)
                     T.buffer_store(acc, acc[g * n + j, vec] + x * w, [g * n + j, vec])
-            # each vector's N accumulators zipped into pixel-major order: tr[g, q * N + j] is pixel q, output j
+            # each vector's N accumulators zipped into pixel-major order: output j of pixel q at tr[g, at[q] + j]
+            results = [acc[a, vec] for a in range(g_acc * n)]
+            block = 4 if n <= 4 else lanes
+            _, where = _zip(results[:n], lanes, block)
+            at = [where[(0, q)] for q in range(lanes)]
+            assert all(where[(j, q)] == at[q] + j for j in range(n) for q in range(lanes))
             tr = T.alloc_buffer((g_acc, lanes * n), "float32", scope="local")
-            with T.unroll(0, g_acc) as g:
-                for r, vec_r in enumerate(_zip([acc[g * n + j, vec] for j in range(n)], lanes)):
+            for g in range(g_acc):
+                for r, vec_r in enumerate(_zip(results[g * n:(g + 1) * n], lanes, block)[0]):
                     T.buffer_store(tr, vec_r, [g, tirx.Ramp(r * lanes, 1, lanes)])
-            with T.unroll(0, g_acc) as g, T.unroll(0, lanes) as q:
-                px = base + g * lanes + q
-                with T.If(px < p), T.Then(), T.vectorized(0, n) as j:
-                    _store(T, fused, px, ob * n + j, tr[g, q * n + j])
+            for g in range(g_acc):
+                for q in range(lanes):
+                    px = base + g * lanes + q
+                    with T.If(px < p), T.Then(), T.vectorized(0, n) as j:
+                        _store(T, fused, px, ob * n + j, tr[g, at[q] + j])
 
 
-def _zip(vectors: list, lanes: int) -> list:
-    """V vectors of L lanes interleaved: result r, lane b = vectors[b % V][r * L / V + b // V]. With V = L this is the
-    transpose (result r is lane r of every vector). log2 V rounds of zip-low / zip-high on pairs i, i + V/2 (the
-    perfect shuffle), each a two-vector shuffle the backend emits as one or two instructions."""
+def _zip(vectors: list, lanes: int, block: int = 0) -> tuple[list, dict]:
+    """V vectors of L lanes interleaved by log2 V rounds of zip-low / zip-high on pairs i, i + V/2 (the perfect
+    shuffle), each a two-vector shuffle. Over whole vectors (`block` = L) result r, lane b is vectors[b % V]
+    [r * L / V + b // V], and with V = L that is the transpose. Within 128-bit blocks (`block` = 4 floats, V <= 4)
+    each round is one in-lane unpack or shufps on x86, where a whole-vector zip costs a permute and a blend. Returns
+    the results and where each input lands: {(vector, lane): result * L + lane}."""
+    block = block or lanes
     cur = list(vectors)
     rounds = len(cur).bit_length() - 1
-    assert len(cur) == 1 << rounds, "a power of two of vectors"
-    half = lanes // 2
-    lo = [tirx.IntImm("int32", i) for k in range(half) for i in (k, lanes + k)]
-    hi = [tirx.IntImm("int32", i) for k in range(half, lanes) for i in (k, lanes + k)]
+    assert len(cur) == 1 << rounds and len(cur) <= block, "a power of two of vectors, at most a block"
+    half = block // 2
+    lo = [i for base in range(0, lanes, block) for k in range(half) for i in (base + k, lanes + base + k)]
+    hi = [i for base in range(0, lanes, block) for k in range(half, block) for i in (base + k, lanes + base + k)]
+    labels = [[(v, b) for b in range(lanes)] for v in range(len(cur))]
     for _ in range(rounds):
-        pairs = [(cur[i], cur[i + len(cur) // 2]) for i in range(len(cur) // 2)]
-        cur = [tirx.Shuffle([a, b], idx) for a, b in pairs for idx in (lo, hi)]
-    return cur
+        half_v = len(cur) // 2
+        pairs = [(cur[i], cur[i + half_v], labels[i] + labels[i + half_v]) for i in range(half_v)]
+        cur = [tirx.Shuffle([a, b], [tirx.IntImm("int32", i) for i in idx]) for a, b, _ in pairs for idx in (lo, hi)]
+        labels = [[both[i] for i in idx] for _, _, both in pairs for idx in (lo, hi)]
+    return cur, {lab: r * lanes + b for r, lane_labels in enumerate(labels) for b, lab in enumerate(lane_labels)}
 
 
 def _channels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_regs: int, threads: int) -> None:
