@@ -151,6 +151,33 @@ def test_auto_compiles_sparse_where_the_model_prices_it_faster(tmp_path):
         assert_close(run_so(build, x.numpy()), wide(x).numpy())
 
 
+def test_the_model_keeps_narrow_layers_dense_where_their_transposes_outweigh_the_skipped_work():
+    """The sparse price has a per-input and per-output term the density does not shrink (bench/sparse.py: 1x4 at 50%
+    on 112x112, 32 -> 16 runs 0.89x its dense kernel, on 7x7, 320 -> 1280 1.59x)."""
+    from edgeprune.codegen.choose import chooser
+    from edgeprune.codegen.kernels import dense
+    from edgeprune.cost.model import model_for
+    from edgeprune.targets import get_target
+
+    target = get_target("host")
+    model, choose = model_for(target), chooser("auto", target)
+
+    def prices(h, k, m, density):
+        shape_in, weight, shape_out = (1, h, h, k), (1, 1, k, m), (1, h, h, m)
+        dense_row = dense.cost_row("pointwise", [shape_in], [weight], [shape_out], k, "k")
+        tags = {bsr.BLOCK: 4, bsr.DENSITY: density, bsr.VARIANT: "pixels"}
+        sparse_row = bsr.cost_row("pointwise", [shape_in], [weight], [shape_out], k, "k", tags=tags)
+        return dense_row, sparse_row
+
+    narrow, wide = prices(112, 32, 16, 0.5), prices(7, 320, 1280, 0.5)
+    ratio = [model.layer_ms(s)[0] / model.layer_ms(d)[0] for d, s in (narrow, wide)]
+    assert ratio[0] > 1.0 > ratio[1]  # same density, opposite choices
+    assert choose("k", narrow[0], [("pixels:4", narrow[1])]) is None
+    assert choose("k", wide[0], [("pixels:4", wide[1])]) == "pixels:4"
+    # the skipped work still counts: at 90% the narrow layer goes sparse too
+    assert choose("k", prices(112, 32, 16, 0.1)[0], [("pixels:4", prices(112, 32, 16, 0.1)[1])]) == "pixels:4"
+
+
 def test_dense_enough_weights_stay_dense(tmp_path):
     torch.manual_seed(1)
     model = block_sparse(Net(), 4, 0.05)  # 5% of blocks zero: below what the family looks at

@@ -56,19 +56,26 @@ def ops_per_cycle(target: Target, row: LayerCost) -> float:
     return target.fp32_flop_per_cycle
 
 
-# A 1xN block-sparse kernel's rate on its kept MACs, as a fraction of the dense pointwise rate, by how much of a
-# SIMD vector one block fills (bench/sparse.py, host): a block as wide as the vector runs at the dense rate less
-# its index loads; narrower blocks are transposed into pixel vectors (kernels/bsr.py), which costs a pass over
-# the tile each way.
-BSR_EFFICIENCY = {1.0: 0.85, 0.5: 0.7, 0.25: 0.55}
+# A 1xN block-sparse kernel's time as a fraction of the dense layer's: density / EFF + ALPHA / K + BETA / M, by how
+# much of a SIMD vector one block fills. The kept MACs run at EFF of the dense rate (index loads; narrower blocks are
+# packed into pixel vectors, kernels/bsr.py), and each input (ALPHA, over K outputs' worth of MACs) and output
+# (BETA) costs a pass (the transposes in and out, the N-wide epilogue) that the density does not shrink: why a 1x4
+# layer with few channels (112x112, 32 -> 16) is slower than dense even at 50%. Fitted by least squares on
+# bench/sparse.py's kernel table (host, Zen 4; 19 shapes x 50/75/90%): median error 7.7% (1x4), 4.1% (1x8) and
+# 3.8% (1x16), every layer on the right side of dense; density / efficiency alone was off by 27% (1x4).
+BSR_COST = {0.25: (0.757, 4.05, 4.00), 0.5: (0.804, 1.17, 1.12), 1.0: (1.041, 0.72, 0.78)}
 
 
 def bsr_efficiency(row: LayerCost, target: Target) -> float:
-    """The block-sparse rate factor of a row (1 for every other family)."""
+    """The block-sparse rate factor of a row (1 for every other family): its kept MACs' time is that of
+    dense MACs at this rate."""
     if row.family != "bsr":
         return 1.0
     fill = min(1.0, row.block / max(1, target.simd_lanes))
-    return BSR_EFFICIENCY.get(fill, 0.55 if fill < 0.5 else 0.85)
+    eff, alpha, beta = BSR_COST.get(fill, BSR_COST[0.25] if fill < 0.5 else BSR_COST[1.0])
+    k, m = (row.shapes[0][-1], row.shapes[-1][-1]) if row.shapes else (1 << 30, 1 << 30)
+    density = max(row.density, 1e-9)
+    return 1.0 / (1.0 / eff + (alpha / max(1, k) + beta / max(1, m)) / density)
 
 
 def fit_class(row: LayerCost) -> str:
