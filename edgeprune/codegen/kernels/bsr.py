@@ -440,7 +440,7 @@ def preferred(spec: CpuSpec, n: int, pixels: int, density: float = 1.0) -> tuple
     """The variants that apply, the one that suits this CPU first. A block that fills a vector runs "channels"
     only. A narrower one runs "pixels", but for maps too small to fill a vector, and large maps at 85% sparsity and
     more, where the transposes in and out outweigh the few FMAs between them (1x4 on MobileNetV2's pointwise shapes,
-    bench/sparse.py: pixels faster on all 19 at 50%, 17 at 75%, and at 90% on the 14x14 and 7x7 maps only)."""
+    bench/sparse.py: pixels faster on 18 of 19 at 50%, 16 at 75%, and at 90% on the 14x14 and 7x7 maps only)."""
     if n >= pixel_lanes(spec):
         return ("channels",)  # one block fills the vector: nothing to pack
     if pixels < spec.lanes or (pixels > 256 and density < 0.15):
