@@ -357,10 +357,9 @@ def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ba
     if k >= lanes:
         with T.serial(0, k // lanes) as kc, T.serial(0, g_acc) as g:
             # pixels past the map repeat its last one: finite values whose outputs are never stored
-            cols, _ = _zip([xf[tirx.Min(base + g * lanes + q, p - 1), tirx.Ramp(kc * lanes, 1, lanes)]
-                            for q in range(lanes)], lanes)
-            for r, col in enumerate(cols):
-                T.buffer_store(xt, col, [kc * lanes + r, tirx.Ramp(g * lanes, 1, lanes)])
+            pixels = [xf[tirx.Min(base + g * lanes + q, p - 1), tirx.Ramp(kc * lanes, 1, lanes)] for q in range(lanes)]
+            for channel, col in _transpose(pixels, lanes):
+                T.buffer_store(xt, col, [kc * lanes + channel, tirx.Ramp(g * lanes, 1, lanes)])
     if k % lanes:
         with T.serial(k - k % lanes, k) as kk, T.vectorized(0, g_acc * lanes) as v:
             T.buffer_store(xt, xf[tirx.Min(base + v, p - 1), kk], [kk, v])
@@ -391,6 +390,52 @@ def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ba
                     px = base + g * lanes + q
                     with T.If(px < p), T.Then(), T.vectorized(0, n) as j:
                         _store(T, fused, px, ob * n + j, tr[g, at[q] + j])
+
+
+def _transpose(rows: list, lanes: int) -> list:
+    """The L x L transpose of L vectors: (channel, its L lanes in row order) pairs. Rounds within 128-bit blocks
+    first (an unpack each on x86), then across blocks (a 128-bit permute), the textbook 8x8 AVX transpose: the
+    whole-vector zip took a permute and a blend per step. The rounds leave each result's lanes in a fixed order of
+    the rows, so the rows go in permuted to come out in order."""
+    block = min(4, lanes)
+    order = _shuffle_rounds([[(v, b) for b in range(lanes)] for v in range(lanes)], lanes, block)[1]
+    row_at = [v for v, _ in order[0]]  # lane b of every result comes from row row_at[b]
+    assert all([v for v, _ in res] == row_at and len({c for _, c in res}) == 1 for res in order)
+    placed = [None] * lanes
+    for b, v in enumerate(row_at):
+        placed[v] = rows[b]
+    results, order = _shuffle_rounds(placed, lanes, block)
+    return [(labels[0][1], vec) for vec, labels in zip(results, order)]
+
+
+def _shuffle_rounds(vectors: list, lanes: int, block: int) -> tuple[list, list]:
+    """log2 `block` zip rounds within blocks, then log2(L / block) rounds exchanging half-vectors of blocks, on
+    pairs i, i + V/2; works on TIR vectors or, to plan, on lists of labels (one per lane)."""
+    def pattern(within: bool, upper: int) -> list:
+        if within:
+            half = block // 2
+            ks = range(half) if upper == 0 else range(half, block)
+            return [i for base in range(0, lanes, block) for k in ks for i in (base + k, lanes + base + k)]
+        blocks = lanes // block
+        js = range(blocks // 2) if upper == 0 else range(blocks // 2, blocks)
+        return [i for j in js for src in (0, lanes) for i in range(src + j * block, src + (j + 1) * block)]
+
+    plans = [pattern(True, u) for u in (0, 1)], [pattern(False, u) for u in (0, 1)]
+    rounds = [plans[0]] * (block.bit_length() - 1) + [plans[1]] * ((lanes // block).bit_length() - 1)
+    planning = isinstance(vectors[0], list)
+    labels = vectors if planning else [[(v, b) for b in range(lanes)] for v in range(len(vectors))]
+    cur = list(vectors)
+    for pats in rounds:
+        half_v = len(cur) // 2
+        nxt, nlab = [], []
+        for i in range(half_v):
+            both = labels[i] + labels[i + half_v]
+            for pat in pats:
+                nlab.append([both[x] for x in pat])
+                if not planning:
+                    nxt.append(tirx.Shuffle([cur[i], cur[i + half_v]], [tirx.IntImm("int32", x) for x in pat]))
+        cur, labels = (nlab if planning else nxt), nlab
+    return cur, labels
 
 
 def _zip(vectors: list, lanes: int, block: int = 0) -> tuple[list, dict]:
