@@ -326,8 +326,8 @@ def _pixels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_
     """Vectors over L pixels of one output channel, N accumulators per block (XNNPACK's SpMM), for blocks narrower
     than a vector. A tile of G vectors of pixels is transposed once, channels-last to channels-first (xt[K, G*L]),
     and read by every block row: per kept block, G vector loads of its input channel and N broadcast weights feed G*N
-    FMAs, with no shuffle in the loop. The transposes in and out are zip networks (`_zip`: log2 L rounds of
-    two-vector shuffles, the way back within 128-bit blocks where N <= 4), not lane-by-lane gathers."""
+    FMAs, with no shuffle in the loop. The transposes in and out are networks of two-vector shuffles (`_transpose`
+    in, `_zip` back within 128-bit blocks where N <= 4), not lane-by-lane gathers."""
     p, rows = fused.pixels, fused.m // n
     vectors = -(-p // lanes)
     g_full = _vectors_per_tile(vectors, max(1, acc_regs // n), max(1, -(-8 // n)), threads)
