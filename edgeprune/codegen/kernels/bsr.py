@@ -301,10 +301,10 @@ def _zero():
     return tirx.FloatImm("float32", 0.0)
 
 
-def _epilogue(fused: Fused, px, ch, value) -> tirx.PrimExpr:
-    """epilogue(value) for out[pixel, channel]: the dense kernel's tail, applied to an accumulator. The epilogue's
-    operands of the output's shape (a residual) are read through flat [P, M] aliases, so no pixel // W and
-    pixel % W are left for the compiler to undo."""
+def _store(T, fused: Fused, px, ch, value) -> None:
+    """out[pixel, channel] = epilogue(value): the dense kernel's tail, applied to an accumulator. The output and
+    the epilogue's operands of the output's shape (a residual) are read through flat [P, M] aliases, so no
+    pixel // W and pixel % W are left for the compiler to undo."""
     i64 = "int64"
     px64, ch64 = tirx.Cast(i64, px), tirx.Cast(i64, ch)
     if len(fused.iters) == 4:
@@ -313,13 +313,9 @@ def _epilogue(fused: Fused, px, ch, value) -> tirx.PrimExpr:
     else:
         where = [px64, ch64]
     env = dict(zip(fused.iters, where))
-    return rebuild(fused.value, fused.acc, value, env, fused.flat, fused.iters, (px, ch))
-
-
-def _store(T, fused: Fused, px, ch, value) -> None:
-    """out[pixel, channel] = epilogue(value)."""
+    value = rebuild(fused.value, fused.acc, value, env, fused.flat, fused.iters, (px, ch))
     out = next(a for b, a in fused.flat if b.same_as(fused.out))
-    T.buffer_store(out, _epilogue(fused, px, ch, value), [px, ch])
+    T.buffer_store(out, value, [px, ch])
 
 
 def _pixels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_regs: int, threads: int) -> None:
@@ -327,7 +323,7 @@ def _pixels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_
     than a vector. A tile of G vectors of pixels is transposed once, channels-last to channels-first (xt[K, G*L]),
     and read by every block row: per kept block, G vector loads of its input channel and N broadcast weights feed G*N
     FMAs, with no shuffle in the loop. The transposes in and out are networks of two-vector shuffles (`_transpose`
-    in, `_zip` back within 128-bit blocks where N <= 4), not lane-by-lane gathers."""
+    in, a zip back within 128-bit blocks where N <= 4), not lane-by-lane gathers."""
     p, rows = fused.pixels, fused.m // n
     vectors = -(-p // lanes)
     g_full = _vectors_per_tile(vectors, max(1, acc_regs // n), max(1, -(-8 // n)), threads)
@@ -337,22 +333,22 @@ def _pixels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_
     per = -(-rows // chunks)
     with T.parallel(0, tiles * chunks) as tc:
         t, c = tc // chunks, tc % chunks
-        rows_of = (c * per, per, rows)
+        first = c * per
         if tail:  # the last tile has fewer vectors: its own, shorter, code rather than padded work
             with T.If(t < full):
                 with T.Then():
-                    _one_tile(T, fused, n, xf, data, indices, indptr, lanes, t * (g_full * lanes), g_full, rows_of)
+                    _one_tile(T, fused, n, xf, data, indices, indptr, lanes, t * (g_full * lanes), g_full, first, per)
                 with T.Else():
-                    _one_tile(T, fused, n, xf, data, indices, indptr, lanes, full * g_full * lanes, tail, rows_of)
+                    _one_tile(T, fused, n, xf, data, indices, indptr, lanes, full * g_full * lanes, tail, first, per)
         else:
-            _one_tile(T, fused, n, xf, data, indices, indptr, lanes, t * (g_full * lanes), g_full, rows_of)
+            _one_tile(T, fused, n, xf, data, indices, indptr, lanes, t * (g_full * lanes), g_full, first, per)
 
 
-def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, base, g_acc: int,
-              rows_of: tuple) -> None:
-    """One tile of the pixels kernel: G vectors of pixels from `base`, block rows first, first + 1, ... < rows."""
-    p, k = fused.pixels, fused.k
-    first, count, rows = rows_of
+def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, base, g_acc: int, first,
+              count: int) -> None:
+    """One tile of the pixels kernel: G vectors of pixels from `base`, `count` block rows from `first` (those that
+    exist)."""
+    p, k, rows = fused.pixels, fused.k, fused.m // n
     xt = T.alloc_buffer((k, g_acc * lanes), "float32", scope="global")
     if k >= lanes:
         with T.serial(0, k // lanes) as kc, T.serial(0, g_acc) as g:
@@ -363,6 +359,11 @@ def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ba
     if k % lanes:
         with T.serial(k - k % lanes, k) as kk, T.vectorized(0, g_acc * lanes) as v:
             T.buffer_store(xt, xf[tirx.Min(base + v, p - 1), kk], [kk, v])
+    # each vector's N accumulators are zipped into pixel-major order: output j of pixel q at tr[g, at[q] + j]
+    zip_rounds = _rounds(lanes, _BLOCK if n <= _BLOCK else lanes, within=n.bit_length() - 1)
+    where = {lab: r * lanes + b for r, labs in enumerate(_labels(n, lanes, zip_rounds)) for b, lab in enumerate(labs)}
+    at = [where[(0, q)] for q in range(lanes)]
+    assert all(where[(j, q)] == at[q] + j for j in range(n) for q in range(lanes))
     vec = tirx.Ramp(0, 1, lanes)
     with T.serial(0, count) as obi:
         ob = first + obi
@@ -375,15 +376,10 @@ def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ba
                     x = xt[indices[e], tirx.Ramp(g * lanes, 1, lanes)]
                     w = tirx.Broadcast(data[e, j], lanes)
                     T.buffer_store(acc, acc[g * n + j, vec] + x * w, [g * n + j, vec])
-            # each vector's N accumulators zipped into pixel-major order: output j of pixel q at tr[g, at[q] + j]
-            results = [acc[a, vec] for a in range(g_acc * n)]
-            block = 4 if n <= 4 else lanes
-            _, where = _zip(results[:n], lanes, block)
-            at = [where[(0, q)] for q in range(lanes)]
-            assert all(where[(j, q)] == at[q] + j for j in range(n) for q in range(lanes))
             tr = T.alloc_buffer((g_acc, lanes * n), "float32", scope="local")
             for g in range(g_acc):
-                for r, vec_r in enumerate(_zip(results[g * n:(g + 1) * n], lanes, block)[0]):
+                zipped = _shuffled(zip_rounds, [acc[g * n + j, vec] for j in range(n)])
+                for r, vec_r in enumerate(zipped):
                     T.buffer_store(tr, vec_r, [g, tirx.Ramp(r * lanes, 1, lanes)])
             for g in range(g_acc):
                 for q in range(lanes):
@@ -392,72 +388,54 @@ def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ba
                         _store(T, fused, px, ob * n + j, tr[g, at[q] + j])
 
 
+_BLOCK = 4  # floats in 128 bits: the unit x86's unpacks and shufps shuffle within
+
+
 def _transpose(rows: list, lanes: int) -> list:
     """The L x L transpose of L vectors: (channel, its L lanes in row order) pairs. Rounds within 128-bit blocks
     first (an unpack each on x86), then across blocks (a 128-bit permute), the textbook 8x8 AVX transpose: the
     whole-vector zip took a permute and a blend per step. The rounds leave each result's lanes in a fixed order of
     the rows, so the rows go in permuted to come out in order."""
-    block = min(4, lanes)
-    order = _shuffle_rounds([[(v, b) for b in range(lanes)] for v in range(lanes)], lanes, block)[1]
+    block = min(_BLOCK, lanes)
+    rounds = _rounds(lanes, block, within=block.bit_length() - 1, across=(lanes // block).bit_length() - 1)
+    order = _labels(lanes, lanes, rounds)
     row_at = [v for v, _ in order[0]]  # lane b of every result comes from row row_at[b]
     assert all([v for v, _ in res] == row_at and len({c for _, c in res}) == 1 for res in order)
     placed = [None] * lanes
     for b, v in enumerate(row_at):
         placed[v] = rows[b]
-    results, order = _shuffle_rounds(placed, lanes, block)
-    return [(labels[0][1], vec) for vec, labels in zip(results, order)]
+    return [(labels[0][1], vec) for vec, labels in zip(_shuffled(rounds, placed), order)]
 
 
-def _shuffle_rounds(vectors: list, lanes: int, block: int) -> tuple[list, list]:
-    """log2 `block` zip rounds within blocks, then log2(L / block) rounds exchanging half-vectors of blocks, on
-    pairs i, i + V/2; works on TIR vectors or, to plan, on lists of labels (one per lane)."""
-    def pattern(within: bool, upper: int) -> list:
-        if within:
-            half = block // 2
-            ks = range(half) if upper == 0 else range(half, block)
-            return [i for base in range(0, lanes, block) for k in ks for i in (base + k, lanes + base + k)]
-        blocks = lanes // block
-        js = range(blocks // 2) if upper == 0 else range(blocks // 2, blocks)
-        return [i for j in js for src in (0, lanes) for i in range(src + j * block, src + (j + 1) * block)]
-
-    plans = [pattern(True, u) for u in (0, 1)], [pattern(False, u) for u in (0, 1)]
-    rounds = [plans[0]] * (block.bit_length() - 1) + [plans[1]] * ((lanes // block).bit_length() - 1)
-    planning = isinstance(vectors[0], list)
-    labels = vectors if planning else [[(v, b) for b in range(lanes)] for v in range(len(vectors))]
-    cur = list(vectors)
-    for pats in rounds:
-        half_v = len(cur) // 2
-        nxt, nlab = [], []
-        for i in range(half_v):
-            both = labels[i] + labels[i + half_v]
-            for pat in pats:
-                nlab.append([both[x] for x in pat])
-                if not planning:
-                    nxt.append(tirx.Shuffle([cur[i], cur[i + half_v]], [tirx.IntImm("int32", x) for x in pat]))
-        cur, labels = (nlab if planning else nxt), nlab
-    return cur, labels
-
-
-def _zip(vectors: list, lanes: int, block: int = 0) -> tuple[list, dict]:
-    """V vectors of L lanes interleaved by log2 V rounds of zip-low / zip-high on pairs i, i + V/2 (the perfect
-    shuffle), each a two-vector shuffle. Over whole vectors (`block` = L) result r, lane b is vectors[b % V]
-    [r * L / V + b // V], and with V = L that is the transpose. Within 128-bit blocks (`block` = 4 floats, V <= 4)
-    each round is one in-lane unpack or shufps on x86, where a whole-vector zip costs a permute and a blend. Returns
-    the results and where each input lands: {(vector, lane): result * L + lane}."""
-    block = block or lanes
-    cur = list(vectors)
-    rounds = len(cur).bit_length() - 1
-    assert len(cur) == 1 << rounds and len(cur) <= block, "a power of two of vectors, at most a block"
+def _rounds(lanes: int, block: int, within: int, across: int = 0) -> list:
+    """Shuffle rounds on pairs of vectors i, i + V/2, each round a (low, high) pair of index patterns over the two
+    vectors' 2L lanes: `within` rounds of zip-low / zip-high inside each block (the perfect shuffle; over whole
+    vectors when `block` = L), then `across` rounds exchanging half the blocks."""
     half = block // 2
-    lo = [i for base in range(0, lanes, block) for k in range(half) for i in (base + k, lanes + base + k)]
-    hi = [i for base in range(0, lanes, block) for k in range(half, block) for i in (base + k, lanes + base + k)]
-    labels = [[(v, b) for b in range(lanes)] for v in range(len(cur))]
-    for _ in range(rounds):
-        half_v = len(cur) // 2
-        pairs = [(cur[i], cur[i + half_v], labels[i] + labels[i + half_v]) for i in range(half_v)]
-        cur = [tirx.Shuffle([a, b], [tirx.IntImm("int32", i) for i in idx]) for a, b, _ in pairs for idx in (lo, hi)]
-        labels = [[both[i] for i in idx] for _, _, both in pairs for idx in (lo, hi)]
-    return cur, {lab: r * lanes + b for r, lane_labels in enumerate(labels) for b, lab in enumerate(lane_labels)}
+    zips = [[i for base in range(0, lanes, block) for k in ks for i in (base + k, lanes + base + k)]
+            for ks in (range(half), range(half, block))]
+    blocks = lanes // block
+    swaps = [[i for j in js for src in (0, lanes) for i in range(src + j * block, src + (j + 1) * block)]
+             for js in (range(blocks // 2), range(blocks // 2, blocks))]
+    return [zips] * within + [swaps] * across
+
+
+def _apply(rounds: list, items: list, shuffle) -> list:
+    for patterns in rounds:
+        half = len(items) // 2
+        items = [shuffle(items[i], items[i + half], pat) for i in range(half) for pat in patterns]
+    return items
+
+
+def _shuffled(rounds: list, vectors: list) -> list:
+    """The rounds applied to TIR vectors: two-vector Shuffles."""
+    return _apply(rounds, vectors, lambda a, b, pat: tirx.Shuffle([a, b], [tirx.IntImm("int32", i) for i in pat]))
+
+
+def _labels(count: int, lanes: int, rounds: list) -> list:
+    """Where the rounds move each input lane: result r, lane b holds (input vector, its lane)."""
+    return _apply(rounds, [[(v, b) for b in range(lanes)] for v in range(count)],
+                  lambda a, b, pat: [(a + b)[i] for i in pat])
 
 
 def _channels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_regs: int, threads: int) -> None:
