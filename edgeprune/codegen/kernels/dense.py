@@ -31,7 +31,9 @@ from .common import FAMILY, OP, REDUCE, REDUCTION, CpuSpec, extent, is_reduction
 
 NAME = "dense"
 log = logging.getLogger(__name__)
-_MAX_STACK_FLOATS = 1024 // 4  # runtime::kMaxStackAlloca
+# runtime::kMaxStackAlloca is 1 KiB, and only a buffer strictly smaller goes on the stack: a 16 x 16-lane tile
+# (exactly 1 KiB) became a heap workspace, at 40-65% of the smaller tiles' speed on AVX-512.
+_MAX_STACK_FLOATS = 1024 // 4 - 1
 _REDUCE_UNROLL = 8
 _WINDOW_ONLY = ("depthwise", "pool")  # reductions over a window of one channel: no weights to reuse
 # A convolution this short per output (a stem over 3 channels, a 1x1 over 16-48) has so few weights per channel
@@ -93,8 +95,9 @@ def _pick_window_tile(w: int) -> tuple[int, int]:
 
     Here every FMA has its own input, so the tile has nothing to gain from more channel vectors (which _pick_tile
     would add to reuse broadcast inputs) and more accumulators only spill the window's inputs and taps. Measured
-    on MobileNetV2's depthwise layers at one thread (Zen 4): 8 or 7 pixels by one vector 70-98 GFLOP/s, where
-    _pick_tile's 4x4 and 8x2 tiles ran 30-58. A row with no divisor from 4 to 8 (a 13-wide map) is one tile.
+    on 13 of MobileNetV2's depthwise layers at one thread (Zen 4), both with the width taps unrolled: 424 us
+    summed against 451 with _pick_tile's tiles (32x32x72: 76 against 52 GFLOP/s). A row with no divisor from 4
+    to 8 (a 13-wide map) is one tile.
     """
     tw = max(d for d in range(1, 9) if w % d == 0)
     return (w, 1) if tw < 4 and w <= 16 else (tw, 1)
@@ -186,7 +189,7 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
         c = extent(sch, c_loop)
         w = extent(sch, w_loop) if w_loop is not None else 1
         vec = _pick_vector(c, spec.lanes)
-        # TVM places a buffer on the stack (where LLVM keeps it in registers) only up to 1 KiB; a larger tile
+        # TVM places a buffer on the stack (where LLVM keeps it in registers) only below 1 KiB; a larger tile
         # becomes a heap workspace and every FMA is followed by a store.
         budget = min(spec.acc_regs, _MAX_STACK_FLOATS // vec)
         # A window sliding along w over channels (depthwise, pooling; not a short convolution, whose taps also
@@ -208,7 +211,7 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
             if sliding and taps and extent(sch, taps[-1]) <= 8:
                 # The width taps unrolled around the pixel tile: neighbouring outputs read the same input
                 # vectors, and LLVM loads each once (tile_w + 2 loads for 3 * tile_w FMAs at stride 1, where the
-                # taps outside the tile loaded one vector per FMA). 28x28x192: 36 -> 88 GFLOP/s at one thread.
+                # taps outside the tile loaded one vector per FMA). Same 4-pixel tile: 56x56x144 75 -> 92 GFLOP/s.
                 rx = taps[-1]
                 sch.reorder(*order, wo, *[lp for lp in reduce if not lp.same_as(rx)], rx, wi, ck, cv)
                 sch.unroll(rx)
