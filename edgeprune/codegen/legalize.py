@@ -22,6 +22,7 @@ from tvm import relax, te, topi
 from tvm.ir import Call, Constant
 
 from ..errors import UserError
+from . import winograd
 
 
 def _sub_kernels(w: np.ndarray, strides: tuple[int, int]) -> np.ndarray:
@@ -180,4 +181,6 @@ def narrow_indices(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule
     return mod
 
 
-CUSTOM = {"relax.nn.conv2d_transpose": conv2d_transpose, "relax.image.resize2d": resize2d}
+# conv2d: Winograd for the 3x3 stride-1 convolutions where it is faster (winograd.py), TOPI for the rest
+CUSTOM = {"relax.nn.conv2d_transpose": conv2d_transpose, "relax.image.resize2d": resize2d,
+          "relax.nn.conv2d": winograd.conv2d}

@@ -19,6 +19,7 @@ from tvm.target import Target
 
 REDUCE = 2  # tirx.IterVar.CommReduce
 OP, FAMILY, FLOPS, REDUCTION = "edgeprune.op", "edgeprune.family", "edgeprune.flops", "edgeprune.reduction"
+CONV_FLOPS = "edgeprune.conv_flops"  # block annotation: the FLOPs of the direct convolution a kernel stands for
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,16 @@ class CpuSpec:
         # Leave a quarter of the register file for the broadcast inputs and weight vectors (half on a scalar FPU,
         # where every operand is its own register).
         return CpuSpec(lanes, regs // 2 if lanes == 1 else regs * 3 // 4, split)
+
+
+def pick_vector(c: int, lanes: int) -> int:
+    """Widest vector (<= lanes) that divides the channel count; 1 means scalar."""
+    v = lanes
+    while v >= 4:
+        if c % v == 0:
+            return v
+        v //= 2
+    return 1
 
 
 def extent(sch: s_tir.Schedule, loop) -> int | None:
@@ -105,6 +116,11 @@ def classify(func: tirx.PrimFunc) -> tuple[str, int, int]:
         return "reduce", flops, 0  # softmax and the like: several passes over one tensor
     block = sch.get(reds[0])
     ivs = block.iter_vars
+    if CONV_FLOPS in block.annotations:
+        # a Winograd GEMM (codegen/winograd.py) reports the convolution it computes: its FLOPs and 9 x Cin MACs
+        # per output, so rates and the latency model compare it with the direct kernel
+        cin = int(block.reads[0].source.ty.shape[-1])
+        return "conv", int(block.annotations[CONV_FLOPS]), 9 * cin
     red_extents = [int(iv.dom.extent) for iv in ivs if int(iv.iter_type) == REDUCE]
     per_out = 1
     for e in red_extents:

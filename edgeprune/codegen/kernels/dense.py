@@ -27,7 +27,9 @@ from tvm.target import Target
 
 from ...artifacts import LayerCost, LayerPlan
 from ...cost.rows import layer_cost
+from . import winograd
 from .common import FAMILY, OP, REDUCE, REDUCTION, CpuSpec, extent, is_reduction, split_at_reduction, tag_of
+from .common import pick_vector as _pick_vector
 
 NAME = "dense"
 log = logging.getLogger(__name__)
@@ -54,16 +56,6 @@ def _plain_copy(sch: s_tir.Schedule, block) -> bool:
 
 def ours(func) -> bool:
     return isinstance(func, tirx.PrimFunc) and tag_of(func, FAMILY, NAME) == NAME
-
-
-def _pick_vector(c: int, lanes: int) -> int:
-    """Widest vector (<= lanes) that divides the channel count; 1 means scalar."""
-    v = lanes
-    while v >= 4:
-        if c % v == 0:
-            return v
-        v //= 2
-    return 1
 
 
 def _pick_tile(w: int, c: int, vec: int, budget: int) -> tuple[int, int]:
@@ -309,7 +301,8 @@ class Injective(dl.base.ScheduleRule):
         return sch
 
 
-RULES: list[dl.base.ScheduleRule] = [ChannelsLastReduction(), Injective()]
+# Winograd's transforms first: Injective would take them, without the unrolling their constants need to fold
+RULES: list[dl.base.ScheduleRule] = [winograd.Transforms(ours), ChannelsLastReduction(), Injective()]
 
 
 def cost_row(op: str, inputs: Sequence[Sequence[int]], weights: Sequence[Sequence[int]],
