@@ -47,6 +47,10 @@ _MATRICES = {
 # channels that the GEMM dominates the transforms, and a map large enough to fill the tiles.
 MIN_CHANNELS = 64
 MIN_SIZE = 7
+# Fusion pattern of the input transform. As an injective op it would absorb the previous convolution's output
+# transform and activation, which then run once per overlapping 6x6 window (2.25x) with the tile structure lost;
+# opaque, it fuses with nothing and reads the finished activation.
+_OPAQUE = 8  # relax OpPatternKind kOpaque
 
 
 def matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,7 +138,7 @@ def conv2d(bb: relax.BlockBuilder, call: Call) -> relax.Expr:
     flops = 2 * n * oh * ow * cout * cin * 9
 
     v = bb.emit(bb.call_te(_input_transform, data, m, (th, tw), (pad_top, pad_left), after,
-                           primfunc_name_hint="winograd_input"))
+                           primfunc_name_hint="winograd_input", primfunc_attrs={"op_pattern": _OPAQUE}))
     mm = bb.emit(bb.call_te(_gemm, v, relax.const(u), flops, primfunc_name_hint="winograd_gemm"))
     return bb.call_te(_output_transform, mm, m, (n, oh, ow), (th, tw), primfunc_name_hint="winograd_output")
 
