@@ -1,0 +1,96 @@
+"""Winograd convolution (codegen/winograd.py, kernels/winograd.py): the transforms in numpy, then small networks
+compiled for the host against onnxruntime on the same .onnx file.
+
+Tolerance: 1e-4 of the output's largest magnitude (not floored at 1 as helpers.assert_close is: these outputs are
+O(1) or smaller, and a floor would hide a Winograd error of that size). F(4,3) in fp32 measures ~5e-6 here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from tvm import tirx
+
+from edgeprune.codegen import winograd
+from edgeprune.codegen.build import compile_model
+from edgeprune.codegen.importers import import_model
+from edgeprune.codegen.lower import schedule_module
+from edgeprune.measure.local import Session
+from edgeprune.targets import get_target
+
+RTOL = 1e-4
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_transforms_compute_a_correlation(m):
+    """A^T [(G g G^T) . (B^T d B)] A is the 3x3 correlation of one (m+2)^2 tile, in float64."""
+    bt, _, at = winograd.matrices(m)
+    rng = np.random.default_rng(0)
+    d = rng.standard_normal((m + 2, m + 2))
+    g = rng.standard_normal((3, 3))
+    u = winograd.transform_weight(g[:, :, None, None], m)[:, :, 0, 0]
+    y = at @ (u * (bt @ d @ bt.T)) @ at.T
+    direct = np.array([[np.sum(d[i:i + 3, j:j + 3] * g) for j in range(m)] for i in range(m)])
+    np.testing.assert_allclose(y, direct, rtol=1e-12, atol=1e-12)
+
+
+class _Block(nn.Module):
+    """A residual block: conv, bias + ReLU; conv, bias + residual add + ReLU (the epilogues Winograd must fuse)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.a = nn.Conv2d(cin, cout, 3, 1, 1)
+        self.b = nn.Conv2d(cout, cout, 3, 1, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return torch.relu(self.b(y) + y)
+
+
+def _export(model: nn.Module, shape: tuple[int, ...], tmp_path):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model.eval(), (x,), str(path), opset_version=17, dynamo=False, input_names=["input"])
+    return path, x.numpy()
+
+
+def _kernels(path) -> dict[str, tirx.PrimFunc]:
+    mod = schedule_module(import_model(path).mod, get_target("host").tvm_target())
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+
+
+@pytest.mark.parametrize("cin,cout,h,w", [
+    (64, 64, 8, 8),  # whole tiles
+    (64, 96, 9, 7),  # ragged in both directions, 7 = the smallest map that qualifies
+    (80, 64, 13, 10),  # channels no 16-lane vector divides
+])
+def test_residual_block_matches_onnxruntime(cin, cout, h, w, tmp_path):
+    path, x = _export(_Block(cin, cout), (1, cin, h, w), tmp_path)
+    build = compile_model(path, "host", tmp_path / "build", sparse="dense")
+    assert build.unscheduled == []
+    ours = Session(build).run([x])[0]
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=RTOL * float(np.abs(ref).max()))
+
+
+def test_kernels_are_winograd_and_tagged_as_the_convolution(tmp_path):
+    cin, cout, size = 64, 64, 9
+    path, _ = _export(_Block(cin, cout), (1, cin, size, size), tmp_path)
+    funcs = _kernels(path)
+    gemms = [f for n, f in funcs.items() if "winograd_gemm" in n]
+    assert gemms and not [n for n in funcs if "conv2d" in n]  # (both convs' GEMMs may be one function)
+    assert all("tirx.is_scheduled" in (f.attrs or {}) for f in funcs.values())
+    for f in gemms:  # the direct convolution's FLOPs, so rates compare with the direct kernel's
+        assert str(f.attrs["edgeprune.op"]) == "conv"
+        assert int(f.attrs["edgeprune.flops"]) == 2 * size * size * cout * cin * 9
+    # the epilogue (bias, residual add, ReLU) is fused into the output transform, not a pass of its own
+    assert not [n for n in funcs if n.startswith(("add", "relu", "fused_add"))]
+
+
+@pytest.mark.parametrize("cin,stride,size", [(32, 1, 16), (64, 2, 16), (64, 1, 6)])
+def test_small_or_strided_convs_stay_direct(cin, stride, size, tmp_path):
+    path, _ = _export(nn.Conv2d(cin, 64, 3, stride, 1), (1, cin, size, size), tmp_path)
+    assert not [n for n in _kernels(path) if "winograd" in n]
