@@ -43,10 +43,17 @@ _MATRICES = {
         [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
 }
 
-# Where Winograd measured faster than the direct kernel (AMD Zen 4, one thread; see the commit log): enough
-# channels that the GEMM dominates the transforms, and a map large enough to fill the tiles.
-MIN_CHANNELS = 64
-MIN_SIZE = 7
+# Where Winograd measured faster than the direct kernel (AMD Zen 4, one thread, conv + bias + ReLU alone): every
+# 3x3 stride-1 layer from 8 -> 16 channels at 56x56 (0.07 -> 0.02 ms) to 512 at 7x7 (2.0 -> 1.4 ms), and
+# 256 at 5x5; not 512 at 4x4 (0.68 -> 0.96 ms: one tile, the 4x larger weight streamed for it), nor 3 -> 32
+# at 112x112 (even).
+MIN_CHANNELS = 8
+MIN_SIZE = 5
+# F(4,3)'s transformed weight, 36/9 = 4x the conv's, is streamed from memory once per GEMM. Past this size with
+# this few tiles to reuse it on, F(2,3) (16/9 the weight) measured faster: 512 channels at 7x7 1.40 -> 1.35 ms,
+# at 5x5 1.33 -> 0.87 ms (direct 1.06); 256 at 7x7 stays F(4,3) (0.20 vs 0.33 ms).
+_BIG_WEIGHT = 16 << 20
+_FEW_TILES = 4
 # Fusion pattern of the input transform. As an injective op it would absorb the previous convolution's output
 # transform and activation, which then run once per overlapping 6x6 window (2.25x) with the tile structure lost;
 # opaque, it fuses with nothing and reads the finished activation.
@@ -65,9 +72,10 @@ def transform_weight(w_hwio: np.ndarray, m: int) -> np.ndarray:
     return np.ascontiguousarray(u.astype(w_hwio.dtype))
 
 
-def tile_size(out_h: int, out_w: int) -> int:
-    """F(4,3) everywhere it qualifies: fewer multiplies (2.25 vs 4 per output) and it meets the 1e-4 budget."""
-    return 4
+def tile_size(out_h: int, out_w: int, cin: int, cout: int) -> int:
+    """F(4,3) (2.25 multiplies per output, against F(2,3)'s 4) unless its weight is large and barely reused."""
+    big = 36 * cin * cout * 4 > _BIG_WEIGHT
+    return 2 if big and -(-out_h // 4) * -(-out_w // 4) <= _FEW_TILES else 4
 
 
 def _lincomb(coefs, terms):
@@ -129,7 +137,7 @@ def conv2d(bb: relax.BlockBuilder, call: Call) -> relax.Expr:
     n, h, w, cin = (int(d) for d in data.ty.shape.values)
     cout = int(weight.ty.shape.values[3])
     oh, ow = (int(d) for d in call.ty.shape.values[1:3])
-    m = tile_size(oh, ow)
+    m = tile_size(oh, ow, cin, cout)
     th, tw = -(-oh // m), -(-ow // m)
     pad_top, pad_left = int(call.attrs.padding[0]), int(call.attrs.padding[1])
     # rows beyond the input up to the last tile's window: the conv's own padding, then zeros for ragged tiles
