@@ -62,12 +62,15 @@ def _kernels(path) -> dict[str, tirx.PrimFunc]:
     return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
 
 
-@pytest.mark.parametrize("cin,cout,h,w", [
-    (64, 64, 8, 8),  # whole tiles
-    (64, 96, 9, 7),  # ragged in both directions, 7 = the smallest map that qualifies
-    (80, 64, 13, 10),  # channels no 16-lane vector divides
+@pytest.mark.parametrize("cin,cout,h,w,m", [
+    (64, 64, 8, 8, 4),  # whole tiles
+    (64, 96, 9, 7, 4),  # ragged in both directions
+    (80, 64, 13, 10, 4),  # channels no 16-lane vector divides
+    (8, 24, 6, 5, 4),  # few channels (8-lane vectors), 5 = the smallest map that qualifies
+    (64, 64, 9, 7, 2),  # F(2,3), ragged
 ])
-def test_residual_block_matches_onnxruntime(cin, cout, h, w, tmp_path):
+def test_residual_block_matches_onnxruntime(cin, cout, h, w, m, tmp_path, monkeypatch):
+    monkeypatch.setattr(winograd, "tile_size", lambda *_: m)
     path, x = _export(_Block(cin, cout), (1, cin, h, w), tmp_path)
     build = compile_model(path, "host", tmp_path / "build", sparse="dense")
     assert build.unscheduled == []
@@ -90,7 +93,13 @@ def test_kernels_are_winograd_and_tagged_as_the_convolution(tmp_path):
     assert not [n for n in funcs if n.startswith(("add", "relu", "fused_add"))]
 
 
-@pytest.mark.parametrize("cin,stride,size", [(32, 1, 16), (64, 2, 16), (64, 1, 6)])
+@pytest.mark.parametrize("cin,stride,size", [(4, 1, 16), (64, 2, 16), (64, 1, 4)])
 def test_small_or_strided_convs_stay_direct(cin, stride, size, tmp_path):
     path, _ = _export(nn.Conv2d(cin, 64, 3, stride, 1), (1, cin, size, size), tmp_path)
     assert not [n for n in _kernels(path) if "winograd" in n]
+
+
+def test_f23_where_the_f43_weight_is_large_and_barely_reused():
+    assert winograd.tile_size(7, 7, 512, 512) == 2  # F(4,3): 36 MiB of weight for 4 tiles
+    assert winograd.tile_size(14, 14, 512, 512) == 4  # 16 tiles
+    assert winograd.tile_size(7, 7, 256, 256) == 4  # 9 MiB
