@@ -79,6 +79,27 @@ def test_residual_block_matches_onnxruntime(cin, cout, h, w, m, tmp_path, monkey
     np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=RTOL * float(np.abs(ref).max()))
 
 
+class _Fire(nn.Module):
+    """SqueezeNet's expand: a 1x1 and a 3x3 branch concatenated, so fusion puts the concat after the transform."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.e1 = nn.Conv2d(cin, cout, 1)
+        self.e3 = nn.Conv2d(cin, cout, 3, 1, 1)
+
+    def forward(self, x):
+        return torch.cat([torch.relu(self.e1(x)), torch.relu(self.e3(x))], 1)
+
+
+def test_concatenated_branch_matches_onnxruntime(tmp_path):
+    path, x = _export(_Fire(16, 64), (1, 16, 11, 9), tmp_path)
+    build = compile_model(path, "host", tmp_path / "build", sparse="dense")
+    assert build.unscheduled == []
+    ours = Session(build).run([x])[0]
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=RTOL * float(np.abs(ref).max()))
+
+
 def test_kernels_are_winograd_and_tagged_as_the_convolution(tmp_path):
     cin, cout, size = 64, 64, 9
     path, _ = _export(_Block(cin, cout), (1, cin, size, size), tmp_path)

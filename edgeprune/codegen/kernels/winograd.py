@@ -21,7 +21,7 @@ INPUT, GEMM, OUTPUT = "winograd_input", "winograd_gemm", "winograd_output"
 
 class Transforms(dl.base.ScheduleRule):
     """A fused function holding a Winograd input transform (V[a, b, p, c]) or output transform (its NHWC output
-    with the fused epilogue)."""
+    with the fused epilogue, and whatever else fusion put after it: a concatenation)."""
 
     def __init__(self, ours: Callable[[tirx.PrimFunc], bool]):
         self.ours = ours  # the family's own test: only fp32 dense kernels
@@ -85,25 +85,49 @@ def _input(sch: s_tir.Schedule, blocks: list, lanes: int) -> s_tir.Schedule:
     return sch
 
 
-def _output(sch: s_tir.Schedule, blocks: list, names: list[str], lanes: int) -> s_tir.Schedule | None:
-    transform = _find(sch, blocks, OUTPUT + "_rows")
-    final = [b for b in blocks if sch.get(b).name_hint.startswith(OUTPUT) and b != transform][0]
-    shape = [int(d) for d in sch.get(final).writes[0].source.ty.shape]
-    m = int(sch.get(transform).writes[0].source.ty.shape[0])
-    last = blocks[-1]
-    if [int(d) for d in sch.get(last).writes[0].source.ty.shape] != shape or len(sch.get_loops(last)) != 4:
-        return None  # fused with something that changes the layout (a network's last transpose): Injective's
-    _inline_producers(sch, blocks, transform)
-    n, h, w, c = sch.get_loops(last)
-    vec = pick_vector(shape[3], lanes)
+def _output(sch: s_tir.Schedule, blocks: list, names: list[str], lanes: int) -> s_tir.Schedule:
+    rows = _find(sch, blocks, OUTPUT + "_rows")
+    at = [i for i, n in enumerate(names) if n.startswith(OUTPUT)][-1]  # after the row stage
+    final = blocks[at]
+    m = int(sch.get(rows).writes[0].source.ty.shape[0])
+    rest = _fuse_epilogue(sch, final, blocks[at + 1:])
+    n, h, w, c = sch.get_loops(final)
+    vec = pick_vector(int(sch.get(final).writes[0].source.ty.shape[3]), lanes)
     ho, hi = sch.split(h, [None, m])
     wo, wi = sch.split(w, [None, m])
     co, ci = sch.split(c, [None, vec])
     sch.reorder(n, ho, wo, co, hi, wi, ci)
     sch.parallel(sch.fuse(n, ho, wo, co))
-    _rows_at(sch, transform, hi, vec)
+    _rows_at(sch, rows, hi, vec)
     sch.unroll(hi)
     sch.unroll(wi)
     if vec > 1:
         sch.vectorize(ci)
+    for b in rest:
+        _injective(sch, b, lanes)
     return sch
+
+
+def _fuse_epilogue(sch: s_tir.Schedule, final, after: list) -> list:
+    """Fold the elementwise stages after the transform (bias, activation, residual add) into it, so each output
+    is finished in registers; return the stages that do not fold (a concatenation, a layout transpose)."""
+    for i, b in enumerate(after):
+        try:
+            sch.reverse_compute_inline(b)
+        except s_tir.ScheduleError:
+            rest = after[i:]
+            for r in rest[:-1]:
+                sch.compute_inline(r)
+            return rest[-1:]
+    return []
+
+
+def _injective(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """A stage that did not fold into the transform: one parallel pass, SIMD over its innermost loop."""
+    loops = sch.get_loops(block)
+    vec = pick_vector(extent(sch, loops[-1]) or 1, lanes)
+    if vec > 1:
+        _, inner = sch.split(loops[-1], [None, vec])
+        sch.vectorize(inner)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
