@@ -57,8 +57,8 @@ def _export(model: nn.Module, shape: tuple[int, ...], tmp_path):
     return path, x.numpy()
 
 
-def _kernels(path) -> dict[str, tirx.PrimFunc]:
-    mod = schedule_module(import_model(path).mod, get_target("host").tvm_target())
+def _kernels(path, **kw) -> dict[str, tirx.PrimFunc]:
+    mod = schedule_module(import_model(path).mod, get_target("host").tvm_target(), **kw)
     return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
 
 
@@ -124,3 +124,9 @@ def test_f23_where_the_f43_weight_is_large_and_barely_reused():
     assert winograd.tile_size(7, 7, 512, 512) == 2  # F(4,3): 36 MiB of weight for 4 tiles
     assert winograd.tile_size(14, 14, 512, 512) == 4  # 16 tiles
     assert winograd.tile_size(7, 7, 256, 256) == 4  # 9 MiB
+
+
+def test_c_packages_stay_direct(tmp_path):
+    """A C package inlines padding to save RAM; Winograd's tiles would be workspace again, its weights 4x flash."""
+    path, _ = _export(_Block(64, 64), (1, 64, 8, 8), tmp_path)
+    assert not [n for n in _kernels(path, inline_padding=True) if "winograd" in n]

@@ -59,12 +59,16 @@ def canonicalize() -> tvm.transform.Pass:
     )
 
 
-def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """The module after fusion and before scheduling: the tuning tasks and the per-layer view."""
+def fused_module(mod: tvm.IRModule, target: tvm.target.Target, winograd: bool = True) -> tvm.IRModule:
+    """The module after fusion and before scheduling: the tuning tasks and the per-layer view.
+
+    winograd=False keeps every convolution direct (C packages: Winograd's transformed tiles are workspace, and
+    its weights 4x the flash)."""
+    custom = legalize.CUSTOM if winograd else {k: v for k, v in legalize.CUSTOM.items() if k != "relax.nn.conv2d"}
     with target:
         mod = canonicalize()(mod)
         # ours first for what TVM cannot legalize in NHWC (legalize.py); TVM's own for the rest
-        mod = relax.transform.LegalizeOps(customize_legalize_map=legalize.CUSTOM)(mod)
+        mod = relax.transform.LegalizeOps(customize_legalize_map=custom)(mod)
         return tvm.transform.Sequential(cpu.legalize_passes(target))(mod)
 
 
@@ -77,9 +81,10 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
     same kernel boundaries, which is what --debug-layers compares against.
     sparse: picks a block-sparse kernel, or dense, for each kernel whose constant weight has 1xN zero blocks
     (kernels/bsr.py); None compiles every kernel dense.
-    inline_padding: no kernel keeps a padded copy of its input (C packages: the copy would be workspace).
+    inline_padding: no kernel keeps a padded copy of its input (C packages: the copy would be workspace), and no
+    convolution is Winograd (fused_module).
     """
-    mod = tag_kernels(fused_module(mod, target))
+    mod = tag_kernels(fused_module(mod, target, winograd=not inline_padding))
     if not use_rules:
         return legalize.narrow_indices(mod, target)
     if sparse is not None:
