@@ -4,7 +4,8 @@ function, and small TIR helpers.
 Tags (PrimFunc attributes, set once by `tag_kernels` after fusion, read by the families and the cost rows):
   edgeprune.op         the operator class (edgeprune.artifacts.OP_CLASSES), read from the loop nest's structure;
   edgeprune.family     which kernel family schedules it and reports its cost ("dense" for fp32);
-  edgeprune.flops      2 x the multiply-accumulates of its reduction blocks;
+  edgeprune.flops      2 x the multiply-accumulates of its reduction blocks (a Winograd GEMM: of the direct
+                       convolution it replaces, so rates compare across the two);
   edgeprune.reduction  MACs per output element (a pooling window, a mean's map).
 """
 
@@ -95,6 +96,15 @@ def tag_of(func: tirx.PrimFunc, key: str, default=None):
     return attrs[key] if key in attrs else default
 
 
+def per_out_of(block) -> int:
+    """MACs per output element of a reduction block: the product of its reduction extents."""
+    n = 1
+    for iv in block.iter_vars:
+        if int(iv.iter_type) == REDUCE:
+            n *= int(iv.dom.extent)
+    return n
+
+
 def classify(func: tirx.PrimFunc) -> tuple[str, int, int]:
     """(operator class, FLOPs, MACs per output) of a fused kernel, from its reduction block's structure.
 
@@ -117,10 +127,10 @@ def classify(func: tirx.PrimFunc) -> tuple[str, int, int]:
     block = sch.get(reds[0])
     ivs = block.iter_vars
     if CONV_FLOPS in block.annotations:
-        # a Winograd GEMM (codegen/winograd.py) reports the convolution it computes: its FLOPs and 9 x Cin MACs
-        # per output, so rates and the latency model compare it with the direct kernel
-        cin = int(block.reads[0].source.ty.shape[-1])
-        return "conv", int(block.annotations[CONV_FLOPS]), 9 * cin
+        # A Winograd GEMM (codegen/winograd.py) is the convolution's kernel: its class and the direct convolution's
+        # FLOPs, so a measured rate compares with the direct kernel's. Its reduction stays its own (Cin MACs per
+        # element of its [t, t, tiles, Cout] output), so a cost row counts the multiplies it does execute.
+        return "conv", int(block.annotations[CONV_FLOPS]), per_out_of(block)
     red_extents = [int(iv.dom.extent) for iv in ivs if int(iv.iter_type) == REDUCE]
     per_out = 1
     for e in red_extents:
