@@ -40,8 +40,8 @@ from ...artifacts import LayerCost, LayerPlan
 from ...cost.rows import layer_cost
 from ...errors import UserError
 from .bsr import _chunks  # split the output channels too when too few output rows keep the threads busy
-from .common import CpuSpec
-from .dense import _pick_tile, _pick_vector, stack_vectors
+from .common import CpuSpec, pick_vector
+from .dense import _pick_tile, stack_vectors
 
 NAME = "binary"
 RULES: list = []  # the kernels come scheduled: nothing for dlight to do
@@ -286,7 +286,7 @@ def reference(conv: Conv, x: np.ndarray, codes: np.ndarray, mul: np.ndarray, add
 def tiling(conv: Conv, spec: CpuSpec, kind: str) -> tuple[int, int, int]:
     """(pixels per tile, vectors per tile, lanes per vector) for this CPU: lanes are words per SIMD register
     (1 for scalar popcounts, whose accumulators live in general registers: about 10 of them)."""
-    lanes = 1 if kind == "scalar" else _pick_vector(conv.cout, max(1, spec.lanes * 32 // conv.word))
+    lanes = 1 if kind == "scalar" else pick_vector(conv.cout, max(1, spec.lanes * 32 // conv.word))
     budget = 10 if kind == "scalar" else min(spec.acc_regs, stack_vectors(lanes * conv.word // 8))
     tile_w, k = _pick_tile(conv.ow, conv.cout, lanes, budget)
     return tile_w, k, lanes

@@ -28,8 +28,18 @@ from tvm.target import Target
 from ...artifacts import LayerCost, LayerPlan
 from ...cost.rows import layer_cost
 from . import winograd
-from .common import FAMILY, OP, REDUCE, REDUCTION, CpuSpec, extent, is_reduction, split_at_reduction, tag_of
-from .common import pick_vector as _pick_vector
+from .common import (
+    FAMILY,
+    OP,
+    REDUCE,
+    REDUCTION,
+    CpuSpec,
+    extent,
+    is_reduction,
+    pick_vector,
+    split_at_reduction,
+    tag_of,
+)
 
 NAME = "dense"
 log = logging.getLogger(__name__)
@@ -140,7 +150,7 @@ def _schedule_injective(sch: s_tir.Schedule, block, lanes: int, parallel: bool =
     if any(e is None for e in extents):
         return
     inner = loops[-1]
-    vec = _pick_vector(extents[-1], lanes)
+    vec = pick_vector(extents[-1], lanes)
     if vec > 1:
         _, inner = sch.split(inner, [None, vec])
         sch.vectorize(inner)
@@ -187,7 +197,7 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
         outer = spatial[:-2] if len(spatial) >= 2 else []
         c = extent(sch, c_loop)
         w = extent(sch, w_loop) if w_loop is not None else 1
-        vec = _pick_vector(c, spec.lanes)
+        vec = pick_vector(c, spec.lanes)
         # TVM places a buffer on the stack (where LLVM keeps it in registers) only below 1 KiB; a larger tile
         # becomes a heap workspace and every FMA is followed by a store.
         budget = min(spec.acc_regs, stack_vectors(vec * 4))
