@@ -91,6 +91,18 @@ class _Fire(nn.Module):
         return torch.cat([torch.relu(self.e1(x)), torch.relu(self.e3(x))], 1)
 
 
+def test_transforms_are_named_after_their_layer(tmp_path):
+    """`measure` and the report name each kernel's layers: the transforms are the Conv node's work, like its GEMM."""
+    path, _ = _export(_Block(64, 64), (1, 64, 8, 8), tmp_path)
+    build = compile_model(path, "host", tmp_path / "build", sparse="dense")
+    rows = [r for r in build.layers if "winograd" in r.kernel]
+    assert len(rows) == 6  # two convolutions, three kernels each
+    for first in (0, 3):
+        names = {r.sources for r in rows[first:first + 3]}
+        assert len(names) == 1 and len(next(iter(names))) == 1
+    assert rows[0].sources != rows[3].sources
+
+
 def test_concatenated_branch_matches_onnxruntime(tmp_path):
     path, x = _export(_Fire(16, 64), (1, 16, 11, 9), tmp_path)
     build = compile_model(path, "host", tmp_path / "build", sparse="dense")

@@ -10,6 +10,9 @@ wrong ones.
 from __future__ import annotations
 
 from ..artifacts import LayerCost
+from .kernels.winograd import GEMM as WINOGRAD_GEMM
+from .kernels.winograd import INPUT as WINOGRAD_INPUT
+from .kernels.winograd import OUTPUT as WINOGRAD_OUTPUT
 
 # ONNX operator -> the row classes its kernel can have
 _GROUPS = {
@@ -55,4 +58,10 @@ def name_rows(rows: list[LayerCost], layers: list[tuple[str, str, int | None]]) 
             continue
         for i, (name, _) in zip(idx, nodes):
             named[i] = replace(rows[i], sources=(name,))
+    # A Winograd convolution is three kernels called in a row (input transform, GEMM, output transform); the GEMM
+    # took the Conv node's name above, and its transforms are the same layer's work.
+    for i, r in enumerate(named):
+        gemm = i + 1 if WINOGRAD_INPUT in r.kernel else i - 1 if WINOGRAD_OUTPUT in r.kernel else None
+        if gemm is not None and 0 <= gemm < len(named) and WINOGRAD_GEMM in named[gemm].kernel:
+            named[i] = replace(r, sources=named[gemm].sources)
     return named
