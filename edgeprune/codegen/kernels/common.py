@@ -64,6 +64,25 @@ def pick_vector(c: int, lanes: int) -> int:
     return 1
 
 
+def schedule_injective(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True) -> None:
+    """Parallel over the outer loops, SIMD over the innermost one when it divides evenly."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [extent(sch, lp) for lp in loops]
+    if any(e is None for e in extents):
+        return
+    inner = loops[-1]
+    vec = pick_vector(extents[-1], lanes)
+    if vec > 1:
+        _, inner = sch.split(inner, [None, vec])
+        sch.vectorize(inner)
+    outer = sch.get_loops(block)[: len(loops) - 1] if len(loops) > 1 else []
+    if parallel and outer:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+
+
 def extent(sch: s_tir.Schedule, loop) -> int | None:
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None
@@ -96,15 +115,6 @@ def tag_of(func: tirx.PrimFunc, key: str, default=None):
     return attrs[key] if key in attrs else default
 
 
-def per_out_of(block) -> int:
-    """MACs per output element of a reduction block: the product of its reduction extents."""
-    n = 1
-    for iv in block.iter_vars:
-        if int(iv.iter_type) == REDUCE:
-            n *= int(iv.dom.extent)
-    return n
-
-
 def classify(func: tirx.PrimFunc) -> tuple[str, int, int]:
     """(operator class, FLOPs, MACs per output) of a fused kernel, from its reduction block's structure.
 
@@ -125,16 +135,15 @@ def classify(func: tirx.PrimFunc) -> tuple[str, int, int]:
     if len(reds) > 1:
         return "reduce", flops, 0  # softmax and the like: several passes over one tensor
     block = sch.get(reds[0])
-    ivs = block.iter_vars
+    red_extents = [int(iv.dom.extent) for iv in block.iter_vars if int(iv.iter_type) == REDUCE]
+    per_out = 1
+    for e in red_extents:
+        per_out *= e
     if CONV_FLOPS in block.annotations:
         # A Winograd GEMM (codegen/winograd.py) is the convolution's kernel: its class and the direct convolution's
         # FLOPs, so a measured rate compares with the direct kernel's. Its reduction stays its own (Cin MACs per
         # element of its [t, t, tiles, Cout] output), so a cost row counts the multiplies it does execute.
-        return "conv", int(block.annotations[CONV_FLOPS]), per_out_of(block)
-    red_extents = [int(iv.dom.extent) for iv in ivs if int(iv.iter_type) == REDUCE]
-    per_out = 1
-    for e in red_extents:
-        per_out *= e
+        return "conv", int(block.annotations[CONV_FLOPS]), per_out
     out_shape = [int(d) for d in block.writes[0].source.ty.shape]
     reads = {r.source.name for r in block.reads} - {block.writes[0].source.name}
     if len(reads) < 2:

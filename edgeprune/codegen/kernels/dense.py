@@ -37,6 +37,7 @@ from .common import (
     extent,
     is_reduction,
     pick_vector,
+    schedule_injective,
     split_at_reduction,
     tag_of,
 )
@@ -141,25 +142,6 @@ def _pack_weights(sch: s_tir.Schedule, red, c: int, tile: int) -> None:
         return
 
 
-def _schedule_injective(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True) -> None:
-    """Parallel over the outer loops, SIMD over the innermost one when it divides evenly."""
-    loops = sch.get_loops(block)
-    if not loops:
-        return
-    extents = [extent(sch, lp) for lp in loops]
-    if any(e is None for e in extents):
-        return
-    inner = loops[-1]
-    vec = pick_vector(extents[-1], lanes)
-    if vec > 1:
-        _, inner = sch.split(inner, [None, vec])
-        sch.vectorize(inner)
-    outer = sch.get_loops(block)[: len(loops) - 1] if len(loops) > 1 else []
-    if parallel and outer:
-        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(fused)
-
-
 class ChannelsLastReduction(dl.base.ScheduleRule):
     """conv2d / depthwise / pointwise / dense / pooling / mean in NHWC, with a fused elementwise epilogue."""
 
@@ -198,9 +180,7 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
         c = extent(sch, c_loop)
         w = extent(sch, w_loop) if w_loop is not None else 1
         vec = pick_vector(c, spec.lanes)
-        # TVM places a buffer on the stack (where LLVM keeps it in registers) only below 1 KiB; a larger tile
-        # becomes a heap workspace and every FMA is followed by a store.
-        budget = min(spec.acc_regs, stack_vectors(vec * 4))
+        budget = min(spec.acc_regs, stack_vectors(vec * 4))  # a larger tile goes to the heap, not to registers
         # A window sliding along w over channels (depthwise, pooling; not a short convolution, whose taps also
         # run over input channels): its own tile, and its width taps inside the pixel tile (below).
         sliding = (spec.lanes > 1 and w_loop is not None and tag_of(sch.mod["main"], OP) in _WINDOW_ONLY)
@@ -280,7 +260,7 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
                     continue
                 except s_tir.ScheduleError:
                     pass
-            _schedule_injective(sch, b, spec.lanes)
+            schedule_injective(sch, b, spec.lanes)
         return sch
 
 
@@ -307,7 +287,7 @@ class Injective(dl.base.ScheduleRule):
             size = 1
             for lp in sch.get_loops(b):
                 size *= extent(sch, lp) or 1
-            _schedule_injective(sch, b, spec.lanes, parallel=size >= 4096)
+            schedule_injective(sch, b, spec.lanes, parallel=size >= 4096)
         return sch
 
 

@@ -14,7 +14,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from .common import CpuSpec, extent, pick_vector
+from .common import CpuSpec, extent, pick_vector, schedule_injective
 
 INPUT, GEMM, OUTPUT = "winograd_input", "winograd_gemm", "winograd_output"
 
@@ -104,7 +104,7 @@ def _output(sch: s_tir.Schedule, blocks: list, names: list[str], lanes: int) -> 
     if vec > 1:
         sch.vectorize(ci)
     for b in rest:
-        _injective(sch, b, lanes)
+        schedule_injective(sch, b, lanes)
     return sch
 
 
@@ -121,13 +121,3 @@ def _fuse_epilogue(sch: s_tir.Schedule, final, after: list) -> list:
             return rest[-1:]
     return []
 
-
-def _injective(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """A stage that did not fold into the transform: one parallel pass, SIMD over its innermost loop."""
-    loops = sch.get_loops(block)
-    vec = pick_vector(extent(sch, loops[-1]) or 1, lanes)
-    if vec > 1:
-        _, inner = sch.split(loops[-1], [None, vec])
-        sch.vectorize(inner)
-    if len(loops) > 1:
-        sch.parallel(sch.fuse(*loops[:-1]))
