@@ -19,6 +19,7 @@ from edgeprune.codegen.build import compile_model
 from edgeprune.codegen.importers import import_model
 from edgeprune.codegen.lower import schedule_module
 from edgeprune.measure.local import Session
+from edgeprune.models import zoo
 from edgeprune.targets import get_target
 
 RTOL = 1e-4
@@ -52,9 +53,7 @@ class _Block(nn.Module):
 
 def _export(model: nn.Module, shape: tuple[int, ...], tmp_path):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    path = tmp_path / "m.onnx"
-    torch.onnx.export(model.eval(), (x,), str(path), opset_version=17, dynamo=False, input_names=["input"])
-    return path, x.numpy()
+    return zoo.export_onnx(model.eval(), x, tmp_path / "m.onnx"), x.numpy()
 
 
 def _kernels(path, **kw) -> dict[str, tirx.PrimFunc]:
