@@ -54,6 +54,7 @@ def kernel_table(mod) -> tuple[dict[str, int], list[str]]:
 def layer_table(scheduled) -> list[LayerCost]:
     """One cost row per kernel call, in order, each reported by the kernel's family from its tags and the call's
     tensors (constants are weights). The user's layer names are added after (codegen/sources.py)."""
+    from . import dwpw
     from .cpackage import extract_plan, root_tensor
     from .kernels import family
     from .kernels.common import FAMILY, OP, REDUCTION, tag_of
@@ -63,18 +64,27 @@ def layer_table(scheduled) -> list[LayerCost]:
     except UserError:
         return []
     funcs = {gv.name_hint: f for gv, f in scheduled.functions_items()}
+    def split(ins: list) -> tuple[list, list]:
+        consts = [t for t in ins if root_tensor(plan, t.name).kind == "const"]
+        acts = [t for t in ins if root_tensor(plan, t.name).kind != "const"]
+        consts.sort(key=lambda t: -t.nbytes)  # the main weight first, then bias and folded BatchNorm terms
+        return [t.shape for t in acts], [t.shape for t in consts]
+
     rows = []
     for step in plan.steps:
         func = funcs[step.kernel]
         tensors = [plan.tensors[a] for a in step.args]
-        outs = tensors[len(tensors) - step.n_out:]
+        outs = [t.shape for t in tensors[len(tensors) - step.n_out:]]
         ins = tensors[: len(tensors) - step.n_out]
-        consts = [t for t in ins if root_tensor(plan, t.name).kind == "const"]
-        acts = [t for t in ins if root_tensor(plan, t.name).kind != "const"]
-        consts.sort(key=lambda t: -t.nbytes)  # the main weight first, then bias and folded BatchNorm terms
+        tags = dict(func.attrs or {})
+        if tag_of(func, OP) == dwpw.OP_NAME:  # one kernel, two layers: a row each (codegen/dwpw.py)
+            nd = int(tags[dwpw.PART_ARGS])
+            rows.extend(dwpw.cost_rows(split(ins[:nd]), split(ins[nd:]), outs, tags, step.kernel))
+            continue
+        acts, consts = split(ins)
         rows.append(family(str(tag_of(func, FAMILY, "dense"))).cost_row(
-            str(tag_of(func, OP, "data")), [t.shape for t in acts], [t.shape for t in consts],
-            [t.shape for t in outs], int(tag_of(func, REDUCTION, 0)), step.kernel, tags=dict(func.attrs or {})))
+            str(tag_of(func, OP, "data")), acts, consts, outs, int(tag_of(func, REDUCTION, 0)), step.kernel,
+            tags=tags))
     return rows
 
 
@@ -125,6 +135,7 @@ def compile_model(
     sparse: str = "auto",
     table=None,
     budget: MemoryBudget | None = None,
+    fuse_depthwise: bool = True,
 ) -> Build:
     """Compile a model file, an imported model or a Network for `target` into `out_dir`.
 
@@ -133,7 +144,10 @@ def compile_model(
 
     sparse: how layers whose weights have 1xN zero blocks are compiled (codegen/choose.py): "auto" prices
     block-sparse against dense kernels with the device's latency model (`table`, else the target's prior) and keeps
-    the faster per layer; "sparse" runs every such layer sparse; "dense" ignores the zeros."""
+    the faster per layer; "sparse" runs every such layer sparse; "dense" ignores the zeros.
+
+    fuse_depthwise: run each depthwise convolution and the pointwise one that consumes it as one kernel where the map
+    is large enough (codegen/dwpw.py); False keeps them two, for comparison."""
     t0 = time.perf_counter()
     target = get_target(target) if isinstance(target, str) else target
     fmt = fmt or target.default_format
@@ -177,7 +191,7 @@ def compile_model(
 
         choose = chooser(sparse, target, table)
         return _compile(imported, target, out_dir, fmt, tune_trials, package_name, use_rules, t0, scratch, choose,
-                        budget, int8_io)
+                        budget, int8_io, fuse_depthwise)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -185,7 +199,7 @@ def compile_model(
 
 def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, tune_trials: int,
              package_name: str | None, use_rules: bool, t0: float, scratch: Path | None, choose=None,
-             budget: MemoryBudget | None = None, int8_io: dict | None = None) -> Build:
+             budget: MemoryBudget | None = None, int8_io: dict | None = None, fuse_depthwise: bool = True) -> Build:
     from .lower import compile_module, fused_module
 
     tvm_target = target.tvm_target()
@@ -200,10 +214,10 @@ def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, t
         threads = target.cores
         inline = fmt == "c"  # firmware: no padded copies as workspace
         ex, scheduled = compile_module(imported.mod, tvm_target, use_rules=use_rules, sparse=choose, threads=threads,
-                                       inline_padding=inline)
+                                       inline_padding=inline, fuse_depthwise=fuse_depthwise)
         if database is not None:
             tuned_ex, tuned_sched = compile_module(imported.mod, tvm_target, database, sparse=choose, threads=threads,
-                                                   inline_padding=inline)
+                                                   inline_padding=inline, fuse_depthwise=fuse_depthwise)
             if _faster(tuned_ex, ex, imported.inputs):
                 ex, scheduled = tuned_ex, tuned_sched
             else:

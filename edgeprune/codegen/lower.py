@@ -6,8 +6,10 @@ The passes are TVM's own; the order and the layout choice are ours:
   3. convert conv2d to NHWC activations and HWIO weights (output channels innermost and contiguous),
      fold the weight transposes into the constants;
   4. legalize to TIR and fuse each convolution with its elementwise tail (bias, activation, residual add);
-  5. tag every fused function with its operator class and kernel family (kernels/common.py), then schedule it
-     with that family's rules (kernels/), or MetaSchedule records if tuned.
+  5. tag every fused function with its operator class and kernel family (kernels/common.py), swap block-sparse
+     kernels in where chosen (kernels/bsr.py), merge each depthwise convolution with the pointwise one that
+     consumes it (dwpw.py), then schedule every kernel with its family's rules (kernels/), or MetaSchedule
+     records if tuned.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tvm.relax.dpl import is_op, wildcard
 from tvm.relax.dpl.rewrite import rewrite_call
 from tvm.s_tir import dlight as dl
 
-from . import legalize
+from . import dwpw, legalize
 from .kernels import bsr, dense, rules, tag_kernels
 
 
@@ -74,7 +76,7 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target, winograd: bool = 
 
 def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None,
                     use_rules: bool = True, sparse: bsr.Chooser | None = None, threads: int = 2,
-                    inline_padding: bool = False) -> tvm.IRModule:
+                    inline_padding: bool = False, fuse_depthwise: bool = True) -> tvm.IRModule:
     """Fused module with every kernel scheduled: tuning records first, then our kernel library.
 
     use_rules=False keeps TVM's plain legalized loops: slow, but an implementation independent of ours with the
@@ -83,12 +85,17 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
     (kernels/bsr.py); None compiles every kernel dense.
     inline_padding: no kernel keeps a padded copy of its input (C packages: the copy would be workspace), and no
     convolution is Winograd (fused_module).
+    fuse_depthwise: each depthwise convolution and the pointwise one that consumes it run as one kernel
+    (codegen/dwpw.py) where the map is large enough for it to pay.
     """
     mod = tag_kernels(fused_module(mod, target, winograd=not inline_padding))
     if not use_rules:
-        return legalize.narrow_indices(mod, target)
+        # the same kernel boundaries as the scheduled build's (--debug-layers compares them step by step)
+        return legalize.narrow_indices(dwpw.fuse(mod) if fuse_depthwise else mod, target)
     if sparse is not None:
         mod = bsr.sparsify(mod, target, sparse, threads)
+    if fuse_depthwise:  # after sparsify: a pointwise layer that runs sparse stays its own kernel
+        mod = dwpw.fuse(mod)
     if inline_padding:
         mod = _tag_all(mod, dense.INLINE_PADDING)
     with target:
@@ -114,9 +121,9 @@ def _tag_all(mod: tvm.IRModule, key: str) -> tvm.IRModule:
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None,
                    use_rules: bool = True, sparse: bsr.Chooser | None = None, threads: int = 2,
-                   inline_padding: bool = False):
+                   inline_padding: bool = False, fuse_depthwise: bool = True):
     """Relax module -> (tvm.runtime.Executable, the scheduled module it was built from)."""
-    scheduled = schedule_module(mod, target, database_dir, use_rules, sparse, threads, inline_padding)
+    scheduled = schedule_module(mod, target, database_dir, use_rules, sparse, threads, inline_padding, fuse_depthwise)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgepruneFinalize")
     def finalize(m: tvm.IRModule, _ctx) -> tvm.IRModule:

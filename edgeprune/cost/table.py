@@ -21,6 +21,7 @@ from ..artifacts import TABLE_VERSION, Build, LatencyTable, LayerCost, Measureme
 from ..errors import UserError
 from ..resources import shipped_root, user_data_dir
 from ..version import __version__
+from .model import PRIOR_EFFICIENCY
 
 
 def new_table(device: dict | None, threads: int | None = None) -> LatencyTable:
@@ -84,6 +85,19 @@ def _v1_row(r: dict) -> dict:
                      weight_bytes=r["weight_bytes"], out_bytes=r["out_bytes"], kernel=r.get("kernel", "")).to_json()
 
 
+def call_shares(rows: list[LayerCost]) -> list[float]:
+    """Each row's share of its kernel call's time: 1, but for a kernel that runs two layers (a depthwise row and then
+    a pointwise row naming the same kernel, codegen/dwpw.py), whose one measured time is split between its rows by
+    the prior's view of them (MACs over the class's efficiency: a depthwise MAC costs ~3x a pointwise one)."""
+    shares = [1.0] * len(rows)
+    for i in range(len(rows) - 1):
+        a, b = rows[i], rows[i + 1]
+        if a.kernel and a.kernel == b.kernel and (a.op, b.op) == ("depthwise", "pointwise"):
+            wa, wb = (r.macs / PRIOR_EFFICIENCY[r.op] for r in (a, b))
+            shares[i], shares[i + 1] = wa / (wa + wb), wb / (wa + wb)
+    return shares
+
+
 def entry_of(build: Build, m: Measurement, name: str | None = None) -> TableEntry:
     """A table entry from a build and its measurement; with a per-kernel profile, each kernel's share of the median."""
     per_kernel = None
@@ -92,7 +106,7 @@ def entry_of(build: Build, m: Measurement, name: str | None = None) -> TableEntr
         # A data-movement kernel the profile never saw was elided by the VM (a reshape becomes a view): it costs 0.
         # A missing compute kernel means the profile is incomplete, and then no kernel's share is kept.
         complete = all(row.kernel in by_name or row.op == "data" for row in build.layers)
-        raw = [by_name.get(row.kernel, 0.0) for row in build.layers]
+        raw = [by_name.get(row.kernel, 0.0) * share for row, share in zip(build.layers, call_shares(build.layers))]
         scale = m.median_ms / sum(raw) if sum(raw) > 0 else 0.0  # to this measurement's speed (see local.py)
         per_kernel = [r * scale for r in raw] if complete and scale > 0 else None
     return TableEntry(name or Path(build.directory).name, list(build.layers), m.median_ms, per_kernel)

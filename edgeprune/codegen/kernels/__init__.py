@@ -2,7 +2,8 @@
 fused function, kernels/common.py), its schedule rules and the cost row it reports for each kernel call.
 
     dense.py   fp32: conv, depthwise, pointwise, dense, pooling, means, and data movement
-               (winograd.py: its rule for the transforms of Winograd convolutions, codegen/winograd.py)
+               (winograd.py: its rule for the transforms of Winograd convolutions, codegen/winograd.py;
+               dwpw.py: its rule for a depthwise and a pointwise convolution merged by codegen/dwpw.py)
     bsr.py     1xN block-sparse pointwise and dense layers, swapped in for dense kernels by `bsr.sparsify`
     int8.py    quantized convolutions and dense layers (VNNI on x86, widening multiply-adds elsewhere), called by
                the modules codegen/integer.py builds from an integer program

@@ -83,6 +83,16 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int, parallel: bool = 
         sch.parallel(fused)
 
 
+def vectorize_innermost(sch: s_tir.Schedule, block, vec: int) -> None:
+    """SIMD over a block's innermost loop, in vectors of `vec`, when they divide it (an epilogue under a tile)."""
+    last = sch.get_loops(block)[-1]
+    ext = extent(sch, last)
+    if ext and vec > 1 and ext % vec == 0:
+        if ext > vec:
+            _, last = sch.split(last, [None, vec])
+        sch.vectorize(last)
+
+
 def extent(sch: s_tir.Schedule, loop) -> int | None:
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None

@@ -27,7 +27,7 @@ from tvm.target import Target
 
 from ...artifacts import LayerCost, LayerPlan
 from ...cost.rows import layer_cost
-from . import winograd
+from . import dwpw, winograd
 from .common import (
     FAMILY,
     OP,
@@ -40,6 +40,7 @@ from .common import (
     schedule_injective,
     split_at_reduction,
     tag_of,
+    vectorize_innermost,
 )
 
 NAME = "dense"
@@ -238,12 +239,7 @@ class ChannelsLastReduction(dl.base.ScheduleRule):
                 sch.vectorize(sch.get_loops(init)[-1])
 
         # The epilogue's own loops under the tile: vectorize its innermost when it divides.
-        last = sch.get_loops(epilogue)[-1]
-        ext = extent(sch, last)
-        if ext and vec > 1 and ext % vec == 0:
-            if ext > vec:
-                _, last = sch.split(last, [None, vec])
-            sch.vectorize(last)
+        vectorize_innermost(sch, epilogue, vec)
 
         # Producers (zero padding, layout copies). Inlined padding puts a bounds test on every load of the
         # reduction; a padded copy costs one pass over the input. Over a window alone (depthwise, pooling) the
@@ -292,7 +288,8 @@ class Injective(dl.base.ScheduleRule):
 
 
 # Winograd's transforms first: Injective would take them, without the unrolling their constants need to fold
-RULES: list[dl.base.ScheduleRule] = [winograd.Transforms(ours), ChannelsLastReduction(), Injective()]
+RULES: list[dl.base.ScheduleRule] = [
+    winograd.Transforms(ours), dwpw.DepthwisePointwise(), ChannelsLastReduction(), Injective()]
 
 
 def cost_row(op: str, inputs: Sequence[Sequence[int]], weights: Sequence[Sequence[int]],
