@@ -109,7 +109,7 @@ def cmd_compile(args) -> int:
             m = build.memory
             print(f"C package {m['package']}: arena {m['arena_bytes']:,} B for {m['intermediate_bytes']:,} B of "
                   f"intermediate tensors ({m['arena_bytes'] / max(1, m['intermediate_bytes']):.0%}), "
-                  f"workspace {m['workspace_bytes']:,} B, weights {m['weight_bytes']:,} B")
+                  f"workspace {m['workspace_bytes']:,} B (in the arena), weights {m['weight_bytes']:,} B")
             if "ram_bytes" in m:
                 print(_memory_line(m))
         if build.unscheduled:

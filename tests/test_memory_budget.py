@@ -44,7 +44,8 @@ def test_sizes_parse_and_bad_ones_are_one_line_errors():
 
 def test_build_json_states_ram_and_flash_beside_the_budgets(fitted):
     build, memory = fitted
-    assert memory["ram_bytes"] == memory["arena_bytes"] + memory["workspace_bytes"]
+    # the kernels' workspace is placed in the arena, each call's alive during that call (cpackage/memory.py)
+    assert memory["ram_bytes"] == memory["arena_bytes"] >= memory["workspace_bytes"]
     linked = memory["flash_bytes"] - memory["code_bytes"]  # the weight blob as linked: each tensor 64-byte aligned
     assert memory["weight_bytes"] <= linked < memory["weight_bytes"] + 64 * 100
     assert memory["code_bytes"] > 1000

@@ -334,7 +334,7 @@ def _write_c_package(scheduled, target: Target, stage: Path, name: str, int8_io:
     pipeline = _lean_pipeline() if bare_metal else "default"
     tvm.tirx.build(kernels, target=target.tvm_target(), pipeline=pipeline).write_to_file(str(obj))
     plan = cpackage.extract_plan(scheduled)
-    plan.workspace_bytes = cpackage.workspace_bytes(kernels, target.tvm_target())
+    cpackage.place_workspace(plan, cpackage.workspace_per_kernel(kernels, target.tvm_target()))
     cpackage.write_package(stage, plan, obj, target, name, cpackage.build_id(obj, plan), int8_io)
     obj.unlink()
     # no OS: the library may need nothing but mem* and libm
@@ -348,7 +348,7 @@ def _write_c_package(scheduled, target: Target, stage: Path, name: str, int8_io:
     return {"arena_bytes": plan.arena_bytes, "workspace_bytes": plan.workspace_bytes,
             "intermediate_bytes": plan.intermediate_bytes, "weight_bytes": plan.weight_bytes,
             "package": name, "kernel_calls": len(plan.steps),
-            "ram_bytes": plan.arena_bytes + plan.workspace_bytes, "flash_bytes": code + weights, "code_bytes": code,
+            "ram_bytes": plan.arena_bytes, "flash_bytes": code + weights, "code_bytes": code,
             **({} if board_fits else {"test_program": _BOARD_MISFIT})}
 
 

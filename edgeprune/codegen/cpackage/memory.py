@@ -3,10 +3,11 @@
 The generated code has no heap, so every byte it touches is laid out here. Inputs and intermediate tensors share
 one static arena: each gets an offset from a lifetime-based plan, so tensors that are never alive at the same
 time reuse the same bytes (`plan_memory`). Weights get offsets in one read-only blob. The kernels' own scratch
-(tiles too large for the stack; padding is inlined in C packages), which they request through
-``TVMBackendAllocWorkspace``, comes from a fixed region after the arena that the runtime hands out as a stack;
-`workspace_bytes` sizes that region from the requests in the kernels as lowered for the target. Every offset
-and size is aligned to `ALIGN` bytes.
+(tiles too large for the stack, a merged depthwise + pointwise kernel's row; padding is inlined in C packages),
+which they request through ``TVMBackendAllocWorkspace``, is a tensor of the arena too, alive during its call only
+(`place_workspace`): the runtime hands it out as a stack from a region that model.c points at that tensor before
+the call. Scratch thus fills the gaps that the intermediate tensors leave and adds to the arena only where it
+meets the peak. Every offset and size is aligned to `ALIGN` bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 from .program import Plan, Tensor, root_tensor
 
 ALIGN = 64  # LLVM's kernels assume 64-byte aligned tensors (aligned NEON loads fault otherwise)
+SCRATCH = "scratch"  # the Tensor kind of a kernel call's workspace
 
 
 def align(n: int) -> int:
@@ -34,7 +36,7 @@ def plan_memory(plan: Plan) -> None:
             r.last = max(r.last, i)
     for name in plan.outputs:  # outputs live until the caller copies them out
         root_tensor(plan, name).last = n
-    arena = [t for t in plan.tensors.values() if t.alias_of is None and t.kind in ("input", "temp")]
+    arena = [t for t in plan.tensors.values() if t.alias_of is None and t.kind in ("input", "temp", SCRATCH)]
     for t in arena:
         if t.last < 0:
             t.last = t.first  # written but never read: still needs room while it is written
@@ -58,11 +60,11 @@ def plan_memory(plan: Plan) -> None:
             offset += align(t.nbytes)
 
 
-def workspace_bytes(kernels, target) -> int:
-    """Scratch the kernels may request at once from the workspace region: the largest sum of one kernel's
-    TVMBackendAllocWorkspace requests, read from the kernels lowered as the build lowers them (after buffer
-    compaction: a register tile is its tile, not the whole output; buffers up to 1 KiB stay on the stack).
-    The runtime hands workspace out as a stack, so a kernel's requests summed bound what it holds at once."""
+def workspace_per_kernel(kernels, target) -> dict[str, int]:
+    """The scratch each kernel may request at once: the sum of its TVMBackendAllocWorkspace requests, read from the
+    kernels lowered as the build lowers them (after buffer compaction: a register tile is its tile, not the whole
+    output; buffers under 1 KiB stay on the stack). The runtime hands workspace out as a stack, so a kernel's
+    requests summed bound what it holds at once. Kernels that request none are left out."""
     import tvm
     from tvm.tirx.build import split_host_device_mods
 
@@ -73,15 +75,31 @@ def workspace_bytes(kernels, target) -> int:
     with target:
         host, _ = split_host_device_mods(pipeline(bound))
         host = finalize_host()(host)
-    worst = 0
+    sizes_of = {}
     for gv, f in host.functions_items():
         script = f.script()
         sizes = [int(n) for n in _ALLOC.findall(script)]
         if len(sizes) != script.count("TVMBackendAllocWorkspace("):
             raise UserError(f"kernel {gv.name_hint} asks for workspace of a size known only at run time; "
                             "the C package cannot size it: use --format so")
-        worst = max(worst, sum(align(n) for n in sizes))
-    return worst
+        if sizes:
+            sizes_of[gv.name_hint] = sum(align(n) for n in sizes)
+    return sizes_of
+
+
+def place_workspace(plan: Plan, per_kernel: dict[str, int]) -> None:
+    """Each kernel call's scratch (`workspace_per_kernel`) as a tensor of the arena alive during that call, and the
+    arena planned again around them; plan.workspace_bytes is the largest (what one call holds)."""
+    for i, step in enumerate(plan.steps):
+        n = per_kernel.get(step.kernel, 0)
+        if n:
+            plan.tensors[scratch_name(i)] = Tensor(scratch_name(i), (n,), "uint8", SCRATCH, first=i, last=i)
+    plan.workspace_bytes = max((per_kernel.get(s.kernel, 0) for s in plan.steps), default=0)
+    plan_memory(plan)
+
+
+def scratch_name(step: int) -> str:
+    return f"workspace{step}"
 
 
 _ALLOC = re.compile(r"TVMBackendAllocWorkspace\([^()]*?T\.uint64\((\d+)\)")
