@@ -225,8 +225,11 @@ def cmd_measure(args) -> int:
               f"{'GFLOP/s':>8}")
         for row in m.layers:
             names = row.get("sources") or [row["name"]]
-            label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} alike)"
-            print(f"  {label[:56]:<56} {row.get('kernel', 'dense'):<16} {row['ms']:>8.4f} "
+            calls = max(1, int(row.get("calls", 1)))
+            per_call = max(1, len(names) // calls)  # 2: a depthwise and a pointwise layer as one kernel
+            label = names[0] + (f" (+{calls - 1} alike)" if calls > 1 else "")
+            kind = row.get("kernel", "dense") + (" dw+pw" if per_call > 1 else "")
+            print(f"  {label[:56]:<56} {kind:<16} {row['ms']:>8.4f} "
                   f"{row['share'] * 100:>5.1f}% {row['gflops']:>8.1f}")
     return 0
 

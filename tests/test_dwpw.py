@@ -108,6 +108,15 @@ def test_fused_rows_price_two_layers(tmp_path):
     assert 0 < shares[i] < 1 and all(s == 1.0 for j, s in enumerate(shares) if j not in (i, i + 1))
 
 
+def test_measure_lists_a_merged_kernel_once_under_its_first_layer(tmp_path, cli):
+    path, _ = _export(_Inverted(16, 96, 16), (1, 16, 20, 20), tmp_path)
+    compile_model(path, "host", tmp_path / "build", sparse="dense")
+    rc, out, err = cli("measure", tmp_path / "build", "--threads", "1", "--runs", "5")
+    assert rc == 0, err
+    merged = [line for line in out.splitlines() if "dw+pw" in line]
+    assert len(merged) == 1 and "dw/dw.0/Conv" in merged[0] and "alike" not in merged[0]
+
+
 def test_call_shares_leaves_ordinary_rows_whole():
     def row(op: str, kernel: str, macs: int) -> LayerCost:
         return LayerCost(op=op, shapes=(), macs=macs, act_bytes=0, weight_bytes=0, out_bytes=0, kernel=kernel)
@@ -191,3 +200,11 @@ def test_c_package_on_arm_matches_onnxruntime(target, device, tmp_path):
     ours = package.run(build, [x], device)[0]
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=RTOL * float(np.abs(ref).max()))
+
+
+def test_search_ram_estimate_merges_as_codegen_does():
+    """The search estimates a C package's RAM without importing codegen (search/memory.py): its merge threshold is
+    codegen's."""
+    from edgeprune.search.memory import MERGE_MIN_PIXELS
+
+    assert MERGE_MIN_PIXELS == dwpw.MIN_PIXELS

@@ -216,8 +216,10 @@ def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, t
         ex, scheduled = compile_module(imported.mod, tvm_target, use_rules=use_rules, sparse=choose, threads=threads,
                                        inline_padding=inline, fuse_depthwise=fuse_depthwise)
         if database is not None:
+            # Unmerged: the records are for the kernels fusion made, and a merged depthwise + pointwise kernel
+            # is neither of its two; the measurement below then chooses between merged and tuned.
             tuned_ex, tuned_sched = compile_module(imported.mod, tvm_target, database, sparse=choose, threads=threads,
-                                                   inline_padding=inline, fuse_depthwise=fuse_depthwise)
+                                                   inline_padding=inline, fuse_depthwise=False)
             if _faster(tuned_ex, ex, imported.inputs):
                 ex, scheduled = tuned_ex, tuned_sched
             else:

@@ -1,9 +1,10 @@
 """Depthwise + pointwise fusion: a depthwise convolution and the pointwise one that alone consumes it, as one kernel.
 
 In an inverted-residual block the depthwise layer writes the expanded tensor (96-960 channels) and the projecting
-1x1 convolution reads it straight back. Fused, the depthwise outputs of one tile of pixels (all their channels) are
-computed into a small buffer and consumed by the pointwise tile at once: the expanded tensor is never written,
-which takes a pass over memory out of the network and the largest tensors out of a C package's arena.
+1x1 convolution reads it straight back. Merged, the depthwise outputs of one row of the map (all their channels)
+are computed into a small buffer and consumed by the pointwise layer's tiles of that row at once: the expanded
+tensor is never written, which takes a pass over memory out of the network and the largest tensors out of a C
+package's arena.
 
 TVM's FuseOps never puts two reductions in one function, so this pass does it after fusion: each pair of fused
 calls, depthwise then pointwise, becomes one Relax function marked primitive, and FuseTIR merges the two PrimFuncs.
@@ -22,9 +23,10 @@ from ..artifacts import LayerCost
 from .kernels.common import FAMILY, FLOPS, OP, REDUCTION, tag_of
 
 OP_NAME = "dwpw"
-# Maps smaller than this stay two kernels. A merged kernel's parallel jobs are its pixel tiles, which a 7x7 map has
-# 7 of (4 and 3 on two threads), and its tensors fit in L2 anyway: MobileNetV2 1.0's 7x7 pairs ran 0.94-0.99x of
-# their two kernels in the network at 2 threads; its 14x14 and larger pairs 0.92-1.72x, most above 1.05.
+# Maps smaller than this stay two kernels. A merged kernel's parallel jobs are its rows, which a 7x7 map has 7 of
+# (4 and 3 on two threads), and its tensors fit in L2 anyway: MobileNetV2 1.0's 7x7 pairs ran 0.94-0.99x of their
+# two kernels in the network at 2 threads; its 14x14 and larger pairs 0.92-1.72x, most above 1.05 (per-layer
+# profiles, `edgeprune measure`, an earlier version that ran 8-pixel tiles as the jobs).
 MIN_PIXELS = 100
 # Tags of a merged kernel, besides the common ones (kernels/common.py; its FLOPs are the two layers'):
 PART_ARGS = "edgeprune.part_args"  # how many of its leading parameters are the depthwise kernel's (input first)

@@ -5,8 +5,8 @@ its flash is its code plus its weights (codegen/cpackage). Here both are estimat
 
 - the arena as the largest set of tensors alive at once, walking the program the package runs (the NCHW input
   and its NHWC copy, the stem, and per inverted-residual block its input while the block's residual add still
-  needs it, the expanded map, the depthwise output and the block output), plus a margin for the placement's
-  fragmentation;
+  needs it, the expanded map, the depthwise output, or a row of it where codegen merges the depthwise and the
+  pointwise layers, and the block output), plus a margin for the placement's fragmentation;
 - the weights as every convolution's and the classifier's with their folded biases, each aligned as the package
   aligns it;
 - the code as a fixed runtime plus, per distinct kernel and per call, what cortex-m7 packages of the space
@@ -29,6 +29,9 @@ WORKSPACE = 1024  # a register tile too large for the stack, at most, with paddi
 CODE_BASE = 2048  # the runtime shim and the entry point
 CODE_PER_KERNEL = 1536
 CODE_PER_CALL = 384
+# As codegen/dwpw.py merges a depthwise convolution with the pointwise one after it: on maps of this many pixels
+# and more, the kernel holds a row of the depthwise output in its workspace and the whole map is never a tensor.
+MERGE_MIN_PIXELS = 100
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,13 @@ def footprint(arch: S.Arch, num_classes: int = 10, act_bytes: float = 4, weight_
         out = (b.size + b.stride - 1) // b.stride
         x, d, y = t(b.size, b.cin), t(out, b.mid), t(out, b.cout)
         keep = x if b.residual else 0
-        if b.stage >= 0:  # the expand-1 block after the stem has no expansion conv
-            e = t(b.size, b.mid)
-            live += [x + e, keep + e + d]
+        e = t(b.size, b.mid) if b.stage >= 0 else x  # the expand-1 block after the stem has no expansion conv
+        if b.stage >= 0:
+            live.append(x + e)
+        if out * out >= MERGE_MIN_PIXELS:  # one kernel: the depthwise output is a row of workspace, not a tensor
+            live.append(keep + e + y + _aligned(out * b.mid * act_bytes))
         else:
-            live += [x + d]
-        live.append(keep + d + y)
+            live += [keep + e + d, keep + d + y]
     final = S.final_size(arch)
     live += [t(final, arch.widths[-1]) + t(final, arch.last), t(final, arch.last) + 2 * t(1, arch.last)]
     arena = int(max(live) * ARENA_MARGIN)
