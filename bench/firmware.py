@@ -7,9 +7,9 @@ For each zoo network (at its first resolution) and MobileNetV2 0.35 @96, fp32:
   ``print_allocations()`` reports ("Arena allocation total"), its model bytes the ``.tflite`` file's size. TFLM needs
   its interpreter in flash too: INTERPRETER_BYTES, the "core runtime ... fits in 16 KB" of TFLM's README, without
   the operator kernels (so the figure flatters TFLM).
-- edgeprune: the network compiled for cortex-m7 as a C package; RAM is arena plus workspace, flash is code
-  (kernels, executor, runtime, as linked) plus weights, both from build.json; the outputs come from the package's
-  test program booted on qemu-system-arm's mps2-an500 (``run --device qemu://cortex-m7``).
+- edgeprune: the network compiled for cortex-m7 as a C package; RAM is its arena (which holds the workspace),
+  flash is code (kernels, executor, runtime, as linked) plus weights, both from build.json; the outputs come from
+  the package's test program booted on qemu-system-arm's mps2-an500 (``run --device qemu://cortex-m7``).
 
 Goals: our RAM at most TFLM's arena, our flash at most TFLM's model bytes plus its interpreter, and our outputs
 within 1e-4 (relative to the output's scale) of TFLM's and of onnxruntime's, on every network. Prints a table and
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             rows.append(bench(name, work))
             print(f"done {name}", file=sys.stderr, flush=True)
-    print("| network | TFLM arena | ours RAM (arena + workspace) | ours/TFLM | TFLM model + 16 KiB interpreter | "
+    print("| network | TFLM arena | ours RAM (arena, workspace in it) | ours/TFLM | TFLM model + 16 KiB interpreter | "
           "ours flash (code + weights) | ours/TFLM | max rel. diff vs TFLM / onnxruntime |")
     print("|---|---|---|---|---|---|---|---|")
     goals = []
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             goals.append((f"peer-{r['name']}", r["skipped"], None))
             continue
         tflm_flash = r["tflm_model"] + INTERPRETER_BYTES
-        print(f"| {r['name']} | {r['tflm_arena']:,} | {r['ram']:,} ({r['arena']:,} + {r['workspace']:,}) | "
+        print(f"| {r['name']} | {r['tflm_arena']:,} | {r['ram']:,} (workspace {r['workspace']:,}) | "
               f"{r['ram'] / r['tflm_arena']:.2f}x | {tflm_flash:,} ({r['tflm_model']:,} + {INTERPRETER_BYTES:,}) | "
               f"{r['flash']:,} ({r['code']:,} + {r['flash'] - r['code']:,}) | {r['flash'] / tflm_flash:.2f}x | "
               f"{r['err_tflm']:.1e} / {r['err_ort']:.1e} |")

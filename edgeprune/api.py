@@ -38,7 +38,7 @@ def targets() -> list[Target]:
 def compile(model: str | Path | Network | Any, target: str | Target = "host", out: str | Path = "build", *,
             input_shape: tuple[int, ...] | None = None, format: str | None = None, name: str | None = None,
             tune_trials: int = 0, sparse: str = "auto", ram: int | str | None = None,
-            flash: int | str | None = None) -> Build:
+            flash: int | str | None = None, fuse_depthwise: bool = True) -> Build:
     """Compile a model for `target` into the directory `out` (written atomically) and return the Build.
 
     model: an ONNX, torch.export (.pt2) or .tflite file; "builtin:NAME", one of the reference networks; a Network;
@@ -46,8 +46,10 @@ def compile(model: str | Path | Network | Any, target: str | Target = "host", ou
     format: "so" (a shared library for Linux boards) or "c" (a C package for firmware); the target's default
     when None. tune_trials: refine the kernels with that many MetaSchedule trials (host only).
     sparse: layers with 1xN zero blocks in their weights: "auto" (sparse where the latency model prices it
-    faster), "sparse" or "dense". ram, flash: budgets of a C package, bytes or "512KiB"-style sizes: RAM is arena
-    plus workspace, flash is code plus weights; a package over either is refused (MemoryBudgetError)."""
+    faster), "sparse" or "dense". ram, flash: budgets of a C package, bytes or "512KiB"-style sizes: RAM is the
+    arena (the workspace is placed in it), flash is code plus weights; a package over either is refused
+    (MemoryBudgetError). fuse_depthwise: run each depthwise convolution and the pointwise one that consumes it as
+    one kernel where the map has 100 pixels or more (the default); False keeps them apart."""
     from .codegen import compile_model
     from .targets import get_target
 
@@ -62,7 +64,8 @@ def compile(model: str | Path | Network | Any, target: str | Target = "host", ou
     if isinstance(model, Network) and input_shape is not None:
         raise UserError("input_shape does not apply to a Network: it carries its own")
     return compile_model(model, target, out, input_shape=input_shape, fmt=format, tune_trials=tune_trials,
-                         package_name=name, sparse=sparse, budget=memory_budget(ram, flash))
+                         package_name=name, sparse=sparse, budget=memory_budget(ram, flash),
+                         fuse_depthwise=fuse_depthwise)
 
 
 def memory_budget(ram: int | str | None, flash: int | str | None) -> MemoryBudget | None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tvm import tirx
 
+import edgeprune
 from edgeprune.artifacts import LayerCost
 from edgeprune.codegen import dwpw
 from edgeprune.codegen.build import compile_model
@@ -177,7 +178,7 @@ def test_c_package_ram_shrinks(tmp_path):
     depthwise output, the merged kernel's workspace, placed in the arena too (alive during its call only)."""
     path, _ = _export(nn.Sequential(_Inverted(16, 96, 16), _Inverted(16, 96, 24, 2)), (1, 16, 32, 32), tmp_path)
     fused = compile_model(path, "cortex-a7", tmp_path / "fused", fmt="c")
-    plain = compile_model(path, "cortex-a7", tmp_path / "plain", fmt="c", fuse_depthwise=False)
+    plain = edgeprune.compile(path, "cortex-a7", tmp_path / "plain", format="c", fuse_depthwise=False)  # the API's
     f, p = fused.memory, plain.memory
     assert p["workspace_bytes"] == 0
     assert 0 < f["workspace_bytes"] <= 32 * 96 * 4  # one row of the depthwise output: 32 pixels x 96 channels
