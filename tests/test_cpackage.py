@@ -137,12 +137,13 @@ def test_debug_layers_names_the_first_diverging_layer(onnx_files, tmp_path, cli)
 @pytest.mark.slow
 def test_mobilenetv2_arena_is_at_most_60_percent_of_its_intermediates(tmp_path, cli):
     """The memory-planner goal, on the network it names; and no padded copies as workspace: padding is inlined in C
-    packages (padded copies asked for 4.8 MB here). What workspace is left is the merged depthwise + pointwise
-    kernels' rows (codegen/dwpw.py), the widest 56 x 144 floats; the figure is read from the lowered kernels, so it
-    is what the package really requests, and it lies in the arena."""
+    packages (padded copies asked for 4.8 MB here). What workspace is left is the merged kernels' rows
+    (codegen/dwpw.py), at most three expanded rows of the first stride-2 block and a row of its depthwise output
+    (3 x 112 x 96 + 56 x 96 floats); the figure is read from the lowered kernels, so it is what the package really
+    requests, and it lies in the arena."""
     rc, out, err = cli("compile", "builtin:mobilenetv2-1.0-224", "--format", "c", "-o", tmp_path / "pkg", "--json")
     assert rc == 0, err
     memory = json.loads(out[out.index("{"):])["memory"]
     assert memory["arena_bytes"] <= 0.6 * memory["intermediate_bytes"], memory
-    assert memory["workspace_bytes"] <= 56 * 144 * 4 + 4096, memory  # a row, and a register tile at most
+    assert memory["workspace_bytes"] <= (3 * 112 * 96 + 56 * 96) * 4 + 4096, memory  # rows, a register tile
     assert memory["ram_bytes"] == memory["arena_bytes"]

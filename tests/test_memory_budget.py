@@ -96,13 +96,15 @@ def test_bounded_cost_is_within_budget_exactly_when_all_three_fit():
 
 @pytest.mark.slow
 def test_mobilenetv2_035_at_96_fits_640kib(tmp_path):
-    """The issue's goal: its peak is the first expanded 48x48x48 map with its input, about 550 KB."""
+    """The issue's goal. Unmerged, its peak was the first expanded 48x48x48 map with its input, about 550 KB; a C
+    package merges that stride-2 block's expanding layer into its depthwise + pointwise kernel (codegen/dwpw.py),
+    so the map never exists, and the peak is the stem: its channels-last input and its output, 258,048 B."""
     from edgeprune import api
 
     build = compile_model(api._builtin("mobilenetv2-0.35-96"), "host", tmp_path / "pkg", fmt="c",
                           budget=MemoryBudget(ram=parse_bytes("640KiB")))
     assert build.memory["ram_bytes"] <= 640 * 1024
-    assert 500_000 < build.memory["arena_bytes"] < 600_000
+    assert 200_000 < build.memory["arena_bytes"] < 300_000
 
 
 def test_compile_cli_refuses_a_budget_in_one_line_and_states_the_figures_when_it_fits(cli, onnx_file, tmp_path):

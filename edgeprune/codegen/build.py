@@ -54,6 +54,8 @@ def kernel_table(mod) -> tuple[dict[str, int], list[str]]:
 def layer_table(scheduled) -> list[LayerCost]:
     """One cost row per kernel call, in order, each reported by the kernel's family from its tags and the call's
     tensors (constants are weights). The user's layer names are added after (codegen/sources.py)."""
+    import numpy as np
+
     from . import dwpw
     from .cpackage import extract_plan, root_tensor
     from .kernels import family
@@ -77,9 +79,10 @@ def layer_table(scheduled) -> list[LayerCost]:
         outs = [t.shape for t in tensors[len(tensors) - step.n_out:]]
         ins = tensors[: len(tensors) - step.n_out]
         tags = dict(func.attrs or {})
-        if tag_of(func, OP) == dwpw.OP_NAME:  # one kernel, two layers: a row each (codegen/dwpw.py)
-            nd = int(tags[dwpw.PART_ARGS])
-            rows.extend(dwpw.cost_rows(split(ins[:nd]), split(ins[nd:]), outs, tags, step.kernel))
+        if tag_of(func, OP) == dwpw.OP_NAME:  # one kernel, two or three layers: a row each (codegen/dwpw.py)
+            bounds = np.cumsum([0, *(int(n) for n in tags[dwpw.PART_ARGS])])
+            parts = [split(ins[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+            rows.extend(dwpw.cost_rows(parts, outs, tags, step.kernel))
             continue
         acts, consts = split(ins)
         rows.append(family(str(tag_of(func, FAMILY, "dense"))).cost_row(

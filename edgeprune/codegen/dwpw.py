@@ -14,6 +14,7 @@ schedules it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import tvm
@@ -29,17 +30,19 @@ OP_NAME = "dwpw"
 # profiles, `edgeprune measure`, an earlier version that ran 8-pixel tiles as the jobs).
 MIN_PIXELS = 100
 # Tags of a merged kernel, besides the common ones (kernels/common.py; its FLOPs are the two layers'):
-PART_ARGS = "edgeprune.part_args"  # how many of its leading parameters are the depthwise kernel's (input first)
-PART_REDUCTIONS = "edgeprune.part_reductions"  # MACs per output element of the depthwise and the pointwise part
+PART_OPS = "edgeprune.part_ops"  # the layers it runs: ["depthwise", "pointwise"], or an expanding pointwise first
+PART_ARGS = "edgeprune.part_args"  # how many of its parameters are each part's, in order (the first's input first)
+PART_REDUCTIONS = "edgeprune.part_reductions"  # MACs per output element of each part
 
 
 def _dense(func, op: str) -> bool:
     return tag_of(func, OP) == op and tag_of(func, FAMILY) == "dense"
 
 
-def pairs(mod: tvm.IRModule) -> list[tuple[relax.VarBinding, relax.VarBinding]]:
+def pairs(mod: tvm.IRModule) -> list[tuple[relax.VarBinding, ...]]:
     """(depthwise binding, pointwise binding) in main where the pointwise kernel's activation input is the
-    depthwise kernel's output and nothing else reads it."""
+    depthwise kernel's output and nothing else reads it; led by the expanding pointwise binding whose output only
+    the depthwise kernel reads, where there is one: (expand, depthwise, pointwise)."""
     main = mod["main"]
     funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
     uses: dict[relax.Var, int] = {}
@@ -63,6 +66,7 @@ def pairs(mod: tvm.IRModule) -> list[tuple[relax.VarBinding, relax.VarBinding]]:
         count(b.value)
     count(main.body.body)
     depthwise: dict[relax.Var, relax.VarBinding] = {}
+    pointwise: dict[relax.Var, relax.VarBinding] = {}
     found = []
     for b in bindings:
         call = b.value
@@ -71,12 +75,16 @@ def pairs(mod: tvm.IRModule) -> list[tuple[relax.VarBinding, relax.VarBinding]]:
         func = funcs.get(call.args[0].name_hint)
         if func is None:
             continue
+        x = call.args[1][0] if len(call.args[1]) else None
         if _dense(func, "depthwise"):
             depthwise[b.var] = b
         elif _dense(func, "pointwise"):
-            x = call.args[1][0]
             if isinstance(x, relax.Var) and x in depthwise and uses.get(x) == 1:
-                found.append((depthwise.pop(x), b))
+                d = depthwise.pop(x)
+                e = d.value.args[1][0]
+                expand = pointwise.get(e) if isinstance(e, relax.Var) and uses.get(e) == 1 else None
+                found.append(((expand,) if expand is not None else ()) + (d, b))
+            pointwise[b.var] = b
     return found
 
 
@@ -88,61 +96,99 @@ def worth_fusing(dw: tirx.PrimFunc, pw: tirx.PrimFunc) -> bool:
     return len(dw_out) == 4 and pw_in == dw_out and pw_out[:3] == dw_out[:3] and dw_out[1] * dw_out[2] >= MIN_PIXELS
 
 
-def fuse(mod: tvm.IRModule, keep: Callable[[tirx.PrimFunc, tirx.PrimFunc], bool] = worth_fusing) -> tvm.IRModule:
-    """Merge each depthwise -> pointwise pair that `keep(depthwise, pointwise)` accepts into one tagged kernel."""
+def expand_too(expand: tirx.PrimFunc, dw: tirx.PrimFunc) -> bool:
+    """Whether the expanding pointwise layer joins a merged pair: where the depthwise layer is 3x3 with stride 2 on
+    a map of even size, its output rows read 3 expanded rows each, 1.5 per row in all. (At stride 1 each expanded
+    row would be computed 3 times, under a 5x5 window 2.5 times. And under a 5x5 window or on an odd map, 41x41,
+    TVM's region analysis let the kernel compute the whole expanded map for every row; kernels/dwpw.py refuses
+    that.) Shapes only, as worth_fusing."""
+    e_out, d_in, d_out = ([int(d) for d in b.shape] for b in (expand.params[-1], dw.params[0], dw.params[-1]))
+    return (e_out == d_in and len(d_out) == 4 and int(tag_of(dw, REDUCTION, 0)) == 9
+            and d_in[1:3] == [2 * d_out[1], 2 * d_out[2]])
+
+
+def fuse(mod: tvm.IRModule, keep: Callable[[tirx.PrimFunc, tirx.PrimFunc], bool] = worth_fusing,
+         expand: bool = False) -> tvm.IRModule:
+    """Merge each depthwise -> pointwise pair that `keep(depthwise, pointwise)` accepts into one tagged kernel; with
+    `expand` (C packages, where RAM is the budget), the expanding pointwise layer before it too where `expand_too`
+    says so, at the price of computing a third of its rows twice."""
     funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
-    chosen = [(d, p) for d, p in pairs(mod)
-              if keep(funcs[d.value.args[0].name_hint], funcs[p.value.args[0].name_hint])]
+
+    def func(binding: relax.VarBinding) -> tirx.PrimFunc:
+        return funcs[binding.value.args[0].name_hint]
+
+    chosen = []
+    for chain in pairs(mod):
+        *lead, d, p = chain
+        if not keep(func(d), func(p)):
+            continue
+        chosen.append(tuple(lead) + (d, p) if expand and lead and expand_too(func(lead[0]), func(d)) else (d, p))
     if not chosen:
         return mod
     builder = relax.BlockBuilder(mod)
     replace: dict[relax.Var, relax.Call] = {}
     gone: list[relax.Var] = []
-    made: dict[str, tuple[str, str]] = {}
-    for i, (d, p) in enumerate(chosen):
-        args = [*d.value.args[1], *list(p.value.args[1])[1:]]
+    made: dict[str, tuple[str, ...]] = {}
+    for i, chain in enumerate(chosen):
+        # the first call's arguments, then each later call's but its first (the previous call's output)
+        parts = [list(b.value.args[1]) if j == 0 else list(b.value.args[1])[1:] for j, b in enumerate(chain)]
+        args = [a for part in parts for a in part]
         params = [relax.Var(f"a{j}", a.ty) for j, a in enumerate(args)]
-        nd = len(d.value.args[1])
         inner = relax.BlockBuilder()
         with inner.function("fused", params, {"Primitive": True}, private=True):
             with inner.dataflow():
-                mid = inner.emit(relax.call_tir(d.value.args[0], params[:nd], d.value.ty_args[0]))
-                out = inner.emit_output(relax.call_tir(p.value.args[0], [mid, *params[nd:]], p.value.ty_args[0]))
-            inner.emit_func_output(out)
-        name = f"fused_dwpw_{p.value.args[0].name_hint.removeprefix('fused_')}_{i}"
+                at, prev = 0, None
+                for j, (b, part) in enumerate(zip(chain, parts)):
+                    ins = params[at:at + len(part)]
+                    at += len(part)
+                    call = relax.call_tir(b.value.args[0], ins if prev is None else [prev, *ins], b.value.ty_args[0])
+                    prev = inner.emit_output(call) if j == len(chain) - 1 else inner.emit(call)
+            inner.emit_func_output(prev)
+        name = f"fused_dwpw_{chain[-1].value.args[0].name_hint.removeprefix('fused_')}_{i}"
         gv = builder.add_func(inner.get()["fused"], name)
-        made[name] = (d.value.args[0].name_hint, p.value.args[0].name_hint)
-        replace[p.var] = relax.Call(gv, args)
-        gone.append(d.var)
+        made[name] = tuple(b.value.args[0].name_hint for b in chain)
+        replace[chain[-1].var] = relax.Call(gv, args)
+        gone += [b.var for b in chain[:-1]]
     mod = builder.get()
     mod["main"] = _Rewriter(replace, gone).visit_expr(mod["main"])
     mod = relax.transform.DeadCodeElimination()(relax.transform.FuseTIR()(mod))
     for gv, f in list(mod.functions_items()):
         if gv.name_hint in made:
-            dw, pw = (funcs[n] for n in made[gv.name_hint])
+            parts = [funcs[n] for n in made[gv.name_hint]]
             mod[gv] = f.with_attrs({
                 OP: OP_NAME, FAMILY: "dense",
-                FLOPS: int(tag_of(dw, FLOPS, 0)) + int(tag_of(pw, FLOPS, 0)),
-                REDUCTION: int(tag_of(pw, REDUCTION, 0)),
-                PART_ARGS: len(dw.params) - 1,
-                PART_REDUCTIONS: [int(tag_of(dw, REDUCTION, 0)), int(tag_of(pw, REDUCTION, 0))],
+                FLOPS: sum(int(tag_of(p, FLOPS, 0)) for p in parts),
+                REDUCTION: int(tag_of(parts[-1], REDUCTION, 0)),
+                PART_OPS: [str(tag_of(p, OP)) for p in parts],
+                # each part's parameters: all its inputs for the first, all but the previous part's output after
+                PART_ARGS: [len(p.params) - (1 if j == 0 else 2) for j, p in enumerate(parts)],
+                PART_REDUCTIONS: [int(tag_of(p, REDUCTION, 0)) for p in parts],
             })
     return mod
 
 
-def cost_rows(depthwise: tuple[list, list], pointwise: tuple[list, list], outputs: list, tags: dict,
-              kernel: str) -> list[LayerCost]:
-    """A merged kernel's two rows, both naming the one kernel: each layer's row as the dense family reports it
-    unmerged (depthwise and pointwise are each part's (activation shapes, constant shapes), main weight first).
-    Rows describe layers, so they stay the rows the search prices a subnet with (search/space.py) whether or not
-    codegen merges the pair; what merging saves shows in the kernel's measured time (cost/table.py splits it)."""
+def cost_rows(parts: list[tuple[list, list]], outputs: list, tags: dict, kernel: str) -> list[LayerCost]:
+    """A merged kernel's rows, one per layer, all naming the one kernel: each layer's row as the dense family
+    reports it unmerged. `parts` are each layer's (activation shapes, constant shapes), main weight first; a later
+    layer's input is the previous one's output, which the kernel keeps to itself. Rows describe layers, so they
+    stay the rows the search prices a subnet with (search/space.py) whether or not codegen merges the layers; what
+    merging saves shows in the kernel's measured time (cost/table.py splits it)."""
     from .kernels import dense
 
-    (d_acts, d_consts), (p_acts, p_consts) = depthwise, pointwise
-    d_red, p_red = (int(r) for r in tags[PART_REDUCTIONS])
-    mid = (*outputs[0][:-1], d_acts[0][-1])  # the depthwise output: the map of the output, channels of the input
-    return [dense.cost_row("depthwise", d_acts, d_consts, [mid], d_red, kernel),
-            dense.cost_row("pointwise", [mid, *p_acts], p_consts, outputs, p_red, kernel)]
+    ops, reductions = list(tags[PART_OPS]), [int(r) for r in tags[PART_REDUCTIONS]]
+    rows, prev = [], None
+    for j, ((acts, consts), op, red) in enumerate(zip(parts, ops, reductions)):
+        ins = acts if prev is None else [prev, *acts]
+        last = j == len(parts) - 1
+        if last:
+            out = outputs[0]
+        elif op == "depthwise":  # the depthwise output: the output's map, its own channels (those of its input)
+            out = (*outputs[0][:-1], ins[0][-1])
+        else:  # the expanding layer: its input's map; its channels from its weight, however packed (K x M floats)
+            out = (*ins[0][:-1], math.prod(consts[0]) // ins[0][-1])
+        rows.append(dense.cost_row(op, ins, consts, [out], red, kernel))
+        prev = out
+    return rows
 
 
 @relax.expr_functor.mutator

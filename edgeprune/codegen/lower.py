@@ -83,19 +83,20 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
     same kernel boundaries, which is what --debug-layers compares against.
     sparse: picks a block-sparse kernel, or dense, for each kernel whose constant weight has 1xN zero blocks
     (kernels/bsr.py); None compiles every kernel dense.
-    inline_padding: no kernel keeps a padded copy of its input (C packages: the copy would be workspace), and no
-    convolution is Winograd (fused_module).
+    inline_padding: no kernel keeps a padded copy of its input (C packages: the copy would be workspace), no
+    convolution is Winograd (fused_module), and a merged depthwise + pointwise kernel takes in the expanding layer
+    before a stride-2 depthwise one too (RAM before speed).
     fuse_depthwise: each depthwise convolution and the pointwise one that consumes it run as one kernel
     (codegen/dwpw.py) where the map is large enough for it to pay.
     """
     mod = tag_kernels(fused_module(mod, target, winograd=not inline_padding))
     if not use_rules:
         # the same kernel boundaries as the scheduled build's (--debug-layers compares them step by step)
-        return legalize.narrow_indices(dwpw.fuse(mod) if fuse_depthwise else mod, target)
+        return legalize.narrow_indices(dwpw.fuse(mod, expand=inline_padding) if fuse_depthwise else mod, target)
     if sparse is not None:
         mod = bsr.sparsify(mod, target, sparse, threads)
     if fuse_depthwise:  # after sparsify: a pointwise layer that runs sparse stays its own kernel
-        mod = dwpw.fuse(mod)
+        mod = dwpw.fuse(mod, expand=inline_padding)  # C packages: the expanding layer too, where RAM is the budget
     if inline_padding:
         mod = _tag_all(mod, dense.INLINE_PADDING)
     with target:

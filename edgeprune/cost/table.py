@@ -86,15 +86,22 @@ def _v1_row(r: dict) -> dict:
 
 
 def call_shares(rows: list[LayerCost]) -> list[float]:
-    """Each row's share of its kernel call's time: 1, but for a kernel that runs two layers (a depthwise row and then
-    a pointwise row naming the same kernel, codegen/dwpw.py), whose one measured time is split between its rows by
-    the prior's view of them (MACs over the class's efficiency: a depthwise MAC costs ~3x a pointwise one)."""
+    """Each row's share of its kernel call's time: 1, but for a kernel that runs several layers (codegen/dwpw.py:
+    rows in a row naming the same kernel, a depthwise and a pointwise one, an expanding pointwise one first in a C
+    package), whose one measured time is split between its rows by the prior's view of them (MACs over the class's
+    efficiency: a depthwise MAC costs ~3x a pointwise one)."""
     shares = [1.0] * len(rows)
-    for i in range(len(rows) - 1):
-        a, b = rows[i], rows[i + 1]
-        if a.kernel and a.kernel == b.kernel and (a.op, b.op) == ("depthwise", "pointwise"):
-            wa, wb = (r.macs / PRIOR_EFFICIENCY[r.op] for r in (a, b))
-            shares[i], shares[i + 1] = wa / (wa + wb), wb / (wa + wb)
+    i = 0
+    while i < len(rows):
+        for ops in (("pointwise", "depthwise", "pointwise"), ("depthwise", "pointwise")):
+            run = rows[i:i + len(ops)]
+            if len(run) == len(ops) and run[0].kernel and all(r.kernel == run[0].kernel for r in run) \
+                    and tuple(r.op for r in run) == ops:
+                weights = [r.macs / PRIOR_EFFICIENCY[r.op] for r in run]
+                shares[i:i + len(ops)] = [w / sum(weights) for w in weights]
+                i += len(ops) - 1
+                break
+        i += 1
     return shares
 
 

@@ -6,7 +6,8 @@ its flash is its code plus its weights (codegen/cpackage). Here both are estimat
 - the arena as the largest set of tensors alive at once, walking the program the package runs (the NCHW input
   and its NHWC copy, the stem, and per inverted-residual block its input while the block's residual add still
   needs it, the expanded map, the depthwise output, or a row of it where codegen merges the depthwise and the
-  pointwise layers, and the block output), plus a margin for the placement's fragmentation;
+  pointwise layers (and three rows of the expanded map where it merges a stride-2 block's expanding layer too),
+  and the block output), plus a margin for the placement's fragmentation;
 - the weights as every convolution's and the classifier's with their folded biases, each aligned as the package
   aligns it;
 - the code as a fixed runtime plus, per distinct kernel and per call, what cortex-m7 packages of the space
@@ -31,6 +32,8 @@ CODE_PER_KERNEL = 1536
 CODE_PER_CALL = 384
 # As codegen/dwpw.py merges a depthwise convolution with the pointwise one after it: on maps of this many pixels
 # and more, the kernel holds a row of the depthwise output in its workspace and the whole map is never a tensor.
+# In a C package (what this estimates) a 3x3 stride-2 block's expanding layer joins them on maps of even size: 3 rows
+# of it in workspace.
 MERGE_MIN_PIXELS = 100
 
 
@@ -61,10 +64,15 @@ def footprint(arch: S.Arch, num_classes: int = 10, act_bytes: float = 4, weight_
         x, d, y = t(b.size, b.cin), t(out, b.mid), t(out, b.cout)
         keep = x if b.residual else 0
         e = t(b.size, b.mid) if b.stage >= 0 else x  # the expand-1 block after the stem has no expansion conv
+        merged = out * out >= MERGE_MIN_PIXELS
+        row = _aligned(out * b.mid * act_bytes)  # a row of the depthwise output
+        if merged and b.stage >= 0 and b.stride == 2 and b.kernel == 3 and b.size % 2 == 0:  # expanding layer too
+            live.append(x + y + _aligned(3 * b.size * b.mid * act_bytes) + row)
+            continue
         if b.stage >= 0:
             live.append(x + e)
-        if out * out >= MERGE_MIN_PIXELS:  # one kernel: the depthwise output is a row of workspace, not a tensor
-            live.append(keep + e + y + _aligned(out * b.mid * act_bytes))
+        if merged:  # one kernel: the depthwise output is a row of workspace, not a tensor
+            live.append(keep + e + y + row)
         else:
             live += [keep + e + d, keep + d + y]
     final = S.final_size(arch)
