@@ -29,7 +29,7 @@ OP_NAME = "dwpw"
 # two kernels in the network at 2 threads; its 14x14 and larger pairs 0.92-1.72x, most above 1.05 (per-layer
 # profiles, `edgeprune measure`, an earlier version that ran 8-pixel tiles as the jobs).
 MIN_PIXELS = 100
-# Tags of a merged kernel, besides the common ones (kernels/common.py; its FLOPs are the two layers'):
+# Tags of a merged kernel, besides the common ones (kernels/common.py; its FLOPs are its layers'):
 PART_OPS = "edgeprune.part_ops"  # the layers it runs: ["depthwise", "pointwise"], or an expanding pointwise first
 PART_ARGS = "edgeprune.part_args"  # how many of its parameters are each part's, in order (the first's input first)
 PART_REDUCTIONS = "edgeprune.part_reductions"  # MACs per output element of each part
@@ -128,7 +128,7 @@ def fuse(mod: tvm.IRModule, keep: Callable[[tirx.PrimFunc, tirx.PrimFunc], bool]
     builder = relax.BlockBuilder(mod)
     replace: dict[relax.Var, relax.Call] = {}
     gone: list[relax.Var] = []
-    made: dict[str, tuple[str, ...]] = {}
+    made: dict[str, tuple[list[str], list[int]]] = {}  # merged kernel -> its parts' kernels, their argument counts
     for i, chain in enumerate(chosen):
         # the first call's arguments, then each later call's but its first (the previous call's output)
         parts = [list(b.value.args[1]) if j == 0 else list(b.value.args[1])[1:] for j, b in enumerate(chain)]
@@ -146,7 +146,7 @@ def fuse(mod: tvm.IRModule, keep: Callable[[tirx.PrimFunc, tirx.PrimFunc], bool]
             inner.emit_func_output(prev)
         name = f"fused_dwpw_{chain[-1].value.args[0].name_hint.removeprefix('fused_')}_{i}"
         gv = builder.add_func(inner.get()["fused"], name)
-        made[name] = tuple(b.value.args[0].name_hint for b in chain)
+        made[name] = ([b.value.args[0].name_hint for b in chain], [len(part) for part in parts])
         replace[chain[-1].var] = relax.Call(gv, args)
         gone += [b.var for b in chain[:-1]]
     mod = builder.get()
@@ -154,14 +154,14 @@ def fuse(mod: tvm.IRModule, keep: Callable[[tirx.PrimFunc, tirx.PrimFunc], bool]
     mod = relax.transform.DeadCodeElimination()(relax.transform.FuseTIR()(mod))
     for gv, f in list(mod.functions_items()):
         if gv.name_hint in made:
-            parts = [funcs[n] for n in made[gv.name_hint]]
+            names, counts = made[gv.name_hint]
+            parts = [funcs[n] for n in names]
             mod[gv] = f.with_attrs({
                 OP: OP_NAME, FAMILY: "dense",
                 FLOPS: sum(int(tag_of(p, FLOPS, 0)) for p in parts),
                 REDUCTION: int(tag_of(parts[-1], REDUCTION, 0)),
                 PART_OPS: [str(tag_of(p, OP)) for p in parts],
-                # each part's parameters: all its inputs for the first, all but the previous part's output after
-                PART_ARGS: [len(p.params) - (1 if j == 0 else 2) for j, p in enumerate(parts)],
+                PART_ARGS: counts,
                 PART_REDUCTIONS: [int(tag_of(p, REDUCTION, 0)) for p in parts],
             })
     return mod
@@ -193,7 +193,7 @@ def cost_rows(parts: list[tuple[list, list]], outputs: list, tags: dict, kernel:
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    """The pointwise binding becomes the merged call; the depthwise binding goes."""
+    """The last binding of each merged chain becomes the merged call; the bindings before it go."""
 
     def __init__(self, replace: dict, gone: list) -> None:
         super().__init__()

@@ -1,7 +1,8 @@
 """RAM and flash of a subnet before it is compiled: what `build --ram --flash` searches under.
 
-A C package's RAM is its arena (the intermediate tensors, placed by their lifetimes) plus the kernels' workspace;
-its flash is its code plus its weights (codegen/cpackage). Here both are estimated from the architecture alone:
+A C package's RAM is its arena (the intermediate tensors, placed by their lifetimes, and each kernel call's
+workspace among them); its flash is its code plus its weights (codegen/cpackage). Here both are estimated from the
+architecture alone:
 
 - the arena as the largest set of tensors alive at once, walking the program the package runs (the NCHW input
   and its NHWC copy, the stem, and per inverted-residual block its input while the block's residual add still
@@ -26,7 +27,7 @@ from . import space as S
 
 ALIGN = 64  # as codegen/cpackage/memory.py aligns every tensor
 ARENA_MARGIN = 1.1  # the greedy placement's fragmentation over the live set, leaning high
-WORKSPACE = 1024  # a register tile too large for the stack, at most, with padding inlined
+WORKSPACE = 1024  # a register tile too large for the stack, with padding inlined; added on top, leaning high
 CODE_BASE = 2048  # the runtime shim and the entry point
 CODE_PER_KERNEL = 1536
 CODE_PER_CALL = 384

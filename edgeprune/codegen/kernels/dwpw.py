@@ -25,7 +25,6 @@ from .common import FAMILY, OP, REDUCE, CpuSpec, extent, is_reduction, pick_vect
 
 log = logging.getLogger(__name__)
 OP_NAME = "dwpw"
-_REDUCE_UNROLL = 8
 
 
 def _loops(sch: s_tir.Schedule, block) -> tuple[list, list]:
@@ -155,11 +154,7 @@ def _tile_pointwise(sch: s_tir.Schedule, red, epi, spec: CpuSpec, dense, paralle
     if parallel:
         row = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(row)
-    last = reduce[-1]
-    if (extent(sch, last) or 1) % _REDUCE_UNROLL == 0 and extent(sch, last) > _REDUCE_UNROLL:
-        r_outer, r_inner = sch.split(last, [None, _REDUCE_UNROLL])
-        sch.unroll(r_inner)
-        reduce = [*reduce[:-1], r_outer]
+    reduce = dense.unroll_reduction(sch, reduce, spec)
     if vec > 1:
         sch.vectorize(cv)
     sch.unroll(ck)
