@@ -9,14 +9,17 @@ Protocol, seeded and single-threaded:
        fdda   4 real training images per class give the BN-statistics centres; 4 synthetic images per class;
        zeroq  as many images aligned to the global BN statistics (no classes, no real data);
        noise  as many Gaussian-noise images (the floor);
-  3. quantize.quantize: BatchNorm folded after the data is made; W8A8, and W4A8 with the first and last layers at 8;
+  3. quantize.quantize: BatchNorm folded after the data is made; W8A8, and W4A8 with the first and last layers at 8,
+     each as `build --quantize` makes it: at W4A8 the quantized network is then distilled from fp32 on the
+     calibration images (FDDA's fine-tuning, compress/distill.py; --distill-steps, default 200), at W8A8 not. W4A8
+     with activation ranges only (no distillation) is listed beside it;
   4. top-1 on the test split (held-out digits) of the fake-quantized network, and how often it agrees with fp32's
      top-1 (a finer view than accuracy when sources differ by a test image or two: one is 0.12 points).
 
 Goals, per subnet, in points of test accuracy: FDDA - real >= -1.0 at W8A8 and at W4A8; FDDA - ZeroQ > 0 and
 FDDA - noise > 0 at W4A8. One GOAL line each; exits 1 when any is missed.
 
-    python bench/quant_accuracy.py [--seed 0] [--steps 40] [--finetune-steps 200] [--cache FILE]
+    python bench/quant_accuracy.py [--seed 0] [--steps 40] [--finetune-steps 200] [--distill-steps 200] [--cache FILE]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 BUDGET_MS, TARGET = 50.0, "cortex-a7"  # make demo's build
 SOURCES = ("real", "fdda", "zeroq", "noise")
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8)}
+PRECISION = {"W8A8": "int8", "W4A8": "w4a8"}  # compress.PRECISIONS' names
 GOALS = (  # (name, other source, bits, threshold, strict)
     ("fdda-vs-real-w8a8", "real", "W8A8", -1.0, False),
     ("fdda-vs-real-w4a8", "real", "W4A8", -1.0, False),
@@ -90,9 +94,11 @@ def predictions(net, x, resolution: int):
                                for i in range(0, len(x), EVAL_BATCH)])
 
 
-def _subnet_rows(name: str, net, resolution: int, ds, seed: int, steps: int,
+def _subnet_rows(name: str, net, resolution: int, ds, seed: int, steps: int, distill: int | None,
                  say: Callable[[str], None]) -> tuple[float, dict[str, dict]]:
-    """fp32 test accuracy, and per source: images, seconds to make them, and W8A8/W4A8 test accuracy."""
+    """fp32 test accuracy, and per source: images, seconds to make them, and W8A8/W4A8 test accuracy (W4A8 also
+    with ranges only)."""
+    from edgeprune.compress import distill_steps_for
     from edgeprune.compress import quantize as Q
 
     x, y = ds.test
@@ -112,18 +118,25 @@ def _subnet_rows(name: str, net, resolution: int, ds, seed: int, steps: int,
         syn = Q.calibration_images(net, source, resolution, *ds.train, classes=len(ds.classes), steps=steps,
                                    seed=seed, progress=progress)
         row = {"images": len(syn.images), "seconds": time.perf_counter() - t}
-        for label, bits in BITS.items():
-            pred = predictions(Q.ptq(net, resolution, bits=bits, synthetic=syn).module, x, resolution)
+        runs = [(label, bits, distill_steps_for(PRECISION[label]) if distill is None or bits[0] == 8 else distill)
+                for label, bits in BITS.items()] + [("W4A8 ranges only", BITS["W4A8"], 0)]
+        for label, bits, distill_steps in runs:
+            t = time.perf_counter()
+            pred = predictions(Q.ptq(net, resolution, bits=bits, synthetic=syn, seed=seed,
+                                     distill_steps=distill_steps).module, x, resolution)
             row[label] = float((pred == y).mean())
             row[f"{label} agree"] = float((pred == reference).mean())
+            row[f"{label} seconds"] = time.perf_counter() - t
         say(f"  {name} {source}: {row['images']} images in {row['seconds']:.0f} s; W8A8 {row['W8A8']:.2%}, "
-            f"W4A8 {row['W4A8']:.2%}")
+            f"W4A8 {row['W4A8']:.2%} (distilled in {row['W4A8 seconds']:.0f} s), "
+            f"ranges only {row['W4A8 ranges only']:.2%}")
         rows[source] = row
     return fp32, rows
 
 
 def accuracy_goals(seed: int = 0, steps: int | None = None, finetune_steps: int | None = None,
-                   cache: Path | None = None, say: Callable[[str], None] = log) -> tuple[str, list[str]]:
+                   cache: Path | None = None, say: Callable[[str], None] = log,
+                   distill: int | None = None) -> tuple[str, list[str]]:
     """The table (Markdown) and the GOAL lines of issue 14's accuracy goal, for the demo's and the largest subnet."""
     import torch
 
@@ -142,16 +155,18 @@ def accuracy_goals(seed: int = 0, steps: int | None = None, finetune_steps: int 
     largest = S.Space(resolutions=resolutions).largest(max(resolutions))
     demo, demo_arch = demo_subnet(supernet, ckpt, ds, seed, finetune_steps, cache, say)
     subnets = [("demo", demo, demo_arch), ("largest", subnet(supernet, largest, ds.train[0]).eval(), largest)]
-    table = ["| subnet | calibration | images | made in | W8A8 test | W4A8 test (first, last at 8) | "
-             "W8A8 / W4A8 top-1 agreement with fp32 |", "|---|---|---|---|---|---|---|"]
+    table = ["| subnet | calibration | images | made in | W8A8 test | W4A8 test (first, last at 8; distilled) | "
+             "W4A8 ranges only | W8A8 / W4A8 / ranges-only top-1 agreement with fp32 |",
+             "|---|---|---|---|---|---|---|---|"]
     goals = []
     for name, net, arch in subnets:
         title = f"{name} ({S.macs(arch) / 1e6:.1f}M MACs @{arch.resolution} px)"
-        fp32, rows = _subnet_rows(name, net, arch.resolution, ds, seed, steps, say)
-        table.append(f"| {title} | fp32 | | | {fp32:.2%} | {fp32:.2%} | |")
+        fp32, rows = _subnet_rows(name, net, arch.resolution, ds, seed, steps, distill, say)
+        table.append(f"| {title} | fp32 | | | {fp32:.2%} | {fp32:.2%} | {fp32:.2%} | |")
         for source, row in rows.items():
             table.append(f"| {title} | {source} | {row['images']} | {row['seconds']:.0f} s | {row['W8A8']:.2%} | "
-                         f"{row['W4A8']:.2%} | {row['W8A8 agree']:.2%} / {row['W4A8 agree']:.2%} |")
+                         f"{row['W4A8']:.2%} | {row['W4A8 ranges only']:.2%} | {row['W8A8 agree']:.2%} / "
+                         f"{row['W4A8 agree']:.2%} / {row['W4A8 ranges only agree']:.2%} |")
         for goal, other, bits, threshold, strict in GOALS:
             points = 100 * (rows["fdda"][bits] - rows[other][bits])
             met = points > threshold if strict else points >= threshold
@@ -166,13 +181,16 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="optimization steps of the synthetic data")
     ap.add_argument("--finetune-steps", type=int, default=None, help="the demo subnet's (default: build's)")
     ap.add_argument("--cache", type=Path, help="keep the demo subnet's fine-tuned weights in this file")
+    ap.add_argument("--distill-steps", type=int, default=None,
+                    help="W4A8's distillation steps (default: build's, 200)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    table, goals = accuracy_goals(args.seed, args.steps, args.finetune_steps, args.cache)
+    table, goals = accuracy_goals(args.seed, args.steps, args.finetune_steps, args.cache,
+                                  distill=args.distill_steps)
     print(table)
     print()
     print("\n".join(goals))

@@ -157,7 +157,8 @@ def build(target: str, budget_ms: float, out: str | Path, *, device: str | None 
           sparsity: float | str | None = None, block: int = 4, prune_steps: int | None = None,
           quantize: str | None = None, calibration: str = "fdda", max_drop: float = 1.0, per_class: int = 4,
           ram: int | str | None = None, flash: int | str | None = None, binarize: str | None = None,
-          binary_fraction: float = 0.1, binarize_steps: int | None = None) -> dict:
+          binary_fraction: float = 0.1, binarize_steps: int | None = None,
+          distill_steps: int | None = None) -> dict:
     """Search (and fine-tune the chosen subnet for `finetune_steps`, default 200), compress, compile and (with a
     device) measure a network that meets `budget_ms` on `target`; writes `out` atomically and returns the report
     (report.json). With no device the prior's prediction is judged at the slow edge of its band (boards of one core
@@ -165,7 +166,8 @@ def build(target: str, budget_ms: float, out: str | Path, *, device: str | None 
     (a fraction of blocks, or "auto": the most accurate of several, each searched with sparse pricing), fine-tuning
     for `prune_steps` (default 200). `quantize` ("int8", "w4a8" or "auto": int8 where it costs at most `max_drop`
     points of validation accuracy) searches with int8 pricing, quantizes the subnet after fine-tuning, calibrated on
-    `calibration` ("fdda": synthetic images from `per_class` real ones per class; "real"; "noise"), and compiles
+    `calibration` ("fdda": synthetic images from `per_class` real ones per class; "real"; "noise"), distills it
+    from the fp32 subnet on those images for `distill_steps` (default 200 at w4a8, none at int8), and compiles
     its integer program. `binarize` ("recu", "siman" or "auto": fp32 and both tried, the most accurate kept) makes
     `binary_fraction` of the subnet's 1x1 layers binary, those the device's costs say save most, searched with that
     pricing and trained `binarize_steps` (default 200) from the fine-tuned weights. `ram` and `flash` (bytes or
@@ -182,5 +184,6 @@ def build(target: str, budget_ms: float, out: str | Path, *, device: str | None 
                   sparsity=sparsity, block=block, prune_steps=PRUNE_STEPS if prune_steps is None else prune_steps,
                   quantize=quantize, calibration=calibration, max_drop=max_drop, per_class=per_class,
                   memory=memory_budget(ram, flash), binarize=binarize, binary_fraction=binary_fraction,
-                  binarize_steps=BINARIZE_STEPS if binarize_steps is None else binarize_steps)
+                  binarize_steps=BINARIZE_STEPS if binarize_steps is None else binarize_steps,
+                  distill_steps=distill_steps)
     return run_pipeline(req)

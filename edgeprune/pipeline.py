@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import Build, LatencyTable, Measurement, MemoryBudget, MemoryBudgetError, Network
-from .compress import BINARIZE_STEPS, PRECISIONS, PRUNE_STEPS
+from .compress import BINARIZE_STEPS, PRECISIONS, PRUNE_STEPS, distill_steps_for
 from .errors import UserError
 from .search import space as S
 from .search.memory import bounded as memory_bounded
@@ -81,6 +81,7 @@ class Request:
     calibration: str = "fdda"  # what post-training quantization calibrates on: fdda | real | noise
     max_drop: float = 1.0  # --quantize auto: the most validation accuracy (points) int8 may cost
     per_class: int = 4  # FDDA: real images per class
+    distill_steps: int | None = None  # the quantized subnet distilled from fp32 (default: 200 below 8 bits, else 0)
     binarize: str | None = None  # recu | siman | auto (fp32 and both methods tried, the most accurate kept) | None
     binary_fraction: float = 0.1  # the share of 1x1 layers binarized: those the device's costs say save most
     binarize_steps: int = BINARIZE_STEPS
@@ -196,6 +197,8 @@ def _precisions(req: Request, sparsities: tuple[float, ...]) -> tuple[str, ...]:
         raise UserError(f"--quantize {req.quantize}: choose one of {', '.join(QUANTIZE)}")
     if req.calibration not in CALIBRATIONS:
         raise UserError(f"--calibration {req.calibration}: choose one of {', '.join(CALIBRATIONS)}")
+    if req.distill_steps is not None and req.distill_steps < 0:
+        raise UserError(f"--distill-steps {req.distill_steps}: the distillation steps are at least 0")
     if any(sparsities):
         raise UserError("--quantize and --sparsity cannot be combined yet (the int8 kernels are dense); "
                         "choose one")
@@ -425,16 +428,22 @@ def run(req: Request) -> dict:
                 elif precision != "fp32":
                     t = time.perf_counter()
                     steps = FDDA_STEPS if req.calibration == "fdda" else 0  # the synthetic images' optimization
+                    distill = distill_steps_for(precision) if req.distill_steps is None else req.distill_steps
                     # auto: a layer the device's costs price no faster in int8 stays fp32
                     slower = _no_faster_in_int8(network, model) if req.quantize == "auto" else []
-                    with progress_bar(steps, f"calibrate ({req.calibration})", quiet=req.quiet or not steps) as bar:
+                    with progress_bar(steps + distill, f"calibrate ({req.calibration})",
+                                      quiet=req.quiet or not steps + distill) as bar:
                         network, quantized = quantize_network(
                             network, ds, precision=precision, calibration=req.calibration, per_class=req.per_class,
                             seed=req.seed, max_drop=req.max_drop if req.quantize == "auto" else None,
-                            keep_float=slower, progress=bar)
+                            keep_float=slower, distill_steps=distill,
+                            progress=lambda done, total, phase, loss, first=steps: bar(
+                                done + first * (phase == "distill"), total, phase, loss))
                     sensitive = len(quantized["fp32_layers"]) - len(slower)
                     _log(req, f"  quantized to {precision} ({req.calibration} calibration, "
-                              f"{quantized['calibration_seconds']:.0f} s): val accuracy {quantized['val_fp32']:.1%} "
+                              f"{quantized['calibration_seconds']:.0f} s"
+                              + (f", distilled {distill} steps" if distill else "")
+                              + f"): val accuracy {quantized['val_fp32']:.1%} "
                               f"-> {quantized['val_quantized']:.1%}"
                               + (f"; {len(slower)} layers no faster in int8 kept in fp32" if slower else "")
                               + (f"; {sensitive} most sensitive layers kept in fp32" if sensitive else ""))

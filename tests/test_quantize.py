@@ -335,3 +335,47 @@ def test_auto_keeps_in_fp32_the_layers_the_device_runs_no_faster_in_int8():
     q, info = quantize_network(net, data.load(None, seed=0), calibration="noise", keep_float=same_kernel)
     assert info["fp32_where_faster"] == same_kernel and info["fp32_layers"] == same_kernel
     assert [op.name for op in q.integer.ops if op.kind == "fconv"] == same_kernel
+
+
+def test_distillation_brings_w4a8_closer_to_fp32_and_exports_what_it_simulates(tiny):
+    calib, _ = _images(24, seed=6)
+    held_out, _ = _images(64, seed=7)
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    plain = Q.quantize(tiny, calib, bits=(4, 8), ends=None)
+    distilled = Q.quantize(tiny, calib, bits=(4, 8), ends=None, distill_steps=60)
+    first, last = distilled.calibration["distill_loss"]
+    assert last < 0.5 * first  # the KD loss on the calibration images falls
+    with torch.no_grad():
+        ref = tiny(held_out)
+        err = {name: (q.module(held_out) - ref).abs().mean().item() for name, q in
+               (("plain", plain), ("distilled", distilled))}
+    assert err["distilled"] < 0.8 * err["plain"], err  # and so does the error on images it never saw
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())  # the fp32 network is untouched
+    modules = dict(distilled.module.named_modules())
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in modules.values())
+    assert not any(getattr(m, "straight_through", False) for m in modules.values())
+    for name, layer in distilled.layers.items():  # the simulation runs the exported 4-bit integers
+        assert layer.weight_bits == 4 and np.abs(layer.weight).max() <= 7
+        w = modules[name].weight.detach()
+        deq = torch.from_numpy(layer.weight.astype(np.float32)) * torch.from_numpy(layer.weight_scale).view(
+            -1, *[1] * (w.dim() - 1))
+        assert torch.equal(w, deq)
+    assert not torch.equal(modules["pw.0"].weight, dict(plain.module.named_modules())["pw.0"].weight)
+
+
+def test_quantize_network_distills_below_8_bits_by_default_and_says_so(tiny):
+    from edgeprune import data
+    from edgeprune.artifacts import Network
+    from edgeprune.compress import distill_steps_for, quantize_network
+
+    assert distill_steps_for("w4a8") > 0 and distill_steps_for("int8") == 0
+    rng = np.random.default_rng(0)
+    split = [(rng.integers(0, 256, (n, RES, RES, 3), dtype=np.uint8), np.arange(n) % CLASSES) for n in (30, 12, 12)]
+    ds = data.Dataset("toy", [str(c) for c in range(CLASSES)], *split)
+    network = Network(tiny, (1, 3, RES, RES), "tiny")
+    _, info = quantize_network(network, ds, precision="w4a8", calibration="real", distill_steps=4)
+    assert info["distill_steps"] == 4 and info["weight_bits"] == 4
+    _, info = quantize_network(network, ds, precision="int8", calibration="real")
+    assert info["distill_steps"] == 0
+    with pytest.raises(UserError, match="distillation steps are at least 0"):
+        quantize_network(network, ds, precision="w4a8", calibration="real", distill_steps=-1)

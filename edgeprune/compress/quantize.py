@@ -44,9 +44,11 @@ from .. import data
 from ..artifacts import LayerPlan
 from ..errors import UserError
 from ..fixedpoint import QMAX, QMIN, quantize_multiplier, requant_scale  # noqa: F401 - re-exported
+from . import distill as _distill
 from . import fdda as _fdda
 
 SOURCES = ("real", "fdda", "zeroq", "noise")
+Progress = Callable[[int, int, str, float], None]
 REAL_IMAGES = 256  # real calibration images (activation ranges settle well before this)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 _ACT_FUNCTIONS = (F.relu, torch.relu, F.relu6)
@@ -225,6 +227,7 @@ class ActQuant(nn.Module):
         self.register_buffer("lo", torch.tensor(0.0))
         self.register_buffer("hi", torch.tensor(0.0))
         self.observing, self.enabled = True, False
+        self.straight_through = False  # while distilling: the gradient passes inside the range (distill.py)
         self.scale, self.zero_point = 1.0, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +238,11 @@ class ActQuant(nn.Module):
             self.hi = torch.maximum(self.hi, x.detach().max())
         if not self.enabled:
             return x
-        return (torch.clamp(torch.round(x / self.scale) + self.zero_point, QMIN, QMAX) - self.zero_point) * self.scale
+        q = (torch.clamp(torch.round(x / self.scale) + self.zero_point, QMIN, QMAX) - self.zero_point) * self.scale
+        if not self.straight_through:
+            return q
+        inside = torch.clamp(x, (QMIN - self.zero_point) * self.scale, (QMAX - self.zero_point) * self.scale)
+        return inside + (q - inside).detach()
 
     def freeze(self) -> None:
         """Fix scale and zero point from the observed range, and quantize from now on."""
@@ -385,12 +392,14 @@ def _bits(bits: tuple[int, int]) -> tuple[int, int]:
 
 @torch.no_grad()
 def quantize(model: nn.Module, calibration: torch.Tensor, bits: tuple[int, int] = (8, 8), ends: int | None = 8,
-             batch: int = 64, keep_float: Collection[str] = ()) -> Quantized:
+             batch: int = 64, keep_float: Collection[str] = (), distill_steps: int = 0, seed: int = 0,
+             progress: Progress | None = None) -> Quantized:
     """Post-training quantization of `model` (not modified) with activation ranges from `calibration` (normalized
     model inputs, N,C,H,W). `bits` = (weight, activation) bits: (8, 8) or (4, 8). With fewer than 8 weight bits,
     the first and last layers keep `ends` bits (8 by default, the paper's F8L8; None quantizes them like the rest):
     they hold few weights and lose the most accuracy. Layers named in `keep_float` keep fp32 weights and compute in
-    fp32 between their int8 input and output (mixed precision)."""
+    fp32 between their int8 input and output (mixed precision). With `distill_steps`, the quantized network is then
+    trained towards `model` on the calibration images (FDDA's distillation, distill.py) before it is exported."""
     wbits, abits = _bits(bits)
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 4 or len(calibration) == 0:
         shape = list(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
@@ -404,17 +413,22 @@ def quantize(model: nn.Module, calibration: torch.Tensor, bits: tuple[int, int] 
         gm(calibration[i:i + batch].float())
     for q in points.values():
         q.freeze()
+    layer_bits = {node.target: max(wbits, ends) if i in (0, len(layer_nodes) - 1) and ends is not None else wbits
+                  for i, node in enumerate(layer_nodes) if node.target not in keep_float}
+    info: dict = {"images": len(calibration)}
+    if distill_steps > 0:
+        losses = _distill.distill(gm, model.eval(), calibration, layer_bits, points, distill_steps, seed=seed,
+                                  progress=progress)
+        info.update(distill_steps=distill_steps, distill_loss=[round(losses[0], 4), round(losses[-1], 4)])
     modules = dict(gm.named_modules())
     layers, floats = {}, {}
-    for i, node in enumerate(layer_nodes):
+    for node in layer_nodes:
         if node.target in keep_float:
             floats[node.target] = _float_layer(node, modules)
-            continue
-        end = i in (0, len(layer_nodes) - 1)
-        b = max(wbits, ends) if end and ends is not None else wbits
-        layers[node.target] = _finish_layer(node, modules, b)
+        else:
+            layers[node.target] = _finish_layer(node, modules, layer_bits[node.target])
     acts = {name: (q.scale, q.zero_point) for name, q in points.items()}
-    return Quantized(gm.eval(), layers, acts, wbits, abits, {"images": len(calibration)}, floats)
+    return Quantized(gm.eval(), layers, acts, wbits, abits, info, floats)
 
 
 def _clamp(activation: str, scale: float, zero_point: int) -> tuple[int, int]:
@@ -496,8 +510,6 @@ def _finish_layer(node: fx.Node, modules: dict, bits: int) -> QuantLayer:
 # ---------------------------------------------------------------- calibration sources
 
 
-Progress = Callable[[int, int, str, float], None]
-
 
 def calibration_images(model: nn.Module, source: str, resolution: int, images: np.ndarray | None = None,
                        labels: np.ndarray | None = None, classes: int | None = None, per_class: int = _fdda.PER_CLASS,
@@ -536,7 +548,8 @@ def calibration_images(model: nn.Module, source: str, resolution: int, images: n
 def ptq(model: nn.Module, resolution: int, source: str = "fdda", images: np.ndarray | None = None,
         labels: np.ndarray | None = None, bits: tuple[int, int] = (8, 8), classes: int | None = None,
         per_class: int = _fdda.PER_CLASS, steps: int = _fdda.STEPS, seed: int = 0, ends: int | None = 8,
-        synthetic: _fdda.Synthetic | None = None, progress: Progress | None = None) -> Quantized:
+        synthetic: _fdda.Synthetic | None = None, distill_steps: int = 0,
+        progress: Progress | None = None) -> Quantized:
     """The whole post-training quantization: calibration images from `source` (made on the network with its
     BatchNorm layers), then `quantize` (which folds BatchNorm, calibrates and exports). Pass `synthetic` to reuse
     images already made (one FDDA run serves W8A8 and W4A8)."""
@@ -546,6 +559,6 @@ def ptq(model: nn.Module, resolution: int, source: str = "fdda", images: np.ndar
         synthetic = calibration_images(model, source, resolution, images, labels, classes, per_class, steps=steps,
                                        seed=seed, progress=progress)
     made = time.perf_counter() - t
-    q = quantize(model, synthetic.images, bits, ends)
+    q = quantize(model, synthetic.images, bits, ends, distill_steps=distill_steps, seed=seed, progress=progress)
     q.calibration.update(source=synthetic.source, seconds=round(made, 2))
     return q
