@@ -138,7 +138,8 @@ def _progress(every: int):
 
 def accuracy_goals(steps: int = 800, seed: int = 0, fp32_steps: int = 1500, width: int = WIDTH,
                    resolution: int = RESOLUTION, batch_seeds: tuple[int, ...] = BATCH_SEEDS,
-                   activation_steps: int | None = None, standardized: bool = False) -> tuple[str, list[str]]:
+                   activation_steps: int | None = None, standardized: bool = False,
+                   methods: tuple[str, ...] = METHODS) -> tuple[str, list[str]]:
     """Train the fp32 network (its block convs weight-standardized if `standardized`), binarize a copy with each
     method for `steps` (two-stage if `activation_steps`: that many first with binary activations only)
     once per batch-order seed, and return the Markdown table of val and test accuracy and the GOAL lines (ReCU,
@@ -147,6 +148,8 @@ def accuracy_goals(steps: int = 800, seed: int = 0, fp32_steps: int = 1500, widt
         raise ValueError(f"steps and fp32_steps must be positive, not {steps} and {fp32_steps}")
     if not batch_seeds:
         raise ValueError("batch_seeds must name at least one seed")
+    if "sign" not in methods or not set(methods) <= set(METHODS):
+        raise ValueError(f"methods must include sign (the baseline) and be among {', '.join(METHODS)}; got {methods}")
     from edgeprune import data, training
     from edgeprune.compress import binary
 
@@ -163,7 +166,7 @@ def accuracy_goals(steps: int = 800, seed: int = 0, fp32_steps: int = 1500, widt
                           training.accuracy(teacher, *ds.test, resolution), (time.time() - t) / 60, 0)
     fp32 = plain_form(teacher)
     for batch_seed in batch_seeds:
-        for method in METHODS:
+        for method in methods:
             t = time.time()
             net = copy.deepcopy(fp32)
             torch.manual_seed(batch_seed)  # ReCU's alpha ~ U(0, 1) is drawn here
@@ -184,7 +187,7 @@ def accuracy_goals(steps: int = 800, seed: int = 0, fp32_steps: int = 1500, widt
     for (key, s), (val, test, minutes, count) in rows.items():
         lines.append(f"| {NAMES[key]} | {s} | {count} | {100 * val:.1f} | {100 * test:.1f} | {minutes:.1f} |")
     goals = []
-    for method in ("recu", "siman"):
+    for method in [m for m in ("recu", "siman") if m in methods]:
         points = [100 * (rows[method, s][1] - rows["sign", s][1]) for s in batch_seeds]
         each = ", ".join(f"seed {s} {p:+.1f}" for s, p in zip(batch_seeds, points))
         goals.append(f"GOAL accuracy-{method}-vs-sign: {min(points):+.1f} points at worst ({each}) (goal > 0) "
@@ -204,11 +207,14 @@ def main() -> int:
                          "(tried: half of --steps raises ReCU but lowers sign on one seed, and misses both goals)")
     ap.add_argument("--standardized-fp32", action="store_true",
                     help="train the fp32 block convs with standardized weights (tried: it does not help ReCU or SiMaN)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                    help="the methods trained (sign, the baseline, always; GOAL lines for the others named)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     table, goals = accuracy_goals(args.steps, args.seed, args.fp32_steps, batch_seeds=tuple(args.batch_seeds),
-                                  activation_steps=args.activation_steps, standardized=args.standardized_fp32)
+                                  activation_steps=args.activation_steps, standardized=args.standardized_fp32,
+                                  methods=tuple(dict.fromkeys(["sign", *args.methods])))
     print(table)
     print()
     for line in goals:

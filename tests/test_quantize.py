@@ -258,7 +258,8 @@ def test_batchnorm_is_folded_after_the_synthetic_data_is_made(tiny, monkeypatch)
     q = Q.ptq(tiny, RES, "fdda", pixels, labels.numpy(), bits=(8, 8), classes=CLASSES, steps=3)
     assert calls == [("synthesize", 4), ("fold", 4)]  # synthesized on the BN network, folded after
     assert not any(isinstance(m, nn.BatchNorm2d) for m in q.module.modules())
-    assert q.calibration["source"] == "fdda" and q.calibration["images"] == CLASSES * fdda.IMAGES_PER_CLASS
+    # synthetic images, then the real ones of the centres (12 images: 4 of each class)
+    assert q.calibration["source"] == "fdda" and q.calibration["images"] == CLASSES * (fdda.IMAGES_PER_CLASS + 4)
     with pytest.raises(UserError, match="BatchNorm"):  # and the other order is refused
         synthesize(Q.fold_bn(tiny), fdda.class_centres(tiny, real, labels, CLASSES), RES, steps=1)
 
@@ -301,8 +302,11 @@ def test_each_calibration_source_gives_its_images(tiny):
     pixels = ((real.permute(0, 2, 3, 1) * 64 + 127.5).clamp(0, 255)).to(torch.uint8).numpy()
     made = {s: Q.calibration_images(tiny, s, RES, pixels, labels.numpy(), steps=2) for s in Q.SOURCES}
     assert len(made["real"].images) == 30 and (made["real"].labels >= 0).all()
-    assert {len(made[s].images) for s in ("fdda", "zeroq", "noise")} == {CLASSES * fdda.IMAGES_PER_CLASS}
-    assert made["fdda"].labels.tolist() == sorted(made["fdda"].labels.tolist())  # each class's images together
+    count = CLASSES * (fdda.IMAGES_PER_CLASS + fdda.PER_CLASS)  # FDDA's synthetic images, then its real ones
+    assert {len(made[s].images) for s in ("fdda", "zeroq", "noise")} == {count}
+    synthetic = made["fdda"].labels[:CLASSES * fdda.IMAGES_PER_CLASS].tolist()
+    assert synthetic == sorted(synthetic)  # each class's images together
+    assert made["fdda"].labels[len(synthetic):].tolist() == [c for c in range(CLASSES) for _ in range(fdda.PER_CLASS)]
     noise = made["noise"].images
     assert abs(float(noise.mean())) < 0.1 and 0.8 < float(noise.std()) < 1.1
     q_noise, q_real = (Q.quantize(tiny, made[s].images) for s in ("noise", "real"))

@@ -10,8 +10,8 @@ folded) weights and biases train through the quantizers with straight-through es
   activations  each quantization point keeps the range calibration froze; the gradient passes inside it and is
                zero outside (the clamp), as in the paper's quantizer.
 
-The loss is the KL divergence between temperature-softened outputs (the paper's KD loss), against teacher logits
-computed once (the images are fixed), with Adam and a cosine decay. The caller then exports the trained weights as
+The loss is the KL divergence between temperature-softened outputs (the paper's KD loss) on randomly cropped images
+(the paper's augmentation), with Adam and a cosine decay. The caller then exports the trained weights as
 usual, so the integer program and the simulation are made exactly as without distillation.
 """
 
@@ -30,6 +30,7 @@ LR = 1e-4
 BATCH = 16  # the paper's
 REFRESH = 10  # steps between re-choosing a weight's scales: their search is a third of a step's time, and a
 #               learning rate this small moves the best clipping ratio slowly
+MIN_AREA = 0.5  # the paper's RandomResizedCrop scale (0.5, 1)
 TEMPERATURE = 4.0  # the paper's 20 is for 1000 classes; a few classes need less softening to keep a signal
 
 
@@ -70,13 +71,25 @@ def _training_form(gm: fx.GraphModule, layer_bits: Mapping[str, int], points: Ma
                 parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
 
 
+def augment(x: torch.Tensor, gen: torch.Generator, min_area: float = MIN_AREA) -> torch.Tensor:
+    """Each image cropped at random (a square of `min_area` to all of its area, anywhere inside it) and resized back:
+    the paper's RandomResizedCrop (without its flip, which would not keep a digit a digit). A few dozen calibration
+    images become many, so distillation fits the network rather than the images."""
+    n = len(x)
+    scale = torch.empty(n).uniform_(min_area ** 0.5, 1.0, generator=gen)
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * (1 - scale)[:, None]
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def distill(gm: fx.GraphModule, teacher: nn.Module, images: torch.Tensor, layer_bits: Mapping[str, int],
             points: Mapping[str, nn.Module], steps: int = STEPS, lr: float = LR, seed: int = 0,
             progress: Callable[[int, int, str, float], None] | None = None) -> list[float]:
-    """Train `gm` (folded, its quantization points frozen) towards `teacher` on `images`; `layer_bits` gives each
-    quantized layer's weight bits. Returns the loss of each step. `gm` is changed in place."""
-    with torch.no_grad():
-        target = torch.cat([teacher(images[i:i + 64].float()) for i in range(0, len(images), 64)])
+    """Train `gm` (folded, its quantization points frozen) towards `teacher` on `images`, augmented; `layer_bits`
+    gives each quantized layer's weight bits. Returns the loss of each step. `gm` is changed in place."""
     params = [p for p in gm.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
@@ -86,8 +99,11 @@ def distill(gm: fx.GraphModule, teacher: nn.Module, images: torch.Tensor, layer_
     with _training_form(gm, layer_bits, points), torch.enable_grad():
         for step in range(steps):
             idx = torch.randint(len(images), (min(BATCH, len(images)),), generator=gen)
-            out = gm(images[idx].float())
-            loss = F.kl_div(F.log_softmax(out / TEMPERATURE, 1), F.softmax(target[idx] / TEMPERATURE, 1),
+            x = augment(images[idx].float(), gen)
+            with torch.no_grad():
+                target = teacher(x)
+            out = gm(x)
+            loss = F.kl_div(F.log_softmax(out / TEMPERATURE, 1), F.softmax(target / TEMPERATURE, 1),
                             reduction="batchmean") * TEMPERATURE ** 2
             opt.zero_grad()
             loss.backward()

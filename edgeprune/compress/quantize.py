@@ -33,7 +33,7 @@ import copy
 import operator
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -517,10 +517,10 @@ def calibration_images(model: nn.Module, source: str, resolution: int, images: n
                        real_images: int = REAL_IMAGES, seed: int = 0,
                        progress: Progress | None = None) -> _fdda.Synthetic:
     """Calibration images from `source`: "real" (`real_images` of `images`), "fdda" (`per_class` real images per
-    class give the BN-statistics centres; `images_per_class` synthetic images per class), "zeroq" and "noise"
-    (no real data; as many images as FDDA makes: `classes`, or the labels' count, or 10, times
-    `images_per_class`). `images` are uint8 (N,H,W,3) as the datasets hold them. The synthetic sources are made
-    on a copy of `model` with its BatchNorm layers, which they need."""
+    class give the BN-statistics centres; `images_per_class` synthetic images per class, then those real images),
+    "zeroq" and "noise" (no real data; as many images as FDDA gives: `classes`, or the labels' count, or 10, times
+    `images_per_class + per_class`). `images` are uint8 (N,H,W,3) as the datasets hold them. The synthetic
+    sources are made on a copy of `model` with its BatchNorm layers, which they need."""
     if source not in SOURCES:
         raise UserError(f"unknown calibration source '{source}'; choose one of {', '.join(SOURCES)}")
     if source in ("real", "fdda") and (images is None or len(images) == 0):
@@ -529,7 +529,7 @@ def calibration_images(model: nn.Module, source: str, resolution: int, images: n
         raise UserError("calibration 'fdda' needs one label per image for its per-class BN-statistics centres")
     if classes is None:
         classes = int(np.max(labels)) + 1 if labels is not None and len(labels) else 10
-    count = images_per_class * classes
+    count = (images_per_class + per_class) * classes
     if source == "real":
         order = np.random.default_rng(seed).permutation(len(images))[:real_images]
         return _fdda.Synthetic(data.tensors(images[order], resolution), torch.as_tensor(labels[order]) if
@@ -541,8 +541,11 @@ def calibration_images(model: nn.Module, source: str, resolution: int, images: n
         return _fdda.zeroq(model, count, resolution, steps=steps, seed=seed, progress=progress)
     labels_t = torch.as_tensor(np.asarray(labels))
     pick = np.concatenate([np.flatnonzero(np.asarray(labels) == c)[:per_class] for c in range(classes)])
-    centres = _fdda.class_centres(model, data.tensors(images[pick], resolution), labels_t[pick], classes, per_class)
-    return _fdda.fdda(model, centres, resolution, images_per_class, steps, seed=seed, progress=progress)
+    real = data.tensors(images[pick], resolution)
+    centres = _fdda.class_centres(model, real, labels_t[pick], classes, per_class)
+    syn = _fdda.fdda(model, centres, resolution, images_per_class, steps, seed=seed, progress=progress)
+    # The real images the centres came from calibrate too, as the paper's calibration batch joins every synthetic one
+    return replace(syn, images=torch.cat([syn.images, real]), labels=torch.cat([syn.labels, labels_t[pick]]))
 
 
 def ptq(model: nn.Module, resolution: int, source: str = "fdda", images: np.ndarray | None = None,
