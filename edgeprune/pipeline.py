@@ -442,7 +442,8 @@ def run(req: Request) -> dict:
                     sensitive = len(quantized["fp32_layers"]) - len(slower)
                     _log(req, f"  quantized to {precision} ({req.calibration} calibration, "
                               f"{quantized['calibration_seconds']:.0f} s"
-                              + (f", distilled {distill} steps" if distill else "")
+                              + (f", distilled {quantized['distill_steps']} steps" if quantized["distill_steps"]
+                                 else ", not distilled (it lowered val accuracy)" if distill else "")
                               + f"): val accuracy {quantized['val_fp32']:.1%} "
                               f"-> {quantized['val_quantized']:.1%}"
                               + (f"; {len(slower)} layers no faster in int8 kept in fp32" if slower else "")

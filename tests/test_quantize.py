@@ -378,7 +378,10 @@ def test_quantize_network_distills_below_8_bits_by_default_and_says_so(tiny):
     ds = data.Dataset("toy", [str(c) for c in range(CLASSES)], *split)
     network = Network(tiny, (1, 3, RES, RES), "tiny")
     _, info = quantize_network(network, ds, precision="w4a8", calibration="real", distill_steps=4)
-    assert info["distill_steps"] == 4 and info["weight_bits"] == 4
+    _, undistilled = quantize_network(network, ds, precision="w4a8", calibration="real", distill_steps=0)
+    assert info["distill_tried"] == 4 and info["distill_steps"] in (0, 4) and info["weight_bits"] == 4
+    assert undistilled["distill_steps"] == 0
+    assert info["val_quantized"] >= undistilled["val_quantized"]  # distillation is kept only when it helps
     _, info = quantize_network(network, ds, precision="int8", calibration="real")
     assert info["distill_steps"] == 0
     with pytest.raises(UserError, match="distillation steps are at least 0"):

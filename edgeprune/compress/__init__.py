@@ -102,7 +102,7 @@ def layer_costs(network: Network, plan: LayerPlan | None = None) -> dict[str, La
 
 def quantize_network(network: Network, data, *, precision: str = "int8", calibration: str = "fdda",
                      per_class: int = 4, seed: int = 0, max_drop: float | None = None,
-                     keep_float: Collection[str] = (), distill_steps: int | None = None,
+                     keep_float: Collection[str] = (), distill_steps: int | None = None, synthetic=None,
                      progress: Callable[[int, int, str, float], None] | None = None) -> tuple[Network, dict]:
     """Post-training quantization of the network (calibration images from `calibration`, BatchNorm folded after
     them, per-channel weights and per-tensor activations), as the integer program codegen compiles
@@ -112,7 +112,8 @@ def quantize_network(network: Network, data, *, precision: str = "int8", calibra
     what was done: bits, calibration, seconds, accuracy before/after, the layers kept in fp32. Layers named in
     `keep_float` stay fp32 from the start (a device that runs them no faster in int8). The quantized network is then
     distilled from the fp32 one on the calibration images for `distill_steps` (FDDA's fine-tuning; default:
-    `distill_steps_for`)."""
+    `distill_steps_for`), kept when it raises validation accuracy; the info's distill_steps is 0 when it did not.
+    `synthetic` (a `fdda.Synthetic` from `quantize.calibration_images`) reuses calibration images already made."""
     import time
 
     from ..training import accuracy as accuracy_of
@@ -132,37 +133,44 @@ def quantize_network(network: Network, data, *, precision: str = "int8", calibra
         raise UserError(f"distill_steps {distill_steps}: the distillation steps are at least 0")
     images, labels = data.train
     t = time.perf_counter()
-    syn = Q.calibration_images(network.module, calibration, resolution, images, labels, classes=len(data.classes),
-                               per_class=per_class, seed=seed, progress=progress)
+    syn = synthetic or Q.calibration_images(network.module, calibration, resolution, images, labels,
+                                            classes=len(data.classes), per_class=per_class, seed=seed,
+                                            progress=progress)
     made = time.perf_counter() - t
     before = network.accuracy if network.accuracy is not None else accuracy_of(network.module, *data.val, resolution)
     slower = list(keep_float)
-    def quantized(keep: list[str], steps: int) -> Q.Quantized:
-        return Q.quantize(network.module, syn.images, bits, keep_float=keep, distill_steps=steps, seed=seed,
-                          progress=progress)
 
-    q = quantized(slower, distill_steps)
-    after = accuracy_of(q.module, *data.val, resolution)
+    def quantized(keep: list[str], steps: int) -> tuple[Q.Quantized, float]:
+        """Quantized with `keep` in fp32, and its validation accuracy; distilled for `steps` only when that raises
+        the accuracy (distilling on poor images, noise, can lower it)."""
+        plain = Q.quantize(network.module, syn.images, bits, keep_float=keep)
+        acc = accuracy_of(plain.module, *data.val, resolution)
+        if steps:
+            distilled = Q.quantize(network.module, syn.images, bits, keep_float=keep, distill_steps=steps, seed=seed,
+                                   progress=progress)
+            distilled_acc = accuracy_of(distilled.module, *data.val, resolution)
+            if distilled_acc >= acc:
+                return distilled, distilled_acc
+        return plain, acc
+
+    q, after = quantized(slower, distill_steps)
     kept: list[str] = list(slower)
     if max_drop is not None and 100 * (before - after) > max_drop:
         order = [n for n in Q.sensitivity(network.module, syn.images[:SENSITIVITY_IMAGES], bits) if n not in slower]
         k = 1
         while k < len(order):  # 1, 2, 4, ... layers in fp32: a few evaluations, not one per layer
             # undistilled (a distillation per trial would multiply its time): the trial can only be pessimistic
-            trial = quantized(slower + order[:k], 0)
-            acc = accuracy_of(trial.module, *data.val, resolution)
+            trial, acc = quantized(slower + order[:k], 0)
             if 100 * (before - acc) <= max_drop:
-                q, kept = trial, slower + order[:k]
-                if distill_steps:
-                    q = quantized(kept, distill_steps)
-                after = accuracy_of(q.module, *data.val, resolution)
+                kept = slower + order[:k]
+                q, after = quantized(kept, distill_steps) if distill_steps else (trial, acc)
                 break
             k *= 2
     program = integer.program(q, tuple(network.input_shape))
     plan = dict(network.plan) | q.plan()
     info = {"precision": precision, "weight_bits": q.weight_bits, "calibration": syn.source,
             "calibration_images": len(syn.images), "calibration_seconds": round(made, 2),
-            "distill_steps": distill_steps,
+            "distill_steps": q.calibration.get("distill_steps", 0), "distill_tried": distill_steps,
             "val_fp32": round(float(before), 4), "val_quantized": round(float(after), 4),
             "drop_points": round(100 * (float(before) - float(after)), 2), "layers": len(q.layers),
             "fp32_layers": kept, "fp32_where_faster": slower}
