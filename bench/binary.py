@@ -14,7 +14,7 @@ Sections (all by default; --sections picks some):
             compile (the same network before binarization), both at 2 threads, medians interleaved over --rounds;
             goal >= 4x. Also the flash: binary layers' constants against their fp32 weights.
 
-    python bench/binary.py [--sections kernels network accuracy] [--rounds 3] [--steps 800]
+    python bench/binary.py [--sections kernels network accuracy] [--rounds 3] [--steps 4000]
 
 Exit 1 when a goal is missed. Ratios are measured within the run (these machines drift by up to 1.45x).
 """
@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from binary_accuracy import BATCH_SEEDS, BiRealResNet18, accuracy_goals  # noqa: E402
+from binary_accuracy import BATCH_SEEDS, STEPS, BiRealResNet18, accuracy_goals  # noqa: E402
 
 SHAPES = [  # ResNet-18 @224: (map, cin, cout, stride) of its 3x3 convolutions
     (56, 64, 64, 1), (56, 64, 128, 2), (28, 128, 128, 1), (28, 128, 256, 2),
@@ -193,7 +193,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=0.5, help="timing per kernel per round")
     ap.add_argument("--runs", type=int, default=30, help="runs per network measurement")
-    ap.add_argument("--steps", type=int, default=800, help="training steps of each binary method (accuracy)")
+    ap.add_argument("--steps", type=int, default=STEPS, help="training steps of each binary method (accuracy)")
     ap.add_argument("--fp32-steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0, help="data and fp32 seed (accuracy)")
     ap.add_argument("--batch-seeds", type=int, nargs="+", default=list(BATCH_SEEDS),
