@@ -13,9 +13,13 @@ import copy
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..artifacts import LayerCost, LayerPlan, Network
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .fdda import Synthetic
 
 PRUNE_STEPS = 200  # as many as build fine-tunes a subnet: a few minutes on 2 cores
 
@@ -64,6 +68,8 @@ def compress(network: Network, data=None, *, sparsity: float | None = None, bloc
 
 
 PRECISIONS = {"int8": (8, 8), "w4a8": (4, 8)}  # --quantize: (weight bits, activation bits)
+CALIBRATIONS = ("fdda", "real", "noise", "zeroq")
+SENSITIVITY_IMAGES = 32  # ranking layers needs a network's response, not calibrated ranges: one batch, per layer
 DISTILL_STEPS = 200  # below 8 weight bits: the quantized network distilled on the calibration images (FDDA)
 
 
@@ -71,8 +77,7 @@ def distill_steps_for(precision: str) -> int:
     """Distillation steps by default: DISTILL_STEPS where the weights have fewer than 8 bits (rounding them costs
     accuracy that ranges cannot buy back), none at 8 bits (within a fraction of a point of fp32 without it)."""
     return DISTILL_STEPS if PRECISIONS[precision][0] < 8 else 0
-CALIBRATIONS = ("fdda", "real", "noise", "zeroq")
-SENSITIVITY_IMAGES = 32  # ranking layers needs a network's response, not calibrated ranges: one batch, per layer
+
 
 
 def layer_costs(network: Network, plan: LayerPlan | None = None) -> dict[str, LayerCost]:
@@ -102,7 +107,8 @@ def layer_costs(network: Network, plan: LayerPlan | None = None) -> dict[str, La
 
 def quantize_network(network: Network, data, *, precision: str = "int8", calibration: str = "fdda",
                      per_class: int = 4, seed: int = 0, max_drop: float | None = None,
-                     keep_float: Collection[str] = (), distill_steps: int | None = None, synthetic=None,
+                     keep_float: Collection[str] = (), distill_steps: int | None = None,
+                     synthetic: Synthetic | None = None,
                      progress: Callable[[int, int, str, float], None] | None = None) -> tuple[Network, dict]:
     """Post-training quantization of the network (calibration images from `calibration`, BatchNorm folded after
     them, per-channel weights and per-tensor activations), as the integer program codegen compiles
