@@ -6,7 +6,7 @@ full-precision one on its synthetic images, and that is where the images' qualit
 folded) weights and biases train through the quantizers with straight-through estimators:
 
   weights      fake-quantized per output channel on the grid `quantize.quantize_weight` picks (scales re-chosen
-               every step, as the export will choose them), the gradient passed straight through;
+               every REFRESH steps, as the export will choose them), the gradient passed straight through;
   activations  each quantization point keeps the range calibration froze; the gradient passes inside it and is
                zero outside (the clamp), as in the paper's quantizer.
 
@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-STEPS = 200
 LR = 1e-4
 BATCH = 16  # the paper's
 REFRESH = 10  # steps between re-choosing a weight's scales: their search is a third of a step's time, and a
@@ -86,7 +85,7 @@ def augment(x: torch.Tensor, gen: torch.Generator, min_area: float = MIN_AREA) -
 
 
 def distill(gm: fx.GraphModule, teacher: nn.Module, images: torch.Tensor, layer_bits: Mapping[str, int],
-            points: Mapping[str, nn.Module], steps: int = STEPS, lr: float = LR, seed: int = 0,
+            points: Mapping[str, nn.Module], steps: int, lr: float = LR, seed: int = 0,
             progress: Callable[[int, int, str, float], None] | None = None) -> list[float]:
     """Train `gm` (folded, its quantization points frozen) towards `teacher` on `images`, augmented; `layer_bits`
     gives each quantized layer's weight bits. Returns the loss of each step. `gm` is changed in place."""
