@@ -165,8 +165,22 @@ def read_fused(func: tirx.PrimFunc) -> Fused | None:
     x_index = next((i for i, p in enumerate(params) if p.same_as(x_buf)), None)
     if w_index is None or x_index is None:
         return None
-    # The epilogue: the last stage, which stores the output parameter.
-    if after:
+    tail = epilogue(sch, after, out_buf, params, (x_index, w_index))
+    if tail is None:
+        return None
+    iters, value, out_index, extras = tail
+    pixels = int(np.prod(oshape[:-1]))
+    width = oshape[-2] if len(oshape) == 4 else 1
+    return Fused(params[x_index], w_index, params[out_index], extras, out_buf, iters, value, k, m, pixels, width)
+
+
+def epilogue(sch: s_tir.Schedule, after: list, acc: tirx.Buffer, params: Sequence[tirx.Buffer],
+             inputs: Sequence[int]) -> tuple[list, tirx.PrimExpr, int, list[int]] | None:
+    """The elementwise tail of a fused kernel whose reduction writes `acc` and reads the parameters `inputs`: (its
+    iteration variables, the output element as an expression of acc[iters] and iters, the output's parameter
+    index, the other parameters it reads), or None where it is not one output per accumulator."""
+    shape = [int(d) for d in acc.shape]
+    if after:  # the last stage, which stores the output parameter
         last = sch.get(after[-1])
         store = last.body
         if not isinstance(store, tirx.BufferStore) or not all(
@@ -174,17 +188,15 @@ def read_fused(func: tirx.PrimFunc) -> Fused | None:
             return None
         iters, value, out_param = [v.var for v in last.iter_vars], store.value, store.buffer
     else:
-        iters = [tirx.Var(f"i{d}", "int64") for d in range(len(oshape))]
-        value, out_param = tirx.BufferLoad(out_buf, iters), out_buf
+        iters = [tirx.Var(f"i{d}", "int64") for d in range(len(shape))]
+        value, out_param = tirx.BufferLoad(acc, iters), acc
     out_index = next((i for i, p in enumerate(params) if p.same_as(out_param)), None)
-    if out_index != len(params) - 1 or [int(d) for d in out_param.shape] != oshape:
+    if out_index != len(params) - 1 or [int(d) for d in out_param.shape] != shape:
         return None  # the tail broadcasts the result (a squeeze-excite gate times its map): not one output per MAC
-    extras = [i for i, p in enumerate(params) if i not in (x_index, w_index, out_index)]
+    extras = [i for i, p in enumerate(params) if i not in (*inputs, out_index)]
     if any(not any(ld.source.same_as(params[i]) for ld in _loads(value)) for i in extras):
         return None  # a parameter the epilogue does not read: something we did not follow
-    pixels = int(np.prod(oshape[:-1]))
-    width = oshape[-2] if len(oshape) == 4 else 1
-    return Fused(params[x_index], w_index, params[out_index], extras, out_buf, iters, value, k, m, pixels, width)
+    return iters, value, out_index, extras
 
 
 _LOAD = tvm.ir.TensorLoad  # what tirx.BufferLoad builds in 0.27: the buffer is `.source`
@@ -214,6 +226,16 @@ def _loads(expr) -> list:
     return found
 
 
+def _lanes(e) -> int:
+    return int(e.ty.dtype.lanes)
+
+
+def _same_lanes(*exprs) -> list:
+    """Scalars broadcast to the vectors beside them (a per-channel bias added to a vector of pixels)."""
+    lanes = max(_lanes(e) for e in exprs)
+    return [tirx.Broadcast(e, lanes) if _lanes(e) == 1 < lanes else e for e in exprs]
+
+
 _BINARY = (tirx.Add, tirx.Sub, tirx.Mul, tirx.Div, tirx.Mod, tirx.FloorDiv, tirx.FloorMod, tirx.Min, tirx.Max,
            tirx.EQ, tirx.NE, tirx.LT, tirx.LE, tirx.GT, tirx.GE, tirx.And, tirx.Or)
 
@@ -241,13 +263,14 @@ def rebuild(expr, acc: tirx.Buffer, acc_value, env: dict, flat: Sequence = (), i
         if isinstance(e, (tirx.IntImm, tirx.FloatImm, tvm.ir.StringImm)):
             return e
         if isinstance(e, _BINARY):
-            return type(e)(go(e.a), go(e.b))
+            return type(e)(*_same_lanes(go(e.a), go(e.b)))
         if isinstance(e, tirx.Not):
             return tirx.Not(go(e.a))
         if isinstance(e, tirx.Cast):
             return tirx.Cast(str(e.ty), go(e.value))
         if isinstance(e, tirx.Select):
-            return tirx.Select(go(e.condition), go(e.true_value), go(e.false_value))
+            cond, a, b = _same_lanes(go(e.condition), go(e.true_value), go(e.false_value))
+            return tirx.Select(cond, a, b)
         if isinstance(e, tvm.ir.Call):
             return tvm.ir.Call(e.op, [go(a) for a in e.args], attrs=e.attrs, ret_ty=e.ty)
         raise NotImplementedError(type(e).__name__)
@@ -266,28 +289,54 @@ def kernel(fused: Fused, params: Sequence[tirx.Buffer], bsr: Bsr, variant: str, 
     from tvm.tirx.script.builder import ir as T
 
     rows, nnz = fused.m // bsr.n, max(1, len(bsr.indices))
+    chw = variant == "chw"
+    if chw and not chw_capable(fused, params):
+        raise NotImplementedError("a channels-first kernel takes a 1x1 convolution whose epilogue reads per-channel "
+                                  "constants and tensors of the output's shape only")
+    shape = _shape(fused.out)
+
+    def layout(b: tirx.Buffer) -> tirx.Buffer:
+        """Channels-first, the input, the output and the tensors of the output's shape are [1, C, H, W]."""
+        return T.buffer(to_chw(_shape(b)), b.dtype) if chw and (b.same_as(fused.x) or _shape(b) == shape) else b
+
     with IRBuilder() as ib:
         with T.prim_func():
-            x = T.arg("x", fused.x)
+            x = T.arg("x", layout(fused.x))
             data = T.arg("data", T.buffer((nnz, bsr.n), "float32"))
             indices = T.arg("indices", T.buffer((nnz,), "int32"))
             indptr = T.arg("indptr", T.buffer((rows + 1,), "int32"))
-            for i in fused.extras:
-                T.arg(params[i].name, params[i])
-            T.arg("out", fused.out)
+            args = {i: T.arg(params[i].name, layout(params[i])) for i in fused.extras}
+            out = T.arg("out", layout(fused.out))
             T.func_attr({"tirx.noalias": True})
             # A root block with one block inside, around plain loops: Relax's layout-rewrite split expects both.
             with T.sblock("root"), T.sblock("bsr"):
-                xf = T.decl_buffer((fused.pixels, fused.k), "float32", data=x.data)
-                shape = _shape(fused.out)
-                # a copy: `fused` is read once per kernel and shared by every call of it
-                fused = replace(fused, flat=[(b, T.decl_buffer((fused.pixels, fused.m), "float32", data=b.data))
-                                             for b in [fused.out, *(params[i] for i in fused.extras)]
-                                             if _shape(b) == shape])
-                body = _pixels if variant == "pixels" else _channels
-                lanes = pixel_lanes(spec) if variant == "pixels" else spec.lanes
+                flat = (fused.m, fused.pixels) if chw else (fused.pixels, fused.m)
+                xf = T.decl_buffer((fused.k, fused.pixels) if chw else (fused.pixels, fused.k), "float32",
+                                   data=x.data)
+                # a copy: `fused` is read once per kernel and shared by every call of it. The flat aliases are
+                # keyed by the fused kernel's buffers (the epilogue reads those) and alias this kernel's.
+                pairs = [(fused.out, out), *((params[i], args[i]) for i in fused.extras)]
+                fused = replace(fused, flat=[(b, T.decl_buffer(flat, "float32", data=mine.data))
+                                             for b, mine in pairs if _shape(b) == shape])
+                body = {"pixels": _pixels, "channels": _channels, "chw": _chw}[variant]
+                lanes = pixel_lanes(spec) if variant != "channels" else spec.lanes
                 body(T, fused, bsr.n, xf, data, indices, indptr, lanes, spec.acc_regs, threads)
     return ib.get()
+
+
+def to_chw(shape: Sequence[int]) -> tuple[int, ...]:
+    """[1, H, W, C] -> [1, C, H, W]."""
+    n, h, w, c = shape
+    return (n, c, h, w)
+
+
+def chw_capable(fused: Fused, params: Sequence[tirx.Buffer]) -> bool:
+    """Whether the channels-first kernel computes what `fused` does: a 1x1 convolution (not a dense layer) whose
+    epilogue reads tensors of the output's shape (a residual: channels-first too) and per-channel constants (bias,
+    folded BatchNorm: read at their channel alone) and nothing else."""
+    shape = _shape(fused.out)
+    return len(shape) == 4 and all(_shape(params[i]) == shape or all(d == 1 for d in _shape(params[i])[:-1])
+                                   for i in fused.extras)
 
 
 def pixel_lanes(spec: CpuSpec) -> int:
@@ -386,6 +435,63 @@ def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ba
                     px = base + g * lanes + q
                     with T.If(px < p), T.Then(), T.vectorized(0, n) as j:
                         _store(T, fused, px, ob * n + j, tr[g, at[q] + j])
+
+
+def _chw(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_regs: int, threads: int) -> None:
+    """Channels-first (XNNPACK's SpMM on CHW maps): the pixels kernel without its transposes. Each channel's map is
+    contiguous, so a vector of L pixels of the input channel is one load, and the accumulators are stored as they
+    are. Per kept block: G vector loads, N broadcast weights, G*N FMAs. The last vector of a map that L does not
+    divide is moved back to end at the map's last pixel: it recomputes a few pixels rather than masking."""
+    p, rows = fused.pixels, fused.m // n
+    lanes = min(lanes, p)
+    vectors = -(-p // lanes)
+    g_full = _vectors_per_tile(vectors, max(1, acc_regs // n), max(1, -(-8 // n)), threads)
+    full, tail = divmod(vectors, g_full)
+    tiles = full + (tail > 0)
+    chunks = _chunks(tiles, rows, threads)
+    per = -(-rows // chunks)
+    with T.parallel(0, tiles * chunks) as tc:
+        t, c = tc // chunks, tc % chunks
+        if tail:
+            with T.If(t < full):
+                with T.Then():
+                    _chw_tile(T, fused, n, xf, data, indices, indptr, lanes, t * g_full, g_full, c * per, per)
+                with T.Else():
+                    _chw_tile(T, fused, n, xf, data, indices, indptr, lanes, full * g_full, tail, c * per, per)
+        else:
+            _chw_tile(T, fused, n, xf, data, indices, indptr, lanes, t * g_full, g_full, c * per, per)
+
+
+def _chw_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, first_vector, g_acc: int, first,
+              count: int) -> None:
+    """G vectors of pixels from `first_vector`, `count` block rows from `first` (those that exist)."""
+    p, rows = fused.pixels, fused.m // n
+    vec = tirx.Ramp(0, 1, lanes)
+    with T.serial(0, count) as obi:
+        ob = first + obi
+        with T.If(ob < rows), T.Then():
+            acc = T.alloc_buffer((g_acc * n, lanes), "float32", scope="local")
+            with T.unroll(0, g_acc * n) as a:
+                T.buffer_store(acc, tirx.Broadcast(_zero(), lanes), [a, vec])
+            with T.serial(indptr[ob], indptr[ob + 1]) as e:
+                with T.unroll(0, g_acc) as g, T.unroll(0, n) as j:
+                    base = tirx.Min((first_vector + g) * lanes, p - lanes)
+                    x = xf[indices[e], tirx.Ramp(base, 1, lanes)]
+                    T.buffer_store(acc, acc[g * n + j, vec] + x * tirx.Broadcast(data[e, j], lanes), [g * n + j, vec])
+            with T.unroll(0, g_acc) as g, T.unroll(0, n) as j:
+                base = tirx.Min((first_vector + g) * lanes, p - lanes)
+                _store_chw(T, fused, tirx.Ramp(base, 1, lanes), ob * n + j, acc[g * n + j, vec])
+
+
+def _store_chw(T, fused: Fused, pixels, ch, value) -> None:
+    """out[channel, pixels] = epilogue(value) for a vector of pixels of one channel: per-channel constants are
+    broadcast, tensors of the output's shape read through their flat [M, P] aliases."""
+    i64 = "int64"
+    zero = tirx.IntImm(i64, 0)
+    env = dict(zip(fused.iters, [zero, zero, zero, tirx.Cast(i64, ch)]))  # constants are read at [0, 0, 0, c]
+    value = rebuild(fused.value, fused.acc, value, env, fused.flat, fused.iters, (ch, pixels))
+    out = next(a for b, a in fused.flat if b.same_as(fused.out))
+    T.buffer_store(out, value, [ch, pixels])
 
 
 _BLOCK = 4  # floats in 128 bits: the unit x86's unpacks and shufps shuffle within

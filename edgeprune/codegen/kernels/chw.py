@@ -1,0 +1,266 @@
+"""Channels-first (CHW) kernels: the depthwise convolution a CHW segment needs beside the BSR kernel's "chw" variant.
+
+Where a network's pointwise layers run block-sparse, the sparse kernel wants each channel's map contiguous (one
+vector load per block and tile of pixels, XNNPACK's SpMM); channels-last data must be transposed in and out of every
+sparse kernel instead (kernels/bsr.py, "pixels"). A run of layers kept channels-first pays that once, at its edges.
+Its depthwise convolutions must then read and write channels-first too: this kernel.
+
+It is made from the fused channels-last kernel TVM legalized (its padding, stride, weights and elementwise tail are
+read off it, as kernels/bsr.py reads a pointwise one), so it computes the same function with [1, C, H, W] tensors:
+  * one channel per parallel job, a vector of L output pixels of a row at a time, read straight from the input:
+    no padded copy. A load that would leave the row is moved inside it and its lanes shuffled against zeros (the
+    padding); kernel rows above or below the map are left out of the first and last output rows' code;
+  * stride 1: a load per tap (unaligned); stride 2: a load of 2L pixels and a shuffle of its even lanes, not a
+    gather;
+  * one accumulation per kernel row, so a vector's FMAs are kh independent chains, and several vectors (rows of
+    a small map together) unrolled;
+  * the last vector of a row that L does not divide is moved back to end at the row's last pixel (it recomputes a
+    few outputs rather than masking).
+
+Measured against our channels-last depthwise kernel (one thread, Zen 4, MobileNetV2's shapes, /tmp prototype
+figures in the closing note): 0.7-0.85x at stride 1 on 14x14 and larger maps, 0.5-0.7x at stride 2, 0.4x at 7x7
+(4-lane vectors). Depthwise layers are about 5% of MobileNetV2's dense time, so this costs a CHW segment about 2%.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import tvm.sym
+from tvm import s_tir, tirx
+
+from .bsr import _loads, epilogue, pixel_lanes, rebuild, to_chw
+from .common import CpuSpec, split_at_reduction
+
+UNITS = 4  # output vectors computed together: 4 x kh independent accumulations
+
+
+@dataclass
+class Depthwise:
+    """What the channels-first kernel needs from a fused depthwise kernel (channels-last, HWIO weights)."""
+
+    x: tirx.Buffer  # [1, H, W, C]
+    weight: int  # the weight's parameter index: [kh, kw, 1, C]
+    out: tirx.Buffer  # [1, OH, OW, C]
+    extras: list[int]  # parameter indices the epilogue reads, in order
+    acc: tirx.Buffer
+    iters: list[tirx.Var]
+    value: tirx.PrimExpr
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad: tuple[int, int]  # top, left (bottom and right follow from the shapes)
+    flat: list = field(default_factory=list)  # (the fused kernel's buffer, this kernel's channels-first one)
+
+
+def _coefficient(index, var) -> tuple[int, int | None] | None:
+    """(a, b) where index = a * var + b, a a constant; b too, or None where it is an expression of other variables;
+    None where the index is not linear in var."""
+    found = tvm.sym.detect_linear_equation(index, [var])
+    if len(found) != 2 or not isinstance(found[0], tirx.IntImm):
+        return None
+    return int(found[0]), int(found[1]) if isinstance(found[1], tirx.IntImm) else None
+
+
+def read_depthwise(func: tirx.PrimFunc) -> Depthwise | None:
+    """The parts of a fused depthwise kernel: an optional padding copy of its input, a reduction over a kh x kw
+    window of one channel (dilation 1, the same stride for every output), then elementwise stages; None for
+    anything else."""
+    try:
+        sch = s_tir.Schedule(func)
+        parts = split_at_reduction(sch)
+    except Exception:  # noqa: BLE001 - not a single-nest function
+        return None
+    if parts is None or len(parts[0]) > 1:
+        return None
+    before, red_rv, after = parts
+    params = list(func.params)
+    red = sch.get(red_rv)
+    acc = red.writes[0].source
+    source, offsets = None, (0, 0)
+    if before:  # the padding stage: pad[n, h, w, c] = x[n, h - top, w - left, c] inside, 0 outside
+        blk = sch.get(before[0])
+        reads = [ld for ld in _loads(blk.body.value) if any(ld.source.same_as(p) for p in params)]
+        if not isinstance(blk.body, tirx.BufferStore) or len(reads) != 1 or len(blk.iter_vars) != 4:
+            return None
+        coeffs = [_coefficient(i, v.var) for i, v in zip(reads[0].indices, blk.iter_vars)]
+        if any(c is None or c[0] != 1 or c[1] is None for c in coeffs) or coeffs[0][1] or coeffs[3][1]:
+            return None
+        source, padded, offsets = reads[0].source, blk.body.buffer, (-coeffs[1][1], -coeffs[2][1])
+    spatial = [iv.var for iv in red.iter_vars if int(iv.iter_type) != 2]
+    window = [iv.var for iv in red.iter_vars if int(iv.iter_type) == 2]
+    if len(spatial) != 4 or len(window) != 3 or not isinstance(red.body, tirx.BufferStore):
+        return None
+    x_load = w_load = None
+    for ld in _loads(red.body.value):
+        if ld.source.same_as(acc):
+            continue
+        if before and ld.source.same_as(padded) or not before and any(ld.source.same_as(p) for p in params) \
+                and len(ld.source.shape) == 4 and int(ld.source.shape[2]) != 1:
+            x_load = ld
+        else:
+            w_load = ld
+    if x_load is None or w_load is None:
+        return None
+    source = source if before else x_load.source
+    rows, cols = _coefficient(x_load.indices[1], spatial[1]), _coefficient(x_load.indices[2], spatial[2])
+    taps = _coefficient(x_load.indices[1], window[0]), _coefficient(x_load.indices[2], window[1])
+    if rows is None or cols is None or any(t is None or t[0] != 1 for t in taps):
+        return None  # dilated, or not a window of the input
+    wshape = [int(d) for d in w_load.source.shape]
+    xshape, oshape = [int(d) for d in source.shape], [int(d) for d in acc.shape]
+    if len(wshape) != 4 or wshape[2] != 1 or xshape[0] != 1 or xshape[3] != oshape[3] or wshape[3] != oshape[3]:
+        return None
+    x_index = next((i for i, p in enumerate(params) if p.same_as(source)), None)
+    w_index = next((i for i, p in enumerate(params) if p.same_as(w_load.source)), None)
+    if x_index is None or w_index is None:
+        return None
+    tail = epilogue(sch, after, acc, params, (x_index, w_index))
+    if tail is None:
+        return None
+    iters, value, out_index, extras = tail
+    return Depthwise(params[x_index], w_index, params[out_index], extras, acc, iters, value,
+                     (wshape[0], wshape[1]), (rows[0], cols[0]), offsets)
+
+
+def lanes_for(dw: Depthwise, spec: CpuSpec) -> int:
+    """L output pixels a vector: the widest of the CPU's vector, 8 and 4 that the output row holds and whose input
+    (L * stride pixels) the input row holds (not 7 lanes for a 7x7 map: 4, and 4 moved back)."""
+    _, _, w, _ = (int(d) for d in dw.x.shape)
+    ow, sw = int(dw.out.shape[2]), dw.stride[1]
+    return next((v for v in (pixel_lanes(spec), 8, 4, 2) if v <= ow and v * sw <= w), 1)
+
+
+def capable(dw: Depthwise, params: Sequence[tirx.Buffer], spec: CpuSpec) -> bool:
+    """Whether the kernel computes `dw`: rows of two outputs at least, and every tensor the epilogue reads of the
+    output's shape or a per-channel constant (the kernel reads the first channels-first and the second at its
+    channel)."""
+    shape = [int(d) for d in dw.out.shape]
+    extras = [[int(d) for d in params[i].shape] for i in dw.extras]
+    return lanes_for(dw, spec) > 1 and all(s == shape or all(d == 1 for d in s[:-1]) for s in extras)
+
+
+def depthwise_kernel(dw: Depthwise, params: Sequence[tirx.Buffer], spec: CpuSpec, threads: int = 2) -> tirx.PrimFunc:
+    """The channels-first kernel computing what `dw` computes, with the fused kernel's parameters in its order:
+    the input, the output and tensors of the output's shape [1, C, H, W], the weights and constants as they were."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.tirx.script.builder import ir as T
+
+    if not capable(dw, params, spec):
+        raise NotImplementedError("a channels-first depthwise kernel takes rows of two outputs or more, and "
+                                  "per-channel constants and tensors of the output's shape in its epilogue only")
+    c = int(dw.x.shape[3])
+    lanes = lanes_for(dw, spec)
+    shape = [int(d) for d in dw.out.shape]
+
+    def layout(b: tirx.Buffer) -> tirx.Buffer:
+        mine = b.same_as(dw.x) or [int(d) for d in b.shape] == shape
+        return T.buffer(to_chw([int(d) for d in b.shape]), b.dtype) if mine else b
+
+    with IRBuilder() as ib:
+        with T.prim_func():
+            bufs = [T.arg(p.name, layout(p)) for p in params]
+            T.func_attr({"tirx.noalias": True})
+            x, weight, out = bufs[_index(params, dw.x)], bufs[dw.weight], bufs[-1]
+            flat = [(p, bufs[i]) for i, p in enumerate(params) if i == len(params) - 1 or i in dw.extras
+                    and [int(d) for d in p.shape] == shape]
+            dw = replace(dw, flat=flat)
+            with T.sblock("root"), T.sblock("depthwise_chw"), T.parallel(0, c) as ch:
+                _rows(T, dw, x, weight, out, ch, lanes)
+    return ib.get()
+
+
+def _index(params: Sequence[tirx.Buffer], buf: tirx.Buffer) -> int:
+    return next(i for i, p in enumerate(params) if p.same_as(buf))
+
+
+def _rows(T, dw: Depthwise, x, weight, out, ch, lanes: int) -> None:
+    """Every output vector of one channel. The rows whose window lies inside the map run in a loop, a group of
+    rows at a time with each row's vectors unrolled: the vectors' places are constants (the last one moved back to
+    end at the row's last pixel), and a group holds at least UNITS vectors, so a 7x7 map (one vector a row) still
+    gives independent accumulations; a group past the last such row repeats it (the same values, stored again).
+    The rows whose window reaches into the padding are their own code, without the kernel rows outside the map."""
+    _, h, _, _ = (int(d) for d in dw.x.shape)
+    _, oh, ow, _ = (int(d) for d in dw.out.shape)
+    (kh, kw), (sh, _), (top, _) = dw.kernel, dw.stride, dw.pad
+    bases = sorted({min(v * lanes, ow - lanes) for v in range(-(-ow // lanes))})
+    first = min(oh, -(-top // sh))  # the first row whose window starts inside the map
+    last = max(first, min(oh, (h - kh + top) // sh + 1))  # one past the last whose window ends inside it
+    weights = [[tirx.Broadcast(weight[i, j, 0, ch], lanes) for j in range(kw)] for i in range(kh)]
+    inner = last - first
+    if inner:
+        group = min(inner, -(-UNITS // len(bases)))
+        with T.serial(0, -(-inner // group)) as step:
+            for g in range(group):
+                row = first + (tirx.Min(step * group + g, inner - 1) if inner % group else step * group + g)
+                _row(T, dw, x, weights, out, ch, row, range(kh), bases, lanes)
+    for row in [*range(first), *range(last, oh)]:
+        taps = [i for i in range(kh) if 0 <= row * sh + i - top < h]
+        _row(T, dw, x, weights, out, ch, row, taps, bases, lanes)
+
+
+def _row(T, dw: Depthwise, x, weights, out, ch, row, kernel_rows, bases: list[int], lanes: int) -> None:
+    """One output row: each vector the sum over `kernel_rows` (those inside the map) of its taps times weights,
+    one accumulation per kernel row (independent chains), then the epilogue."""
+    _, _, w, _ = (int(d) for d in dw.x.shape)
+    (_, kw), (sh, sw), (top, left) = dw.kernel, dw.stride, dw.pad
+    for base in bases:
+        value = None
+        for i in kernel_rows:
+            taps = _taps(x, ch, row * sh + (i - top), base * sw - left, kw, sw, w, lanes)
+            total = taps[0] * weights[i][0]
+            for j in range(1, kw):
+                total = total + taps[j] * weights[i][j]
+            value = total if value is None else value + total
+        if value is None:  # a row whose window misses the map entirely (padding wider than the kernel)
+            value = tirx.Broadcast(tirx.FloatImm("float32", 0.0), lanes)
+        _store(T, dw, out, value, ch, row, base, lanes)
+
+
+def _taps(x, ch, row, start: int, kw: int, stride: int, w: int, lanes: int) -> list:
+    """The kw taps of a kernel row for L outputs whose first input column is `start` (negative in the left
+    padding): tap j lane q reads column start + j + q * stride, 0 outside the map. Stride 1: a load per tap
+    (unaligned), moved inside the row and shuffled against zeros where it would leave it. Larger strides: one load
+    of the span of all taps, each tap its lanes of it."""
+    if stride == 1:
+        return [_window(x, ch, row, start + j, w, lanes) for j in range(kw)]
+    # one load of stride * L pixels serves the taps it covers (tap j lane q at j + q * stride), the rest shift it
+    taps = []
+    for j in range(kw):
+        at = start + (j // stride) * stride
+        loaded, moved = _load(x, ch, row, at, lanes * stride, w)
+        taps.append(_pick(loaded, [start + j + q * stride - moved if 0 <= start + j + q * stride < w else None
+                                   for q in range(lanes)], lanes * stride))
+    return taps
+
+
+def _window(x, ch, row, start: int, w: int, lanes: int):
+    """L consecutive pixels of a row from `start`, 0 outside it."""
+    loaded, at = _load(x, ch, row, start, lanes, w)
+    return _pick(loaded, [start + q - at if 0 <= start + q < w else None for q in range(lanes)], lanes)
+
+
+def _load(x, ch, row, start: int, span: int, w: int):
+    """`span` pixels of a row from `start`, moved to lie inside it: (the vector, the column it starts at)."""
+    at = min(max(start, 0), w - span)
+    return x[0, ch, row, tirx.Ramp(at, 1, span)], at
+
+
+def _pick(loaded, lanes_at: list, span: int):
+    """Lanes of `loaded` by index, None for a zero; the vector itself where that is all of it in order."""
+    if lanes_at == list(range(span)):
+        return loaded
+    zero = tirx.Broadcast(tirx.FloatImm("float32", 0.0), span)
+    return tirx.Shuffle([loaded, zero], [tirx.IntImm("int32", span if k is None else k) for k in lanes_at])
+
+
+def _store(T, dw: Depthwise, out, value, ch, row, base, lanes: int) -> None:
+    """out[0, ch, row, base:base+L] = the epilogue of `value`: constants read at their channel, tensors of the
+    output's shape channels-first at the same place."""
+    i64 = "int64"
+    zero = tirx.IntImm(i64, 0)
+    where = [zero, tirx.Cast(i64, row), zero, tirx.Cast(i64, ch)]
+    index = [0, ch, row, tirx.Ramp(base, 1, lanes)]
+    value = rebuild(dw.value, dw.acc, value, dict(zip(dw.iters, where)), dw.flat, dw.iters, index)
+    T.buffer_store(out, value, index)
+

@@ -1,0 +1,112 @@
+"""Channels-first kernels (kernels/chw.py and kernels/bsr.py's "chw" variant): made from the fused channels-last
+kernels TVM legalizes, run on [1, C, H, W] tensors, checked against PyTorch and numpy at 1e-5 relative."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+from edgeprune.codegen import lower
+from edgeprune.codegen.kernels import bsr, chw, tag_kernels
+from edgeprune.codegen.kernels.common import OP, CpuSpec, tag_of
+from edgeprune.targets import get_target
+
+TARGET = get_target("host").tvm_target()
+SPEC = CpuSpec.of(TARGET)
+RTOL = 1e-5
+
+
+def fused(module: tvm.IRModule, op: str) -> tvm.tirx.PrimFunc:
+    """The fused kernel of class `op` that our pipeline would schedule for `module`."""
+    mod = tag_kernels(lower.fused_module(module, TARGET))
+    return next(f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and tag_of(f, OP) == op)
+
+
+def run(func: tvm.tirx.PrimFunc, *arrays: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
+    out = tvm.runtime.tensor(np.zeros(out_shape, "float32"))
+    lib["main"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays), out)
+    return out.numpy()
+
+
+def to_chw(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+
+
+def layer(x_shape, conv, tail) -> tvm.IRModule:
+    """main(x, r) = tail(conv(x), r), channels-last: the form our import gives a layer before fusion."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(tail(bb, bb.emit(conv(x))))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def relu6_bias(bias):
+    return lambda bb, y: bb.emit(relax.op.clip(bb.emit(relax.op.add(y, relax.const(bias))), 0.0, 6.0))
+
+
+@pytest.mark.parametrize("h,w,k,m,residual", [(7, 9, 32, 64, True), (2, 2, 16, 8, False), (14, 14, 96, 24, True),
+                                               (5, 1, 12, 4, False)])
+def test_sparse_pointwise_channels_first_matches_numpy(h, w, k, m, residual):
+    """Maps that 8 lanes do not divide (the last vector moved back), smaller than a vector, and a residual add."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((k, m)).astype("float32") * np.repeat(rng.random((k, m // 4)) > 0.5, 4, axis=1)
+    bias = rng.standard_normal(m).astype("float32")
+    x = rng.standard_normal((1, h, w, k)).astype("float32")
+    r = rng.standard_normal((1, h, w, m)).astype("float32")
+
+    def tail(bb, y):
+        y = relu6_bias(bias)(bb, y)
+        return bb.emit(relax.op.add(y, relax.const(r))) if residual else y
+
+    conv = lambda v: relax.op.nn.conv2d(v, relax.const(weight.reshape(1, 1, k, m)), data_layout="NHWC",  # noqa: E731
+                                        kernel_layout="HWIO")
+    func = fused(layer((1, h, w, k), conv, tail), "pointwise")
+    f = bsr.read_fused(func)
+    params = list(func.params)
+    assert bsr.chw_capable(f, params)
+    b = bsr.to_bsr(weight, 4)
+    kernel = bsr.kernel(f, params, b, "chw", SPEC)
+    extras = [to_chw(np.asarray(p)) if np.asarray(p).ndim == 4 else np.asarray(p)
+              for p in [bias, *([r] if residual else [])]]
+    got = run(kernel, to_chw(x), b.data, b.indices, b.indptr, *extras, out_shape=(1, m, h, w))
+    want = np.clip(x.reshape(-1, k) @ weight + bias, 0, 6) + (r.reshape(-1, m) if residual else 0)
+    np.testing.assert_allclose(got.transpose(0, 2, 3, 1).reshape(-1, m), want, rtol=RTOL, atol=RTOL * 10)
+
+
+@pytest.mark.parametrize("h,w,c,k,s", [(9, 7, 16, 3, 2), (9, 7, 16, 3, 1), (14, 14, 24, 5, 2), (15, 15, 8, 5, 1),
+                                        (7, 7, 40, 3, 1), (5, 3, 8, 3, 1), (28, 28, 16, 3, 2)])
+def test_depthwise_channels_first_matches_torch(h, w, c, k, s):
+    """3x3 and 5x5, stride 1 and 2, odd and small maps (4-lane vectors, the last moved back), bias and ReLU6."""
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((k, k, 1, c)).astype("float32")
+    bias = rng.standard_normal(c).astype("float32")
+    x = rng.standard_normal((1, h, w, c)).astype("float32")
+    conv = lambda v: relax.op.nn.conv2d(v, relax.const(weight), strides=s, padding=k // 2, groups=c,  # noqa: E731
+                                        data_layout="NHWC", kernel_layout="HWIO")
+    func = fused(layer((1, h, w, c), conv, relu6_bias(bias)), "depthwise")
+    dw = chw.read_depthwise(func)
+    assert dw is not None and dw.kernel == (k, k) and dw.stride == (s, s) and dw.pad == (k // 2, k // 2)
+    oihw = torch.from_numpy(weight.transpose(3, 2, 0, 1).copy())
+    want = torch.nn.functional.conv2d(torch.from_numpy(to_chw(x)), oihw, torch.from_numpy(bias), s, k // 2,
+                                      groups=c).clamp(0, 6).numpy()
+    got = run(chw.depthwise_kernel(dw, list(func.params), SPEC), to_chw(x), weight, bias, out_shape=want.shape)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * 10)
+
+
+def test_only_plain_depthwise_kernels_are_read():
+    """A dense 3x3 convolution and a dilated depthwise one are not what the kernel computes: None, not a guess."""
+    x = (1, 8, 8, 8)
+    plain = lambda v: relax.op.nn.conv2d(v, relax.const(np.ones((3, 3, 8, 8), "float32")), padding=1,  # noqa: E731
+                                         data_layout="NHWC", kernel_layout="HWIO")
+    dilated = lambda v: relax.op.nn.conv2d(v, relax.const(np.ones((3, 3, 1, 8), "float32")), padding=2,  # noqa: E731
+                                           dilation=2, groups=8, data_layout="NHWC", kernel_layout="HWIO")
+    for conv, op in ((plain, "conv"), (dilated, "depthwise")):
+        func = fused(layer(x, conv, lambda bb, y: y), op)
+        assert chw.read_depthwise(func) is None
