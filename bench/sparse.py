@@ -118,6 +118,28 @@ def layer_module(h: int, w: int, weight, bias):
     return bb.get()
 
 
+def chw_layer(h: int, w: int, weight, bias, n: int, x, target):
+    """The layer's channels-first BSR kernel, made from its fused channels-last kernel as a channels_first build
+    makes it (kernels/bsr.py "chw"), compiled alone: (the function, its arguments, the output last)."""
+    import numpy as np
+    import tvm
+
+    from edgeprune.codegen.kernels import bsr, tag_kernels
+    from edgeprune.codegen.kernels.common import OP, CpuSpec, tag_of
+    from edgeprune.codegen.lower import fused_module
+
+    mod = tag_kernels(fused_module(layer_module(h, w, weight, bias), target))
+    func = next(f for _, f in mod.functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc) and tag_of(f, OP) == "pointwise")
+    b = bsr.to_bsr(weight, n)
+    kernel = bsr.kernel(bsr.read_fused(func), list(func.params), b, "chw", CpuSpec.of(target))  # threads as the others
+    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target)
+    k, m = weight.shape
+    arrays = [np.ascontiguousarray(x.transpose(0, 3, 1, 2)), b.data, b.indices, b.indptr, bias,
+              np.zeros((1, m, h, w), "float32")]
+    return lib["main"], [tvm.runtime.tensor(a) for a in arrays]
+
+
 def kernel_worker(args: argparse.Namespace) -> None:
     """Compile and time every variant of each shape; print one JSON line per shape."""
     import numpy as np
@@ -148,6 +170,11 @@ def kernel_worker(args: argparse.Namespace) -> None:
                     exes[f"{variant}:{n}:{s}"] = compile_module(layer_module(h, w, wt, bias), target,
                                                                 sparse=lambda *_a, p=pick: p)[0]
         vms = {name: relax.VirtualMachine(ex, tvm.cpu()) for name, ex in exes.items()}
+        # the channels-first kernel (what a channels_first build runs inside a run): [K, P] in, [M, P] out
+        chw_calls = {}
+        for (n, s), wt in refs.items():
+            kernel, args = chw_layer(h, w, wt, bias, n, x.numpy(), target)
+            chw_calls[f"chw:{n}:{s}"] = (kernel, args)
         # numerics once per variant: the sparse kernel against numpy on the same weights
         xin = x.numpy().reshape(h * w, k)
         err = 0.0
@@ -158,17 +185,25 @@ def kernel_worker(args: argparse.Namespace) -> None:
             ref = np.clip(xin @ refs[(int(n), float(s))] + bias, 0, 6)
             out = vm["main"](x).numpy().reshape(h * w, m)
             err = max(err, float(np.abs(out - ref).max() / max(1e-6, np.abs(ref).max())))
+        for name, (kernel, args) in chw_calls.items():
+            _, n, s = name.split(":")
+            ref = np.clip(xin @ refs[(int(n), float(s))] + bias, 0, 6)
+            kernel(*args)
+            out = args[-1].numpy().reshape(m, h * w).T
+            err = max(err, float(np.abs(out - ref).max() / max(1e-6, np.abs(ref).max())))
         best: dict[str, float] = {}
         for vm in vms.values():
             vm.set_input("main", x)
             for _ in range(3):
                 vm.invoke_stateful("main")
+        runs = {name: (lambda vm=vm: vm.invoke_stateful("main")) for name, vm in vms.items()}
+        runs.update({name: (lambda k=kernel, a=args: k(*a)) for name, (kernel, args) in chw_calls.items()})
         for _ in range(args.rounds):
-            for name, vm in vms.items():
+            for name, run in runs.items():
                 reps = 0
                 t0 = time.perf_counter()
                 while True:
-                    vm.invoke_stateful("main")
+                    run()
                     reps += 1
                     if reps >= 10 and time.perf_counter() - t0 > args.kernel_seconds:
                         break
@@ -214,6 +249,11 @@ def kernels_section(args: argparse.Namespace) -> tuple[str, list[tuple[str, bool
     table += (f"\n\nSpeed-up = our dense kernel / the faster of our two sparse kernels (c: vectors over a block's "
               f"outputs, p: over transposed pixel tiles; c won {wins['channels']}, p won {wins['pixels']}). "
               f"Largest relative error against numpy: {worst_err:.1e}.")
+    chw = {key: geomean([r["ms"]["dense"] / r["ms"][f"chw:{key[0]}:{key[1]}"] for r in rows
+                         if f"chw:{key[0]}:{key[1]}" in r["ms"]]) for key in speedups}
+    table += ("\n\nThe channels-first kernel (kernels/bsr.py \"chw\": [C, H, W] maps, no transposes), which only "
+              "channels_first builds run, for comparison (geomean speed-up over our dense kernel): "
+              + ", ".join(f"1x{n} {int(s * 100)}% {v:.2f}x" for (n, s), v in sorted(chw.items())) + ".")
     goals = [goal_line(f"kernel-1x4-{int(s * 100)}", geomean(speedups[(4, s)]), ">=", KERNEL_GOALS[s])
              for s in SPARSITIES]
     goals.append(goal_line("kernel-numerics", -worst_err, ">=", -RTOL, unit=""))
@@ -274,11 +314,12 @@ def network_section(args: argparse.Namespace, workdir: Path) -> tuple[str, list[
         t0 = time.perf_counter()
         ours = compile_model(onnx_path, "host", workdir / f"ours-{int(s * 100)}", sparse="auto")
         dense = compile_model(onnx_path, "host", workdir / f"dense-{int(s * 100)}", sparse="dense")
+        compile_model(onnx_path, "host", workdir / f"chw-{int(s * 100)}", sparse="auto", channels_first=True)
         sparse_layers[s] = sum(r.family == "bsr" for r in ours.layers)
         log(f"network {int(s * 100)}%: {len(pruned.masks)} layers pruned, {sparse_layers[s]} compiled sparse "
             f"({time.perf_counter() - t0:.0f} s)")
         files[s] = {"ours": workdir / f"ours-{int(s * 100)}", "dense": workdir / f"dense-{int(s * 100)}",
-                    "onnx": onnx_path}
+                    "chw": workdir / f"chw-{int(s * 100)}", "onnx": onnx_path}
         try:
             files[s]["mnn-sparse"] = model_file("mnn-sparse", onnx_path, workdir, sparse_block=4)
         except PeerMissing as e:
@@ -291,7 +332,7 @@ def network_section(args: argparse.Namespace, workdir: Path) -> tuple[str, list[
             f = files[s]
             ref = time_peer("onnxruntime", f["onnx"], threads=2, seconds=args.seconds, inputs=x)
             best[(s, "onnxruntime")] = min(best.get((s, "onnxruntime"), 1e9), ref.median_ms)
-            for name in ("ours", "dense"):
+            for name in ("ours", "dense", "chw"):
                 out_path = workdir / f"out-{name}.npy"
                 ms = _time_ours(f[name], 2, args.seconds, x_path, out_path)
                 best[(s, name)] = min(best.get((s, name), 1e9), ms)
@@ -302,13 +343,15 @@ def network_section(args: argparse.Namespace, workdir: Path) -> tuple[str, list[
                 best[(s, "mnn-sparse")] = min(best.get((s, "mnn-sparse"), 1e9), r.median_ms)
         log(f"network round {rnd + 1}/{args.rounds} done")
     lines = ["| sparsity | layers sparse | ours (auto) ms | our dense ms | MNN sparse ms | onnxruntime ms | "
-             "ours vs dense | vs MNN | vs onnxruntime |", "|---|---|---|---|---|---|---|---|---|"]
+             "ours vs dense | vs MNN | vs onnxruntime | channels-first ms | channels-first vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     goals = []
     for s in SPARSITIES:
         ours, dense, ort = best[(s, "ours")], best[(s, "dense")], best[(s, "onnxruntime")]
         mnn = best.get((s, "mnn-sparse"), float("nan"))
         lines.append(f"| {int(s * 100)}% | {sparse_layers[s]} | {ours:.3f} | {dense:.3f} | {mnn:.3f} | {ort:.3f} | "
-                     f"{dense / ours:.2f}x | {mnn / ours:.2f}x | {ort / ours:.2f}x |")
+                     f"{dense / ours:.2f}x | {mnn / ours:.2f}x | {ort / ours:.2f}x | {best[(s, 'chw')]:.3f} | "
+                     f"{dense / best[(s, 'chw')]:.2f}x |")
         if s in NETWORK_GOALS:
             goals.append(goal_line(f"network-vs-dense-{int(s * 100)}", dense / ours, ">=", NETWORK_GOALS[s]))
             goals.append(goal_line(f"network-vs-onnxruntime-{int(s * 100)}", ort / ours, ">", 1.0))
@@ -317,7 +360,8 @@ def network_section(args: argparse.Namespace, workdir: Path) -> tuple[str, list[
     goals.append(goal_line("network-numerics", -worst, ">=", -RTOL, unit=""))
     table = "\n".join(lines) + (f"\n\nMobileNetV2 1.0 @224, 1x4 blocks in every pointwise layer, 2 threads; lowest "
                                 f"of {args.rounds} interleaved round medians. Largest relative error against "
-                                f"onnxruntime: {worst:.1e}.")
+                                f"onnxruntime: {worst:.1e}. Channels-first: the same build with channels_first=True "
+                                f"(runs of sparse layers channels-first, kernels/chw.py), for comparison.")
     return table, goals
 
 

@@ -110,3 +110,36 @@ def test_only_plain_depthwise_kernels_are_read():
     for conv, op in ((plain, "conv"), (dilated, "depthwise")):
         func = fused(layer(x, conv, lambda bb, y: y), op)
         assert chw.read_depthwise(func) is None
+
+
+def test_a_sparse_block_runs_channels_first_with_one_transpose_each_way(tmp_path):
+    """test_bsr's network (stem, sparse expand, depthwise, sparse project + residual, classifier) built with
+    channels-first runs: the expand, depthwise and project kernels are channels-first, the residual is the run's
+    own copy of the block input, one transpose enters the run and one leaves it, and the library matches
+    onnxruntime; the build's layer table lists every kernel."""
+    import onnxruntime as ort
+    from helpers import assert_close
+    from test_bsr import Net, block_sparse
+
+    from edgeprune.codegen.build import compile_model
+    from edgeprune.measure.local import Session
+    from edgeprune.models import zoo
+
+    torch.manual_seed(0)
+    model = block_sparse(Net(), 4, 0.6)
+    x = torch.randn(1, 3, 7, 9)
+    path = zoo.export_onnx(model, x, tmp_path / "net.onnx")
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    from edgeprune.codegen.importers import import_model
+
+    pick = lambda kernel, dense, options: "pixels:4"  # noqa: E731
+    _, scheduled = lower.compile_module(import_model(path).mod, TARGET, sparse=pick, channels_first=True)
+    names = [gv.name_hint for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    variants = [str(f.attrs.get(bsr.VARIANT, "")) for _, f in scheduled.functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc)]
+    assert variants.count("chw") == 3  # expand, depthwise, project
+    assert sum(n.startswith("to_channels_first") for n in names) == 1
+    assert sum(n.startswith("to_channels_last") for n in names) == 1
+    build = compile_model(path, "host", tmp_path / "b", sparse="sparse", channels_first=True)
+    assert_close(Session(build).run([x.numpy()])[0], ref)
+    assert {r.kernel for r in build.layers} >= {n for n in names if "chw" in n}

@@ -139,6 +139,7 @@ def compile_model(
     table=None,
     budget: MemoryBudget | None = None,
     fuse_depthwise: bool = True,
+    channels_first: bool = False,
 ) -> Build:
     """Compile a model file, an imported model or a Network for `target` into `out_dir`.
 
@@ -150,7 +151,10 @@ def compile_model(
     the faster per layer; "sparse" runs every such layer sparse; "dense" ignores the zeros.
 
     fuse_depthwise: run each depthwise convolution and the pointwise one that consumes it as one kernel where the map
-    is large enough (codegen/dwpw.py); False keeps them two, for comparison."""
+    is large enough (codegen/dwpw.py); False keeps them two, for comparison.
+
+    channels_first: runs of sparse pointwise layers (and the depthwise layers between them) compute channels-first,
+    transposed once at each edge (kernels/chw.py); off by default until it pays in the network."""
     t0 = time.perf_counter()
     target = get_target(target) if isinstance(target, str) else target
     fmt = fmt or target.default_format
@@ -194,7 +198,7 @@ def compile_model(
 
         choose = chooser(sparse, target, table)
         return _compile(imported, target, out_dir, fmt, tune_trials, package_name, use_rules, t0, scratch, choose,
-                        budget, int8_io, fuse_depthwise)
+                        budget, int8_io, fuse_depthwise, channels_first)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -202,7 +206,8 @@ def compile_model(
 
 def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, tune_trials: int,
              package_name: str | None, use_rules: bool, t0: float, scratch: Path | None, choose=None,
-             budget: MemoryBudget | None = None, int8_io: dict | None = None, fuse_depthwise: bool = True) -> Build:
+             budget: MemoryBudget | None = None, int8_io: dict | None = None, fuse_depthwise: bool = True,
+             channels_first: bool = False) -> Build:
     from .lower import compile_module, fused_module
 
     tvm_target = target.tvm_target()
@@ -217,7 +222,8 @@ def _compile(imported: ImportedModel, target: Target, out_dir: Path, fmt: str, t
         threads = target.cores
         inline = fmt == "c"  # firmware: no padded copies as workspace
         ex, scheduled = compile_module(imported.mod, tvm_target, use_rules=use_rules, sparse=choose, threads=threads,
-                                       inline_padding=inline, fuse_depthwise=fuse_depthwise)
+                                       inline_padding=inline, fuse_depthwise=fuse_depthwise,
+                                       channels_first=channels_first)
         if database is not None:
             # Unmerged: the records are for the kernels fusion made, and a merged depthwise + pointwise kernel
             # is neither of its two; the measurement below then chooses between merged and tuned.

@@ -76,7 +76,8 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target, winograd: bool = 
 
 def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None,
                     use_rules: bool = True, sparse: bsr.Chooser | None = None, threads: int = 2,
-                    inline_padding: bool = False, fuse_depthwise: bool = True) -> tvm.IRModule:
+                    inline_padding: bool = False, fuse_depthwise: bool = True,
+                    channels_first: bool = False) -> tvm.IRModule:
     """Fused module with every kernel scheduled: tuning records first, then our kernel library.
 
     use_rules=False keeps TVM's plain legalized loops: slow, but an implementation independent of ours with the
@@ -88,13 +89,15 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
     before a stride-2 depthwise one too (RAM before speed).
     fuse_depthwise: each depthwise convolution and the pointwise one that consumes it run as one kernel
     (codegen/dwpw.py) where the map is large enough for it to pay.
+    channels_first: runs of sparse pointwise layers and the depthwise layers between them compute channels-first
+    (kernels/chw.py); off by default until it pays in the network (bench/sparse.py measures both).
     """
     mod = tag_kernels(fused_module(mod, target, winograd=not inline_padding))
     if not use_rules:
         # the same kernel boundaries as the scheduled build's (--debug-layers compares them step by step)
         return legalize.narrow_indices(dwpw.fuse(mod, expand=inline_padding) if fuse_depthwise else mod, target)
     if sparse is not None:
-        mod = bsr.sparsify(mod, target, sparse, threads)
+        mod = bsr.sparsify(mod, target, sparse, threads, channels_first)
     if fuse_depthwise:  # after sparsify: a pointwise layer that runs sparse stays its own kernel
         mod = dwpw.fuse(mod, expand=inline_padding)  # C packages: the expanding layer too, where RAM is the budget
     if inline_padding:
@@ -122,9 +125,10 @@ def _tag_all(mod: tvm.IRModule, key: str) -> tvm.IRModule:
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: str | None = None,
                    use_rules: bool = True, sparse: bsr.Chooser | None = None, threads: int = 2,
-                   inline_padding: bool = False, fuse_depthwise: bool = True):
+                   inline_padding: bool = False, fuse_depthwise: bool = True, channels_first: bool = False):
     """Relax module -> (tvm.runtime.Executable, the scheduled module it was built from)."""
-    scheduled = schedule_module(mod, target, database_dir, use_rules, sparse, threads, inline_padding, fuse_depthwise)
+    scheduled = schedule_module(mod, target, database_dir, use_rules, sparse, threads, inline_padding, fuse_depthwise,
+                                channels_first)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgepruneFinalize")
     def finalize(m: tvm.IRModule, _ctx) -> tvm.IRModule:

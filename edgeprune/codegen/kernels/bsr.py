@@ -613,17 +613,22 @@ def _pixel_tile(p: int, budget: int) -> int:
 Chooser = Callable[[str, LayerCost, list[tuple[str, LayerCost]]], str | None]
 
 
-def sparsify(mod: tvm.IRModule, target, choose: Chooser, threads: int = 2) -> tvm.IRModule:
+def sparsify(mod: tvm.IRModule, target, choose: Chooser, threads: int = 2,
+             channels_first: bool = False) -> tvm.IRModule:
     """Swap a BSR kernel in at each call of a fused pointwise / dense-layer kernel whose constant weight has 1xN zero
     blocks, where `choose(kernel, dense_row, [(option, sparse_row), ...])` picks an option ("<variant>:<N>") over
     dense (None keeps the dense kernel). Identical layers share one dense kernel, called with their own weights:
-    each call is decided, and gets its kernel, on its own weights."""
+    each call is decided, and gets its kernel, on its own weights.
+
+    channels_first: where layers chosen "pixels" and the depthwise layers between them form runs, the runs go
+    channels-first (kernels/chw.py: no transposes inside the sparse kernels, one at each edge of a run)."""
     spec = CpuSpec.of(target)
     main = mod["main"]
     replace: list[tuple[relax.Call, tvm.ir.GlobalVar, list]] = []
     builder = relax.BlockBuilder(mod)  # add_func gives the new kernels' GlobalVars the type call_tir checks
     funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
     read: dict[str, Fused | None] = {}
+    chosen: list[Chosen] = []
     for name, sites in _calls(main).items():
         func = funcs.get(name)
         if func is None or tag_of(func, OP) not in ("pointwise", "matmul"):
@@ -638,17 +643,34 @@ def sparsify(mod: tvm.IRModule, target, choose: Chooser, threads: int = 2) -> tv
                 break
             made = _sparse_call(fused, func, site, f"{name}_{i}" if len(sites) > 1 else name, spec, choose, threads)
             if made is not None:
-                new, kernel_name, args = made
+                new, kernel_name, args, bsr = made
                 replace.append((site, builder.add_func(new, kernel_name), args))
+                chosen.append(Chosen(site, fused, list(func.params), bsr, kernel_name, dict(new.attrs)))
     if not replace:
         return mod
+    if channels_first:
+        from . import chw
+
+        return chw.segments(builder, main, replace, chosen, spec, threads)
     mod = builder.get()
     mod["main"] = _Rewriter(replace).visit_expr(main)
     return relax.transform.DeadCodeElimination()(mod)
 
 
+@dataclass
+class Chosen:
+    """A call given a BSR kernel, with what it takes to make its channels-first kernel instead."""
+
+    site: relax.Call
+    fused: Fused
+    params: list
+    bsr: Bsr
+    name: str
+    attrs: dict
+
+
 def _sparse_call(fused: Fused, func: tirx.PrimFunc, site: relax.Call, name: str, spec: CpuSpec, choose: Chooser,
-                 threads: int) -> tuple[tirx.PrimFunc, str, list] | None:
+                 threads: int) -> tuple[tirx.PrimFunc, str, list, Bsr] | None:
     """The BSR kernel and arguments for one call of a fused kernel, if `choose` picks one for its weights."""
     args = list(site.args[1])
     arg = args[fused.weight]
@@ -680,7 +702,7 @@ def _sparse_call(fused: Fused, func: tirx.PrimFunc, site: relax.Call, name: str,
     x_index = next(i for i, prm in enumerate(func.params) if prm.same_as(fused.x))
     new_args = [args[x_index], relax.const(bsr.data), relax.const(bsr.indices), relax.const(bsr.indptr)]
     new_args += [args[i] for i in fused.extras]
-    return new, f"{name}_bsr{bsr.n}", new_args
+    return new, f"{name}_bsr{bsr.n}", new_args, bsr
 
 
 def _has_zero_blocks(arg) -> bool:

@@ -1,9 +1,10 @@
-"""Channels-first (CHW) kernels: the depthwise convolution a CHW segment needs beside the BSR kernel's "chw" variant.
+"""Channels-first (CHW) runs of sparse layers: a depthwise kernel, transposes, and the pass that makes the runs.
 
 Where a network's pointwise layers run block-sparse, the sparse kernel wants each channel's map contiguous (one
 vector load per block and tile of pixels, XNNPACK's SpMM); channels-last data must be transposed in and out of every
-sparse kernel instead (kernels/bsr.py, "pixels"). A run of layers kept channels-first pays that once, at its edges.
-Its depthwise convolutions must then read and write channels-first too: this kernel.
+sparse kernel instead (kernels/bsr.py, "pixels"). A run of layers kept channels-first pays that once, at its edges
+(`segments`, the last step of bsr.sparsify when asked). Its depthwise convolutions must then read and write
+channels-first too: `depthwise_kernel`.
 
 It is made from the fused channels-last kernel TVM legalized (its padding, stride, weights and elementwise tail are
 read off it, as kernels/bsr.py reads a pointwise one), so it computes the same function with [1, C, H, W] tensors:
@@ -17,9 +18,11 @@ read off it, as kernels/bsr.py reads a pointwise one), so it computes the same f
   * the last vector of a row that L does not divide is moved back to end at the row's last pixel (it recomputes a
     few outputs rather than masking).
 
-Measured against our channels-last depthwise kernel (one thread, Zen 4, MobileNetV2's shapes, /tmp prototype
-figures in the closing note): 0.7-0.85x at stride 1 on 14x14 and larger maps, 0.5-0.7x at stride 2, 0.4x at 7x7
-(4-lane vectors). Depthwise layers are about 5% of MobileNetV2's dense time, so this costs a CHW segment about 2%.
+Against our channels-last depthwise kernel (one thread, Zen 4, MobileNetV2's shapes): 0.7-0.85x at stride 1 on
+14x14 and larger maps, 0.5-0.7x at stride 2, 0.4x at 7x7 (4-lane vectors). In MobileNetV2 at 50% 1x4 sparsity,
+one thread, the run's sparse kernels took 3.6 ms where the "pixels" ones took 4.3, its depthwise ones 1.0 where the
+channels-last ones took 0.8: the network 7% faster at one thread, as fast at two, where the largest pointwise
+layers are bound by writing their outputs (bench/sparse.py times both builds).
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import tvm
 import tvm.sym
-from tvm import s_tir, tirx
+from tvm import relax, s_tir, tirx
 
-from .bsr import _loads, epilogue, pixel_lanes, rebuild, to_chw
-from .common import CpuSpec, split_at_reduction
+from .bsr import VARIANT, _loads, epilogue, pixel_lanes, rebuild, to_chw
+from .bsr import kernel as bsr_kernel
+from .common import FAMILY, FLOPS, OP, REDUCTION, CpuSpec, split_at_reduction, tag_of
 
 UNITS = 4  # output vectors computed together: 4 x kh independent accumulations
 
@@ -264,3 +269,217 @@ def _store(T, dw: Depthwise, out, value, ch, row, base, lanes: int) -> None:
     value = rebuild(dw.value, dw.acc, value, dict(zip(dw.iters, where)), dw.flat, dw.iters, index)
     T.buffer_store(out, value, index)
 
+
+
+# ---------------------------------------------------------------- the pass: channels-first runs
+
+
+def segments(builder: relax.BlockBuilder, main: relax.Function, replace: list, chosen: list, spec: CpuSpec,
+             threads: int) -> tvm.IRModule:
+    """bsr.sparsify's last step with channels-first runs. `replace` are its (call, BSR kernel, arguments) swaps and
+    `chosen` what made each. A sparse pointwise layer whose kernel transposes its tiles ("pixels") runs its "chw"
+    kernel instead where it joins a run: a depthwise layer between two such layers (its input from one, its output
+    read by them alone) joins too, and a pointwise one stays in a run only with a neighbour in it (alone it would
+    pay two whole transposes for the two in-cache ones it saves). Tensors entering a run are transposed to
+    [1, C, H, W] once, tensors leaving it back once; everything else is as `replace` has it."""
+    mod = builder.get()
+    funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    blocks = main.body.blocks
+    plan: dict = {}
+    if len(blocks) == 1 and isinstance(blocks[0], relax.DataflowBlock):
+        plan = _plan(list(blocks[0].bindings), replace, chosen, funcs, spec)
+    kernels: dict[str, tvm.ir.GlobalVar] = {}
+    calls = []
+    for var, (kind, info, call) in plan.items():
+        if kind == "pointwise":
+            made = info.name + "_chw"
+            if made not in kernels:
+                func = bsr_kernel(info.fused, info.params, info.bsr, "chw", spec, threads)
+                kernels[made] = builder.add_func(func.with_attrs({**info.attrs, VARIANT: "chw"}), made)
+            args = [call.args[1][0], *_bsr_constants(replace, call), *[call.args[1][i] for i in info.fused.extras]]
+            out = to_chw([int(d) for d in info.fused.out.shape])
+        else:
+            name = call.args[0].name_hint
+            made = name + "_chw"
+            if made not in kernels:
+                func = depthwise_kernel(info, list(funcs[name].params), spec, threads)
+                attrs = {**dict(funcs[name].attrs), VARIANT: "chw", "tirx.is_scheduled": True, "tirx.noalias": True}
+                kernels[made] = builder.add_func(func.with_attrs(attrs), made)
+            args = list(call.args[1])
+            out = to_chw([int(d) for d in info.out.shape])
+        calls.append((var, kernels[made], args, out))
+    mod = builder.get()
+    if not calls:
+        from .bsr import _Rewriter
+
+        mod["main"] = _Rewriter(replace).visit_expr(main)
+        return relax.transform.DeadCodeElimination()(mod)
+    rewriter = _Segments(mod, calls, replace, pixel_lanes(spec))
+    new_main = rewriter.visit_expr(main)
+    mod = rewriter.builder_.get()
+    mod["main"] = new_main
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def _bsr_constants(replace: list, call: relax.Call) -> list:
+    """The BSR constants (data, indices, indptr) `replace` gives this call."""
+    return next(list(args[1:4]) for site, _, args in replace if site.same_as(call))
+
+
+def _plan(bindings: list, replace: list, chosen: list, funcs: dict, spec: CpuSpec) -> dict:
+    """{binding var: (kind, what makes its kernel, its original call)} for the layers that run channels-first."""
+    from .bsr import chw_capable
+
+    candidates: dict = {}
+    for b in bindings:
+        call = b.value
+        if not (isinstance(b.var, relax.DataflowVar) and isinstance(call, relax.Call)
+                and getattr(call.op, "name", "") == "relax.call_tir"):
+            continue
+        sparse = next((c for c in chosen if c.site.same_as(call)), None)
+        if sparse is not None:
+            if sparse.attrs.get(VARIANT) == "pixels" and chw_capable(sparse.fused, sparse.params):
+                candidates[b.var] = ("pointwise", sparse, call)
+            continue
+        func = funcs.get(call.args[0].name_hint)
+        if func is not None and tag_of(func, OP) == "depthwise" and tag_of(func, FAMILY) == "dense":
+            dw = read_depthwise(func)
+            if dw is not None and capable(dw, list(func.params), spec):
+                candidates[b.var] = ("depthwise", dw, call)
+    if not candidates:
+        return {}
+    producer = {b.var: b for b in bindings}
+    readers: dict = {}
+    for b in bindings:
+        for v in _vars(b.value):
+            readers.setdefault(v, []).append(b.var)
+    chosen_set = dict(candidates)
+    changed = True
+    while changed:
+        changed = False
+        for var, (kind, _, call) in list(chosen_set.items()):
+            source = call.args[1][0]
+            fed = isinstance(source, relax.Var) and source in producer and source in chosen_set
+            read_by = readers.get(var, [])
+            if kind == "depthwise":
+                keep = fed and bool(read_by) and all(r in chosen_set and chosen_set[r][0] == "pointwise"
+                                                     for r in read_by)
+            else:
+                keep = fed or any(r in chosen_set for r in read_by)
+            if not keep:
+                del chosen_set[var]
+                changed = True
+    return chosen_set
+
+
+def _vars(expr) -> list:
+    found: list = []
+    relax.analysis.post_order_visit(expr, lambda e: found.append(e) if isinstance(e, relax.Var) else None)
+    return found
+
+
+def _activation(arg: relax.Expr, shapes: tuple) -> bool:
+    """Whether a run layer's argument is a tensor of its input's or output's shape (channels-first in the run)."""
+    return isinstance(arg, relax.Var) and [int(d) for d in arg.ty.shape] in shapes
+
+
+def transpose_kernel(shape: Sequence[int], to_first: bool, lanes: int) -> tirx.PrimFunc:
+    """[1, H, W, C] -> [1, C, H, W] (to_first) or back, as the [R, C] -> [C, R] transpose of its flat view: L x L
+    tiles, each L vector loads, the shuffle network of kernels/bsr.py and L vector stores; the last tile of a side
+    that L does not divide moved back (its overlap stored twice, the same values). Sides shorter than L: scalar."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.tirx.script.builder import ir as T
+
+    from .bsr import _transpose
+
+    n, a, b, c = (int(d) for d in shape)  # [1, H, W, C] to_first, [1, C, H, W] otherwise
+    rows, cols = (a * b, c) if to_first else (a, b * c)
+    out_shape = (n, c, a, b) if to_first else (n, b, c, a)
+    with IRBuilder() as ib:
+        with T.prim_func():
+            x = T.arg("x", T.buffer(tuple(shape), "float32"))
+            out = T.arg("out", T.buffer(out_shape, "float32"))
+            T.func_attr({"tirx.noalias": True})
+            with T.sblock("root"), T.sblock("transpose"):
+                xf = T.decl_buffer((rows, cols), "float32", data=x.data)
+                of = T.decl_buffer((cols, rows), "float32", data=out.data)
+                if rows < lanes or cols < lanes:
+                    with T.parallel(0, rows) as r, T.serial(0, cols) as q:
+                        T.buffer_store(of, xf[r, q], [q, r])
+                else:
+                    with T.parallel(0, -(-rows // lanes)) as rb, T.serial(0, -(-cols // lanes)) as cb:
+                        r0, c0 = tirx.Min(rb * lanes, rows - lanes), tirx.Min(cb * lanes, cols - lanes)
+                        tile = [xf[r0 + q, tirx.Ramp(c0, 1, lanes)] for q in range(lanes)]
+                        for col, vec in _transpose(tile, lanes):
+                            T.buffer_store(of, vec, [c0 + col, tirx.Ramp(r0, 1, lanes)])
+    return ib.get()
+
+
+@relax.expr_functor.mutator
+class _Segments(relax.PyExprMutator):
+    """Main with the runs channels-first: each run layer's binding becomes a call of its channels-first kernel on
+    channels-first inputs, tensors crossing into a run are transposed once, out of it once."""
+
+    def __init__(self, mod: tvm.IRModule, calls: list, replace: list, lanes: int) -> None:
+        super().__init__(mod)
+        self.calls, self.replace, self.lanes = calls, replace, lanes
+        self.chw: dict = {}  # a run layer's original output var -> its channels-first var
+        self.into: dict = {}  # an outside var -> its channels-first copy
+        self.back: dict = {}  # a run layer's original output var -> its channels-last copy
+        self.kernels: dict = {}
+
+    def _kernel(self, shape, to_first: bool) -> tvm.ir.GlobalVar:
+        key = (tuple(shape), to_first)
+        if key not in self.kernels:
+            func = transpose_kernel(shape, to_first, self.lanes).with_attrs(
+                {OP: "data", FAMILY: "dense", FLOPS: 0, REDUCTION: 0, "tirx.is_scheduled": True})
+            name = "to_channels_first" if to_first else "to_channels_last"
+            self.kernels[key] = self.builder_.add_func(func, name)
+        return self.kernels[key]
+
+    def _as_chw(self, arg: relax.Expr) -> relax.Expr:
+        if not isinstance(arg, relax.Var):
+            return arg
+        for var, new in self.chw.items():
+            if var.same_as(arg):
+                return new
+        shape = [int(d) for d in arg.ty.shape]
+        if len(shape) != 4:
+            return self.visit_expr(arg)  # a constant-like input of another shape (per-channel): as it is
+        for var, new in self.into.items():
+            if var.same_as(arg):
+                return new
+        gv = self._kernel(shape, True)
+        new = self.builder_.emit(relax.call_tir(gv, [self.visit_expr(arg)], relax.TensorType(to_chw(shape), "float32")))
+        self.into[arg] = new
+        return new
+
+    def _as_hwc(self, var: relax.Var) -> relax.Var:
+        for old, new in self.back.items():
+            if old.same_as(var):
+                return new
+        chw_var = next(new for old, new in self.chw.items() if old.same_as(var))
+        n, c, h, w = (int(d) for d in chw_var.ty.shape)
+        gv = self._kernel((n, c, h, w), False)
+        new = self.builder_.emit(relax.call_tir(gv, [chw_var], relax.TensorType((n, h, w, c), "float32")))
+        self.back[var] = new
+        return new
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        for var, gv, args, out in self.calls:
+            if binding.var.same_as(var):
+                x_shape = [int(d) for d in args[0].ty.shape]
+                out_hwc = [int(d) for d in var.ty.shape]
+                ins = [self._as_chw(a) if _activation(a, (x_shape, out_hwc)) else self.visit_expr(a) for a in args]
+                self.chw[var] = self.builder_.emit(relax.call_tir(gv, ins, relax.TensorType(out, "float32")))
+                return
+        for v in _vars(binding.value):
+            if any(old.same_as(v) for old in self.chw):
+                self.set_var_remap(v, self._as_hwc(v))
+        for site, gv, args in self.replace:
+            if binding.value.same_as(site):
+                call = relax.call_tir(gv, [self.visit_expr(a) for a in args],
+                                      site.ty_args[0] if site.ty_args else site.ty)
+                self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))
+                return
+        super().visit_var_binding_(binding)
