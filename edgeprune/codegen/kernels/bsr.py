@@ -161,17 +161,26 @@ def read_fused(func: tirx.PrimFunc) -> Fused | None:
     oshape = [int(d) for d in out_buf.shape]
     if xshape[:-1] != oshape[:-1] or xshape[-1] != k or oshape[-1] != m or xshape[0] != 1 and len(xshape) == 4:
         return None  # strided, batched or not the shapes of x @ W
-    w_index = next((i for i, p in enumerate(params) if p.same_as(w_buf)), None)
-    x_index = next((i for i, p in enumerate(params) if p.same_as(x_buf)), None)
-    if w_index is None or x_index is None:
+    found = operands_and_epilogue(sch, after, out_buf, params, x_buf, w_buf)
+    if found is None:
         return None
-    tail = epilogue(sch, after, out_buf, params, (x_index, w_index))
-    if tail is None:
-        return None
-    iters, value, out_index, extras = tail
+    x_index, w_index, (iters, value, out_index, extras) = found
     pixels = int(np.prod(oshape[:-1]))
     width = oshape[-2] if len(oshape) == 4 else 1
     return Fused(params[x_index], w_index, params[out_index], extras, out_buf, iters, value, k, m, pixels, width)
+
+
+def operands_and_epilogue(sch: s_tir.Schedule, after: list, acc: tirx.Buffer, params: Sequence[tirx.Buffer],
+                          x_buf: tirx.Buffer, w_buf: tirx.Buffer
+                          ) -> tuple[int, int, tuple[list, tirx.PrimExpr, int, list[int]]] | None:
+    """The parameter indices of a kernel's input `x_buf` and weight `w_buf`, and its `epilogue`; None where either
+    is not a parameter or the tail is not one output per accumulator."""
+    x_index = next((i for i, p in enumerate(params) if p.same_as(x_buf)), None)
+    w_index = next((i for i, p in enumerate(params) if p.same_as(w_buf)), None)
+    if x_index is None or w_index is None:
+        return None
+    tail = epilogue(sch, after, acc, params, (x_index, w_index))
+    return None if tail is None else (x_index, w_index, tail)
 
 
 def epilogue(sch: s_tir.Schedule, after: list, acc: tirx.Buffer, params: Sequence[tirx.Buffer],
@@ -334,9 +343,14 @@ def chw_capable(fused: Fused, params: Sequence[tirx.Buffer]) -> bool:
     """Whether the channels-first kernel computes what `fused` does: a 1x1 convolution (not a dense layer) whose
     epilogue reads tensors of the output's shape (a residual: channels-first too) and per-channel constants (bias,
     folded BatchNorm: read at their channel alone) and nothing else."""
-    shape = _shape(fused.out)
-    return len(shape) == 4 and all(_shape(params[i]) == shape or all(d == 1 for d in _shape(params[i])[:-1])
-                                   for i in fused.extras)
+    return len(_shape(fused.out)) == 4 and layout_free_epilogue(fused.out, params, fused.extras)
+
+
+def layout_free_epilogue(out: tirx.Buffer, params: Sequence[tirx.Buffer], extras: Sequence[int]) -> bool:
+    """Whether every tensor an epilogue reads is of the output's shape (it changes layout with the output) or a
+    per-channel constant (read at its channel whatever the layout)."""
+    shape = _shape(out)
+    return all(_shape(params[i]) == shape or all(d == 1 for d in _shape(params[i])[:-1]) for i in extras)
 
 
 def pixel_lanes(spec: CpuSpec) -> int:
@@ -417,14 +431,8 @@ def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ba
     with T.serial(0, count) as obi:
         ob = first + obi
         with T.If(ob < rows), T.Then():
-            acc = T.alloc_buffer((g_acc * n, lanes), "float32", scope="local")
-            with T.unroll(0, g_acc * n) as a:
-                T.buffer_store(acc, tirx.Broadcast(_zero(), lanes), [a, vec])
-            with T.serial(indptr[ob], indptr[ob + 1]) as e:
-                with T.unroll(0, g_acc) as g, T.unroll(0, n) as j:
-                    x = xt[indices[e], tirx.Ramp(g * lanes, 1, lanes)]
-                    w = tirx.Broadcast(data[e, j], lanes)
-                    T.buffer_store(acc, acc[g * n + j, vec] + x * w, [g * n + j, vec])
+            acc = _accumulate(T, n, g_acc, lanes, data, indptr, ob,
+                              lambda e, g: xt[indices[e], tirx.Ramp(g * lanes, 1, lanes)])
             tr = T.alloc_buffer((g_acc, lanes * n), "float32", scope="local")
             for g in range(g_acc):
                 zipped = _shuffled(zip_rounds, [acc[g * n + j, vec] for j in range(n)])
@@ -435,6 +443,19 @@ def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ba
                     px = base + g * lanes + q
                     with T.If(px < p), T.Then(), T.vectorized(0, n) as j:
                         _store(T, fused, px, ob * n + j, tr[g, at[q] + j])
+
+
+def _accumulate(T, n: int, g_acc: int, lanes: int, data, indptr, ob, x_at):
+    """Block row `ob`'s G*N accumulators over its kept blocks: accumulator g*N + j += x_at(e, g) * data[e, j], with
+    x_at(e, g) block e's input vector for pixel vector g (its channel's L pixels)."""
+    vec = tirx.Ramp(0, 1, lanes)
+    acc = T.alloc_buffer((g_acc * n, lanes), "float32", scope="local")
+    with T.unroll(0, g_acc * n) as a:
+        T.buffer_store(acc, tirx.Broadcast(_zero(), lanes), [a, vec])
+    with T.serial(indptr[ob], indptr[ob + 1]) as e:
+        with T.unroll(0, g_acc) as g, T.unroll(0, n) as j:
+            T.buffer_store(acc, acc[g * n + j, vec] + x_at(e, g) * tirx.Broadcast(data[e, j], lanes), [g * n + j, vec])
+    return acc
 
 
 def _chw(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_regs: int, threads: int) -> None:
@@ -470,14 +491,8 @@ def _chw_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, fi
     with T.serial(0, count) as obi:
         ob = first + obi
         with T.If(ob < rows), T.Then():
-            acc = T.alloc_buffer((g_acc * n, lanes), "float32", scope="local")
-            with T.unroll(0, g_acc * n) as a:
-                T.buffer_store(acc, tirx.Broadcast(_zero(), lanes), [a, vec])
-            with T.serial(indptr[ob], indptr[ob + 1]) as e:
-                with T.unroll(0, g_acc) as g, T.unroll(0, n) as j:
-                    base = tirx.Min((first_vector + g) * lanes, p - lanes)
-                    x = xf[indices[e], tirx.Ramp(base, 1, lanes)]
-                    T.buffer_store(acc, acc[g * n + j, vec] + x * tirx.Broadcast(data[e, j], lanes), [g * n + j, vec])
+            acc = _accumulate(T, n, g_acc, lanes, data, indptr, ob, lambda e, g: xf[
+                indices[e], tirx.Ramp(tirx.Min((first_vector + g) * lanes, p - lanes), 1, lanes)])
             with T.unroll(0, g_acc) as g, T.unroll(0, n) as j:
                 base = tirx.Min((first_vector + g) * lanes, p - lanes)
                 _store_chw(T, fused, tirx.Ramp(base, 1, lanes), ob * n + j, acc[g * n + j, vec])

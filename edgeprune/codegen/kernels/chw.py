@@ -34,7 +34,7 @@ import tvm
 import tvm.sym
 from tvm import relax, s_tir, tirx
 
-from .bsr import VARIANT, _loads, epilogue, pixel_lanes, rebuild, to_chw
+from .bsr import VARIANT, _loads, layout_free_epilogue, operands_and_epilogue, pixel_lanes, rebuild, to_chw
 from .bsr import kernel as bsr_kernel
 from .common import FAMILY, FLOPS, OP, REDUCTION, CpuSpec, split_at_reduction, tag_of
 
@@ -116,14 +116,10 @@ def read_depthwise(func: tirx.PrimFunc) -> Depthwise | None:
     xshape, oshape = [int(d) for d in source.shape], [int(d) for d in acc.shape]
     if len(wshape) != 4 or wshape[2] != 1 or xshape[0] != 1 or xshape[3] != oshape[3] or wshape[3] != oshape[3]:
         return None
-    x_index = next((i for i, p in enumerate(params) if p.same_as(source)), None)
-    w_index = next((i for i, p in enumerate(params) if p.same_as(w_load.source)), None)
-    if x_index is None or w_index is None:
+    found = operands_and_epilogue(sch, after, acc, params, source, w_load.source)
+    if found is None:
         return None
-    tail = epilogue(sch, after, acc, params, (x_index, w_index))
-    if tail is None:
-        return None
-    iters, value, out_index, extras = tail
+    x_index, w_index, (iters, value, out_index, extras) = found
     return Depthwise(params[x_index], w_index, params[out_index], extras, acc, iters, value,
                      (wshape[0], wshape[1]), (rows[0], cols[0]), offsets)
 
@@ -140,9 +136,7 @@ def capable(dw: Depthwise, params: Sequence[tirx.Buffer], spec: CpuSpec) -> bool
     """Whether the kernel computes `dw`: rows of two outputs at least, and every tensor the epilogue reads of the
     output's shape or a per-channel constant (the kernel reads the first channels-first and the second at its
     channel)."""
-    shape = [int(d) for d in dw.out.shape]
-    extras = [[int(d) for d in params[i].shape] for i in dw.extras]
-    return lanes_for(dw, spec) > 1 and all(s == shape or all(d == 1 for d in s[:-1]) for s in extras)
+    return lanes_for(dw, spec) > 1 and layout_free_epilogue(dw.out, params, dw.extras)
 
 
 def depthwise_kernel(dw: Depthwise, params: Sequence[tirx.Buffer], spec: CpuSpec, threads: int = 2) -> tirx.PrimFunc:
