@@ -143,3 +143,29 @@ def test_a_sparse_block_runs_channels_first_with_one_transpose_each_way(tmp_path
     build = compile_model(path, "host", tmp_path / "b", sparse="sparse", channels_first=True)
     assert_close(Session(build).run([x.numpy()])[0], ref)
     assert {r.kernel for r in build.layers} >= {n for n in names if "chw" in n}
+
+
+@pytest.mark.parametrize("chw_faster", [True, False])
+def test_by_default_a_host_library_keeps_the_layout_measured_faster(tmp_path, monkeypatch, chw_faster):
+    """channels_first=None builds a host shared library both ways where sparse runs form and keeps the one the
+    measurement here calls faster (the measurement is replaced to decide each way); both match onnxruntime."""
+    import onnxruntime as ort
+    from helpers import assert_close
+    from test_bsr import Net, block_sparse
+
+    from edgeprune.codegen import build as build_mod
+    from edgeprune.measure.local import Session
+    from edgeprune.models import zoo
+
+    torch.manual_seed(0)
+    path = zoo.export_onnx(block_sparse(Net(), 4, 0.6), torch.randn(1, 3, 7, 9), tmp_path / "net.onnx")
+    x = np.random.default_rng(0).standard_normal((1, 3, 7, 9)).astype("float32")
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    compared = []
+    monkeypatch.setattr(build_mod, "_faster", lambda a, b, inputs: compared.append(1) or chw_faster)
+    built = build_mod.compile_model(path, "host", tmp_path / "b", sparse="sparse")
+    assert compared == [1]
+    kernels = [r.kernel for r in built.layers]
+    assert any("chw" in k for k in kernels) == chw_faster
+    assert any("bsr" in k for k in kernels)  # sparse either way
+    assert_close(Session(built).run([x])[0], ref)
