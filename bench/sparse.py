@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -393,7 +394,7 @@ def loop_section(args: argparse.Namespace, workdir: Path) -> tuple[str, list[tup
     """`edgeprune build --target host --device local` with --sparsity auto against the dense-only build, at budgets
     of 30% and 50% of the largest subnet's measured latency (its lowest median of three, as bench/search.py)."""
     from edgeprune import data
-    from edgeprune.cost import load_table, new_table, save_table
+    from edgeprune.cost import new_table, save_table
     from edgeprune.measure.devices import LocalDevice
     from edgeprune.pipeline import SUPERNET, Request, realize, run
     from edgeprune.search import space as S
@@ -421,9 +422,12 @@ def loop_section(args: argparse.Namespace, workdir: Path) -> tuple[str, list[tup
         result = {}
         for name, sparsity in (("dense", None), ("sparse", "auto")):
             t0 = time.perf_counter()
+            # Each build learns in its own copy of the table: both start from the same measurements (the largest
+            # subnet's), so neither is helped by what the other measured before it.
+            own = workdir / f"table-{name}-{f}.json"
+            shutil.copyfile(table_path, own)
             report = run(Request(target="host", budget_ms=budget, out=workdir / f"{name}-{f}", device="local",
-                                 table=table_path, runs=50, statistic="median", quiet=True, sparsity=sparsity))
-            table.entries = load_table(table_path).entries
+                                 table=own, runs=50, statistic="median", quiet=True, sparsity=sparsity))
             result[name] = report
             log(f"loop {f:.0%} {name}: {report['latency']['measured_ms']:.3f} ms of {budget:.3f}, test "
                 f"{report['accuracy']['test']:.1%} ({time.perf_counter() - t0:.0f} s)")

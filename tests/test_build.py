@@ -207,3 +207,15 @@ def test_binarize_refuses_what_it_cannot_do_in_one_line(cli, tmp_path):
         assert rc == 2
         assert_one_line_error(err, what)
         assert not (tmp_path / "o").exists()
+
+
+def test_after_a_miss_the_aim_drops_by_what_the_refitted_model_still_misses():
+    """A network measured 40% over what the refitted model prices it at: the next aim is the target over 1.4 (so
+    a network priced there measures near the target); where the model now prices it right, 5% lower, as before;
+    never above 5% below the current aim."""
+    from edgeprune.pipeline import next_aim
+
+    assert next_aim(0.9, 0.9, measured_ms=1.4, repriced_ms=1.0) == pytest.approx(0.9 / 1.4)
+    assert next_aim(0.9, 0.9, measured_ms=1.0, repriced_ms=1.0) == pytest.approx(0.855)
+    assert next_aim(0.9, 0.9, measured_ms=1.0, repriced_ms=1.2) == pytest.approx(0.855)
+    assert next_aim(0.5, 0.9, measured_ms=1.1, repriced_ms=1.0) == pytest.approx(0.475)  # already lower
