@@ -263,6 +263,9 @@ class Build:
                 from None
 
 
+CONTENDED = 0.25  # others' share of the CPUs above which a local measurement is flagged
+
+
 @dataclass
 class Measurement:
     """Latencies of one build on one device."""
@@ -273,6 +276,20 @@ class Measurement:
     threads: int
     real_time: bool = True  # False under emulation: the numbers are not the device's latency
     layers: list[dict] = field(default_factory=list)  # {"name", "ms", "share", "gflops", "calls", "sources"}
+    others_busy: float | None = None  # this host: the CPUs' share other processes used while timing (None: unknown)
+
+    @property
+    def contended(self) -> bool:
+        """Whether other processes used enough of this host's CPUs while timing that the times are not the build's
+        alone (a 2-thread run sharing 2 cores with other work measured 100x its quiet time here)."""
+        return self.others_busy is not None and self.others_busy > CONTENDED
+
+    def contention_note(self) -> str | None:
+        """One line for the user when the measurement was contended, else None."""
+        if not self.contended:
+            return None
+        return (f"warning: other processes kept {self.others_busy:.0%} of this machine's CPUs busy while timing; "
+                f"these times are not the build's alone (measure again on a quiet machine)")
 
     def percentile(self, q: float) -> float:
         import numpy as np
@@ -292,6 +309,7 @@ class Measurement:
             "device": self.device, "target": self.target, "threads": self.threads, "runs": len(self.runs_ms),
             "median_ms": round(self.median_ms, 4), "p10_ms": round(self.percentile(10), 4),
             "p90_ms": round(self.percentile(90), 4), "real_time": self.real_time,
+            "others_busy": None if self.others_busy is None else round(self.others_busy, 3),
             "layers": self.layers,
         }
 

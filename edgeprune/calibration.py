@@ -123,6 +123,9 @@ def measure_entries(builds: list[Build], device: Device, runs: int = 30, warmup:
                     workers: int | None = None) -> list[TableEntry]:
     """The builds measured together on `device`, as latency-table entries."""
     measured = measure_builds(builds, device, runs, warmup, threads, progress, workers)
+    note = next((m.contention_note() for m in measured if m.contended), None)
+    if note:
+        progress(note)
     return [entry_of(b, m) for b, m in zip(builds, measured)]
 
 

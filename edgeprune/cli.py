@@ -220,6 +220,8 @@ def cmd_measure(args) -> int:
     print(f"  median {s['median_ms']:.3f} ms   p10 {s['p10_ms']:.3f} ms   p90 {s['p90_ms']:.3f} ms")
     if not m.real_time:
         print("  note: emulated runs; these times are not the device's latency")
+    if m.contended:
+        print(f"  {m.contention_note()}")
     if m.layers:
         print(f"  {'layer (kernel where the model has no name for it)':<56} {'kernel':<16} {'ms':>8} {'share':>6} "
               f"{'GFLOP/s':>8}")
@@ -260,6 +262,8 @@ def cmd_check(args) -> int:
                           "budget_ms": args.latency, "met": ok}))
     else:
         print(line)
+    if m.contended:
+        print(f"edgeprune: {m.contention_note()}", file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -143,7 +143,8 @@ def realize(network: Network, target: Target, out_dir: Path, device=None, table:
     """One turn of the build loop after search: compress -> compile -> measure -> learn.
 
     With no device it stops after compiling. A measurement enters `table` (written to `table_path` when the table
-    knows its device), so the next model_for(target, table) has learned from it."""
+    knows its device), so the next model_for(target, table) has learned from it; one taken while other processes
+    kept this host's CPUs busy (Measurement.contended) does not."""
     from .codegen import compile_model
     from .compress import compress
     from .cost import entry_of, learn
@@ -155,7 +156,7 @@ def realize(network: Network, target: Target, out_dir: Path, device=None, table:
         return Realized(build)
     m = device.measure(build, runs=runs, warmup=max(3, runs // 10), layers=layers)
     value = m.statistic(statistic)
-    if table is not None:
+    if table is not None and not m.contended:  # times shared with other work would teach the model wrong prices
         arch = network.arch
         name = f"build-{network.name}" if arch is None else \
             f"build-{S.macs(S.Arch.from_dict(arch)) // 1000}k-{arch['resolution']}px"
@@ -493,6 +494,8 @@ def run(req: Request) -> dict:
             rounds[-1].measurement = m.summary() | {"layers": m.layers[:10]}
             _log(req, f"  measured {req.statistic} {value:.3f} ms on {device.uri} "
                       f"(predicted {best.predicted_ms:.3f} ms)")
+            if m.contended:
+                _log(req, f"  {m.contention_note()}; the latency table did not learn from it")
             if value <= req.budget_ms:
                 break
             # The refitted model has learned from this measurement, but it may still price this very network below

@@ -266,3 +266,41 @@ def test_calibration_suite_times_binary_kernels_in_the_other_whole_subnets(tmp_p
     rows = [row for row in build.layers if row.family == "binary"]
     assert len(rows) == len(binary) and all(r.weight_bits == 1 and r.act_bits == 1 for r in rows)
     assert sum(row.family == "dense" and row.op == "pointwise" for row in build.layers) >= len(binary) - 1
+
+
+def test_a_local_measurement_knows_when_other_processes_shared_the_cpus(tmp_path):
+    """OthersBusy: processes spinning on every CPU while we sleep are seen as most of the machine; our own busy loop
+    is not counted as others'. A Measurement above the threshold is contended and says so in one line."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from edgeprune.artifacts import Measurement
+    from edgeprune.measure.local import OthersBusy
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("needs Linux's /proc/stat")
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 3: pass\n"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.5)  # the spinners are running
+        with OthersBusy() as others:
+            time.sleep(1.0)
+    finally:
+        for p in procs:
+            p.wait()
+    assert others.share is not None and others.share > 0.6
+    # Our own busy loop is not the others': what others used is at most what our loop left of the machine
+    # (counted as others', the loop would push the share to 1 whatever else runs).
+    cpu0, t = os.times(), time.monotonic()
+    with OthersBusy() as own:
+        while time.monotonic() - t < 1.0:
+            pass
+    cpu1, wall = os.times(), time.monotonic() - t
+    left = 1 - (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (wall * (os.cpu_count() or 1))
+    assert own.share is not None and own.share <= left + 0.05
+    m = Measurement("local", "host", [1.0, 1.1], 2, others_busy=others.share)
+    assert m.contended and "not the build's alone" in m.contention_note()
+    assert not Measurement("local", "host", [1.0], 2, others_busy=0.05).contended
+    assert m.summary()["others_busy"] == round(others.share, 3)

@@ -157,14 +157,52 @@ def random_inputs(build: Build, seed: int = 0) -> list[np.ndarray]:
             else rng.integers(0, 8, s.shape).astype(s.dtype) for s in build.inputs]
 
 
+class OthersBusy:
+    """Over a `with` span: the share of this machine's CPUs that other processes kept busy (/proc/stat's busy time
+    less this process's own, all its threads, over the span's wall time times the CPUs). `share` is None where
+    /proc/stat cannot be read (not Linux). A build timed at 2 threads on 2 cores that other work also uses is
+    descheduled in the middle of its parallel loops: here it measured up to 100x its quiet time."""
+
+    share: float | None = None
+
+    def __enter__(self) -> OthersBusy:
+        self._start = _busy_seconds(), _own_seconds(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, own, wall = _busy_seconds(), _own_seconds(), time.monotonic()
+        if busy is None or self._start[0] is None or wall <= self._start[2]:
+            return
+        others = (busy - self._start[0]) - (own - self._start[1])
+        self.share = min(1.0, max(0.0, others / ((wall - self._start[2]) * (os.cpu_count() or 1))))
+
+
+def _busy_seconds() -> float | None:
+    """CPU-seconds all CPUs have spent busy since boot (user, nice, system, irq, softirq, steal), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def measure(build: Build, runs: int = 100, warmup: int = 10, threads: int | None = None,
             layers: bool = True) -> Measurement:
     n = set_threads(threads)
     sess = Session(build)
     inputs = random_inputs(build)
-    times = sess.time_runs(inputs, runs, warmup)
+    with OthersBusy() as others:
+        times = sess.time_runs(inputs, runs, warmup)
     prof = sess.profile_layers(inputs, runs=max(3, min(runs, 20))) if layers else []
-    return Measurement(device="local", target=build.target, runs_ms=times, threads=n, layers=prof)
+    return Measurement(device="local", target=build.target, runs_ms=times, threads=n, layers=prof,
+                       others_busy=others.share)
 
 
 def measure_interleaved(builds: list[Build], runs: int = 30, warmup: int = 5, threads: int | None = None,
@@ -184,13 +222,15 @@ def measure_interleaved(builds: list[Build], runs: int = 30, warmup: int = 5, th
     times: list[list[float]] = [[] for _ in builds]
     for sess, x in zip(sessions, inputs):
         sess.time_runs(x, 0, warmup)
-    for r in range(max(1, rounds)):
-        for sess, x, ts in zip(sessions, inputs, times):
-            ts += sess.time_runs(x, per_round, 1)  # one warm-up: the previous build left other data in cache
-        if progress:
-            progress(f"round {r + 1}/{rounds} timed")
+    with OthersBusy() as others:
+        for r in range(max(1, rounds)):
+            for sess, x, ts in zip(sessions, inputs, times):
+                ts += sess.time_runs(x, per_round, 1)  # one warm-up: the previous build left other data in cache
+            if progress:
+                progress(f"round {r + 1}/{rounds} timed")
     profiles = [sess.profile_layers(x, runs=max(3, min(runs, 20))) if layers else []
                 for sess, x in zip(sessions, inputs)]
-    return [Measurement(device="local", target=b.target, runs_ms=ts, threads=n, layers=prof)
+    return [Measurement(device="local", target=b.target, runs_ms=ts, threads=n, layers=prof,
+                        others_busy=others.share)
             for b, ts, prof in zip(builds, times, profiles)]
 
