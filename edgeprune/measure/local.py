@@ -161,7 +161,7 @@ class OthersBusy:
     """Over a `with` span: the share of this machine's CPUs that other processes kept busy (/proc/stat's busy time
     less this process's own, all its threads, over the span's wall time times the CPUs). `share` is None where
     /proc/stat cannot be read (not Linux). A build timed at 2 threads on 2 cores that other work also uses is
-    descheduled in the middle of its parallel loops: here it measured up to 100x its quiet time."""
+    descheduled in the middle of its parallel loops: here one priced at 0.27 ms measured 170-250 ms."""
 
     share: float | None = None
 
