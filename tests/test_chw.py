@@ -169,3 +169,39 @@ def test_by_default_a_host_library_keeps_the_layout_measured_faster(tmp_path, mo
     assert any("chw" in k for k in kernels) == chw_faster
     assert any("bsr" in k for k in kernels)  # sparse either way
     assert_close(Session(built).run([x])[0], ref)
+
+
+def test_a_depthwise_layer_and_the_sparse_layer_reading_it_run_as_one_kernel_in_a_run(tmp_path):
+    """On a map of dwpw.MIN_PIXELS or more (12 x 11, so row tiles do not divide it), the run's depthwise layer and
+    the sparse project layer that alone reads it (with its residual) are one channels-first kernel: the expanded
+    tensor between them is never a tensor of the program. The library matches onnxruntime, and the layer table
+    still has a row per layer, in the layers' own channels-last shapes, the sparse one with its block and
+    density."""
+    import onnxruntime as ort
+    from helpers import assert_close
+    from test_bsr import Net, block_sparse
+
+    from edgeprune.codegen.build import compile_model
+    from edgeprune.codegen.importers import import_model
+    from edgeprune.measure.local import Session
+    from edgeprune.models import zoo
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 12, 11)
+    path = zoo.export_onnx(block_sparse(Net(), 4, 0.6), x, tmp_path / "net.onnx")
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    pick = lambda kernel, dense, options: "pixels:4"  # noqa: E731
+    _, scheduled = lower.compile_module(import_model(path).mod, TARGET, sparse=pick, channels_first=True)
+    ops = sorted(str(tag_of(f, OP)) for _, f in scheduled.functions_items()
+                 if isinstance(f, tvm.tirx.PrimFunc) and str(f.attrs.get(bsr.VARIANT, "")) == "chw")
+    assert ops == ["dwpw", "pointwise"]  # the expand layer alone; depthwise + project merged
+    build = compile_model(path, "host", tmp_path / "b", sparse="sparse", channels_first=True)
+    assert_close(Session(build).run([x.numpy()])[0], ref)
+    merged = [r for r in build.layers if "dwpw_chw" in r.kernel]
+    assert [r.op for r in merged] == ["depthwise", "pointwise"]
+    depthwise, project = merged
+    assert depthwise.shapes == ((1, 12, 11, 64), (3, 3, 1, 64), (1, 12, 11, 64))
+    assert project.shapes[-1] == (1, 12, 11, 32) and project.family == "bsr" and project.block == 4
+    assert 0.3 < project.density < 0.5
+    expand = next(r for r in build.layers if r.op == "pointwise" and r.kernel.endswith("_chw1"))
+    assert expand.shapes[1:] == ((1, 1, 32, 64), (1, 12, 11, 64))

@@ -59,6 +59,7 @@ def layer_table(scheduled) -> list[LayerCost]:
     from . import dwpw
     from .cpackage import extract_plan, root_tensor
     from .kernels import family
+    from .kernels.bsr import VARIANT
     from .kernels.common import FAMILY, OP, REDUCTION, tag_of
 
     try:
@@ -72,19 +73,27 @@ def layer_table(scheduled) -> list[LayerCost]:
         consts.sort(key=lambda t: -t.nbytes)  # the main weight first, then bias and folded BatchNorm terms
         return [t.shape for t in acts], [t.shape for t in consts]
 
+    def channels_last(shapes: list, chw: bool) -> list:
+        """A channels-first kernel's activations as the layer's own (channels-last) shapes: rows describe layers,
+        whatever layout a kernel runs them in."""
+        return [(s[0], s[2], s[3], s[1]) if chw and len(s) == 4 else s for s in shapes]
+
     rows = []
     for step in plan.steps:
         func = funcs[step.kernel]
         tensors = [plan.tensors[a] for a in step.args]
-        outs = [t.shape for t in tensors[len(tensors) - step.n_out:]]
-        ins = tensors[: len(tensors) - step.n_out]
         tags = dict(func.attrs or {})
+        chw = str(tags.get(VARIANT, "")) == "chw"
+        outs = channels_last([t.shape for t in tensors[len(tensors) - step.n_out:]], chw)
+        ins = tensors[: len(tensors) - step.n_out]
         if tag_of(func, OP) == dwpw.OP_NAME:  # one kernel, two or three layers: a row each (codegen/dwpw.py)
             bounds = np.cumsum([0, *(int(n) for n in tags[dwpw.PART_ARGS])])
             parts = [split(ins[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+            parts = [(channels_last(acts, chw), consts) for acts, consts in parts]
             rows.extend(dwpw.cost_rows(parts, outs, tags, step.kernel))
             continue
         acts, consts = split(ins)
+        acts = channels_last(acts, chw)
         rows.append(family(str(tag_of(func, FAMILY, "dense"))).cost_row(
             str(tag_of(func, OP, "data")), acts, consts, outs, int(tag_of(func, REDUCTION, 0)), step.kernel,
             tags=tags))

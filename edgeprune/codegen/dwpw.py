@@ -172,8 +172,9 @@ def cost_rows(parts: list[tuple[list, list]], outputs: list, tags: dict, kernel:
     reports it unmerged. `parts` are each layer's (activation shapes, constant shapes), main weight first; a later
     layer's input is the previous one's output, which the kernel keeps to itself. Rows describe layers, so they
     stay the rows the search prices a subnet with (search/space.py) whether or not codegen merges the layers; what
-    merging saves shows in the kernel's measured time (cost/table.py splits it)."""
-    from .kernels import dense
+    merging saves shows in the kernel's measured time (cost/table.py splits it). A block-sparse pointwise part
+    (kernels/chw_merged.py) is reported by its family, from the kernel's block and density tags."""
+    from .kernels import bsr, dense
 
     ops, reductions = list(tags[PART_OPS]), [int(r) for r in tags[PART_REDUCTIONS]]
     rows, prev = [], None
@@ -186,7 +187,10 @@ def cost_rows(parts: list[tuple[list, list]], outputs: list, tags: dict, kernel:
             out = (*outputs[0][:-1], ins[0][-1])
         else:  # the expanding layer: its input's map; its channels from its weight, however packed (K x M floats)
             out = (*ins[0][:-1], math.prod(consts[0]) // ins[0][-1])
-        rows.append(dense.cost_row(op, ins, consts, [out], red, kernel))
+        if op == "pointwise" and tags.get(FAMILY) == bsr.NAME:
+            rows.append(bsr.cost_row(op, ins, consts, [out], red, kernel, tags=tags))
+        else:
+            rows.append(dense.cost_row(op, ins, consts, [out], red, kernel))
         prev = out
     return rows
 

@@ -88,7 +88,7 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
     convolution is Winograd (fused_module), and a merged depthwise + pointwise kernel takes in the expanding layer
     before a stride-2 depthwise one too (RAM before speed).
     fuse_depthwise: each depthwise convolution and the pointwise one that consumes it run as one kernel
-    (codegen/dwpw.py) where the map is large enough for it to pay.
+    (codegen/dwpw.py; in a channels-first run, kernels/chw_merged.py) where the map is large enough for it to pay.
     channels_first: runs of sparse pointwise layers and the depthwise layers between them compute channels-first
     (kernels/chw.py); off by default until it pays in the network (bench/sparse.py measures both).
     """
@@ -97,7 +97,7 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, database_dir: 
         # the same kernel boundaries as the scheduled build's (--debug-layers compares them step by step)
         return legalize.narrow_indices(dwpw.fuse(mod, expand=inline_padding) if fuse_depthwise else mod, target)
     if sparse is not None:
-        mod = bsr.sparsify(mod, target, sparse, threads, channels_first)
+        mod = bsr.sparsify(mod, target, sparse, threads, channels_first, merge=fuse_depthwise)
     if fuse_depthwise:  # after sparsify: a pointwise layer that runs sparse stays its own kernel
         mod = dwpw.fuse(mod, expand=inline_padding)  # C packages: the expanding layer too, where RAM is the budget
     if inline_padding:

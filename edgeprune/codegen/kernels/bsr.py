@@ -629,14 +629,15 @@ Chooser = Callable[[str, LayerCost, list[tuple[str, LayerCost]]], str | None]
 
 
 def sparsify(mod: tvm.IRModule, target, choose: Chooser, threads: int = 2,
-             channels_first: bool = False) -> tvm.IRModule:
+             channels_first: bool = False, merge: bool = True) -> tvm.IRModule:
     """Swap a BSR kernel in at each call of a fused pointwise / dense-layer kernel whose constant weight has 1xN zero
     blocks, where `choose(kernel, dense_row, [(option, sparse_row), ...])` picks an option ("<variant>:<N>") over
     dense (None keeps the dense kernel). Identical layers share one dense kernel, called with their own weights:
     each call is decided, and gets its kernel, on its own weights.
 
     channels_first: where layers chosen "pixels" and the depthwise layers between them form runs, the runs go
-    channels-first (kernels/chw.py: no transposes inside the sparse kernels, one at each edge of a run)."""
+    channels-first (kernels/chw.py: no transposes inside the sparse kernels, one at each edge of a run), and with
+    `merge` a run's depthwise layer and the sparse layer that alone reads it run as one kernel (chw_merged.py)."""
     spec = CpuSpec.of(target)
     main = mod["main"]
     replace: list[tuple[relax.Call, tvm.ir.GlobalVar, list]] = []
@@ -666,7 +667,7 @@ def sparsify(mod: tvm.IRModule, target, choose: Chooser, threads: int = 2,
     if channels_first:
         from . import chw
 
-        return chw.segments(builder, main, replace, chosen, spec, threads)
+        return chw.segments(builder, main, replace, chosen, spec, threads, merge)
     mod = builder.get()
     mod["main"] = _Rewriter(replace).visit_expr(main)
     return relax.transform.DeadCodeElimination()(mod)

@@ -179,12 +179,10 @@ def _rows(T, dw: Depthwise, x, weight, out, ch, lanes: int) -> None:
     end at the row's last pixel), and a group holds at least UNITS vectors, so a 7x7 map (one vector a row) still
     gives independent accumulations; a group past the last such row repeats it (the same values, stored again).
     The rows whose window reaches into the padding are their own code, without the kernel rows outside the map."""
-    _, h, _, _ = (int(d) for d in dw.x.shape)
     _, oh, ow, _ = (int(d) for d in dw.out.shape)
-    (kh, kw), (sh, _), (top, _) = dw.kernel, dw.stride, dw.pad
-    bases = sorted({min(v * lanes, ow - lanes) for v in range(-(-ow // lanes))})
-    first = min(oh, -(-top // sh))  # the first row whose window starts inside the map
-    last = max(first, min(oh, (h - kh + top) // sh + 1))  # one past the last whose window ends inside it
+    kh, kw = dw.kernel
+    bases = row_vectors(ow, lanes)
+    first, last = inner_rows(dw)
     weights = [[tirx.Broadcast(weight[i, j, 0, ch], lanes) for j in range(kw)] for i in range(kh)]
     inner = last - first
     if inner:
@@ -194,13 +192,33 @@ def _rows(T, dw: Depthwise, x, weight, out, ch, lanes: int) -> None:
                 row = first + (tirx.Min(step * group + g, inner - 1) if inner % group else step * group + g)
                 _row(T, dw, x, weights, out, ch, row, range(kh), bases, lanes)
     for row in [*range(first), *range(last, oh)]:
-        taps = [i for i in range(kh) if 0 <= row * sh + i - top < h]
-        _row(T, dw, x, weights, out, ch, row, taps, bases, lanes)
+        _row(T, dw, x, weights, out, ch, row, kernel_rows_at(dw, row), bases, lanes)
 
 
-def _row(T, dw: Depthwise, x, weights, out, ch, row, kernel_rows, bases: list[int], lanes: int) -> None:
+def row_vectors(width: int, lanes: int) -> list[int]:
+    """Where each vector of a row of `width` pixels starts, the last moved back to end at the row's end."""
+    return sorted({min(v * lanes, width - lanes) for v in range(-(-width // lanes))})
+
+
+def inner_rows(dw: Depthwise) -> tuple[int, int]:
+    """[first, last): the output rows whose whole kernel window lies inside the map."""
+    h, oh = int(dw.x.shape[1]), int(dw.out.shape[1])
+    kh, sh, top = dw.kernel[0], dw.stride[0], dw.pad[0]
+    first = min(oh, -(-top // sh))
+    return first, max(first, min(oh, (h - kh + top) // sh + 1))
+
+
+def kernel_rows_at(dw: Depthwise, row: int) -> list[int]:
+    """The kernel rows of output row `row` that read inside the map."""
+    h, kh, sh, top = int(dw.x.shape[1]), dw.kernel[0], dw.stride[0], dw.pad[0]
+    return [i for i in range(kh) if 0 <= row * sh + i - top < h]
+
+
+def _row(T, dw: Depthwise, x, weights, out, ch, row, kernel_rows, bases: list[int], lanes: int,
+         store=None) -> None:
     """One output row: each vector the sum over `kernel_rows` (those inside the map) of its taps times weights,
-    one accumulation per kernel row (independent chains), then the epilogue."""
+    one accumulation per kernel row (independent chains), then the epilogue; `store(value, base)` in place of
+    storing it to out (a merged kernel keeps the row to itself)."""
     _, _, w, _ = (int(d) for d in dw.x.shape)
     (_, kw), (sh, sw), (top, left) = dw.kernel, dw.stride, dw.pad
     for base in bases:
@@ -213,7 +231,10 @@ def _row(T, dw: Depthwise, x, weights, out, ch, row, kernel_rows, bases: list[in
             value = total if value is None else value + total
         if value is None:  # a row whose window misses the map entirely (padding wider than the kernel)
             value = tirx.Broadcast(tirx.FloatImm("float32", 0.0), lanes)
-        _store(T, dw, out, value, ch, row, base, lanes)
+        if store is None:
+            _store(T, dw, out, value, ch, row, base, lanes)
+        else:
+            store(value, base)
 
 
 def _taps(x, ch, row, start: int, kw: int, stride: int, w: int, lanes: int) -> list:
@@ -269,7 +290,7 @@ def _store(T, dw: Depthwise, out, value, ch, row, base, lanes: int) -> None:
 
 
 def segments(builder: relax.BlockBuilder, main: relax.Function, replace: list, chosen: list, spec: CpuSpec,
-             threads: int) -> tvm.IRModule:
+             threads: int, merge: bool = True) -> tvm.IRModule:
     """bsr.sparsify's last step with channels-first runs. `replace` are its (call, BSR kernel, arguments) swaps and
     `chosen` what made each. A sparse pointwise layer whose kernel transposes its tiles ("pixels") runs its "chw"
     kernel instead where it joins a run: a depthwise layer between two such layers (its input from one, its output
@@ -284,7 +305,16 @@ def segments(builder: relax.BlockBuilder, main: relax.Function, replace: list, c
         plan = _plan(list(blocks[0].bindings), replace, chosen, funcs, spec)
     kernels: dict[str, tvm.ir.GlobalVar] = {}
     calls = []
+    merged = _merges(plan, list(blocks[0].bindings), funcs, spec) if plan and merge else {}
+    gone = list(merged.values())
     for var, (kind, info, call) in plan.items():
+        if any(var.same_as(g) for g in gone):
+            continue  # merged into the pointwise layer that reads it
+        dw_var = next((d for p, d in merged.items() if p.same_as(var)), None)
+        if dw_var is not None:
+            calls.append(_merged_call(builder, kernels, var, info, call, plan[dw_var], funcs, replace, spec,
+                                      threads))
+            continue
         if kind == "pointwise":
             made = info.name + "_chw"
             if made not in kernels:
@@ -308,11 +338,54 @@ def segments(builder: relax.BlockBuilder, main: relax.Function, replace: list, c
 
         mod["main"] = _Rewriter(replace).visit_expr(main)
         return relax.transform.DeadCodeElimination()(mod)
-    rewriter = _Segments(mod, calls, replace, pixel_lanes(spec))
+    rewriter = _Segments(mod, calls, replace, pixel_lanes(spec), gone)
     new_main = rewriter.visit_expr(main)
     mod = rewriter.builder_.get()
     mod["main"] = new_main
     return relax.transform.DeadCodeElimination()(mod)
+
+
+def _merges(plan: dict, bindings: list, funcs: dict, spec: CpuSpec) -> dict:
+    """{pointwise var: depthwise var} for the run's pairs that run as one kernel (kernels/chw_merged.py): the
+    pointwise layer is the depthwise layer's only reader."""
+    from ..dwpw import MIN_PIXELS
+    from . import chw_merged
+
+    readers: dict = {}
+    for b in bindings:
+        for v in _vars(b.value):
+            readers.setdefault(v, []).append(b.var)
+    pairs = {}
+    for var, (kind, info, call) in plan.items():
+        source = call.args[1][0]
+        if kind != "pointwise" or source not in plan or plan[source][0] != "depthwise" or len(readers[source]) != 1:
+            continue
+        _, dw, dw_call = plan[source]
+        if chw_merged.capable(dw, list(funcs[dw_call.args[0].name_hint].params), info.fused, spec, MIN_PIXELS):
+            pairs[var] = source
+    return pairs
+
+
+def _merged_call(builder: relax.BlockBuilder, kernels: dict, var, info, call, dw_entry, funcs: dict, replace: list,
+                 spec: CpuSpec, threads: int) -> tuple:
+    """(var, kernel, arguments, output shape) of a depthwise + sparse pointwise pair's merged kernel."""
+    from ..dwpw import OP_NAME, PART_ARGS, PART_OPS, PART_REDUCTIONS
+    from . import chw_merged
+
+    _, dw, dw_call = dw_entry
+    dw_func = funcs[dw_call.args[0].name_hint]
+    made = info.name + "_dwpw_chw"
+    dw_args = list(dw_call.args[1])
+    extras = [call.args[1][i] for i in info.fused.extras]
+    if made not in kernels:
+        func = chw_merged.kernel(dw, list(dw_func.params), info.fused, info.params, info.bsr, spec, threads)
+        kh, kw = dw.kernel
+        attrs = {**info.attrs, OP: OP_NAME, VARIANT: "chw", FLOPS: int(tag_of(dw_func, FLOPS, 0)) + int(
+                 info.attrs[FLOPS]), PART_OPS: ["depthwise", "pointwise"], PART_ARGS: [len(dw_args), 3 + len(extras)],
+                 PART_REDUCTIONS: [kh * kw, int(info.fused.k)]}
+        kernels[made] = builder.add_func(func.with_attrs(attrs), made)
+    args = [*dw_args, *_bsr_constants(replace, call), *extras]
+    return var, kernels[made], args, to_chw([int(d) for d in info.fused.out.shape])
 
 
 def _bsr_constants(replace: list, call: relax.Call) -> list:
@@ -414,9 +487,9 @@ class _Segments(relax.PyExprMutator):
     """Main with the runs channels-first: each run layer's binding becomes a call of its channels-first kernel on
     channels-first inputs, tensors crossing into a run are transposed once, out of it once."""
 
-    def __init__(self, mod: tvm.IRModule, calls: list, replace: list, lanes: int) -> None:
+    def __init__(self, mod: tvm.IRModule, calls: list, replace: list, lanes: int, gone: list) -> None:
         super().__init__(mod)
-        self.calls, self.replace, self.lanes = calls, replace, lanes
+        self.calls, self.replace, self.lanes, self.gone = calls, replace, lanes, gone
         self.chw: dict = {}  # a run layer's original output var -> its channels-first var
         self.into: dict = {}  # an outside var -> its channels-first copy
         self.back: dict = {}  # a run layer's original output var -> its channels-last copy
@@ -460,6 +533,8 @@ class _Segments(relax.PyExprMutator):
         return new
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if any(binding.var.same_as(v) for v in self.gone):
+            return  # a depthwise layer merged into its reader
         for var, gv, args, out in self.calls:
             if binding.var.same_as(var):
                 x_shape = [int(d) for d in args[0].ty.shape]

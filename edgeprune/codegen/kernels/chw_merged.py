@@ -1,0 +1,147 @@
+"""A channels-first run's depthwise layer and the sparse pointwise layer that alone reads it, as one kernel.
+
+The dense build merges such pairs (codegen/dwpw.py): the expanded tensor between them, the largest of an
+inverted-residual block, is never written. A sparse pointwise layer is its own kernel, so without this the sparse
+build writes and reads back that tensor where the dense one does not. Here, in a run (kernels/chw.py), the pair
+runs by tiles of R output rows, the parallel jobs:
+  1. the depthwise outputs of the tile's rows, every channel, into a buffer of C x (R * OW) floats (kernels/chw.py's
+     row code, its epilogue applied as the rows are stored), which is the channels-first input the sparse kernel
+     wants: each channel's pixels contiguous;
+  2. the sparse pointwise layer over those pixels (kernels/bsr.py's channels-first tile: per kept block, G vector
+     loads, N broadcast weights, G*N FMAs), its epilogue (bias, residual) applied as the outputs are stored.
+R is chosen for the threads (`tile_rows`); a last tile that R does not divide is moved back to end at the map's
+last row (it recomputes a few rows rather than masking). Maps under dwpw.MIN_PIXELS stay two kernels, as in the
+dense build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from tvm import tirx
+
+from .bsr import Bsr, Fused, _accumulate, _shape, _store_chw, pixel_lanes, rebuild, to_chw
+from .chw import Depthwise, _row, inner_rows, kernel_rows_at, lanes_for, row_vectors
+from .common import CpuSpec
+
+TILE_VECTORS = 4  # a tile's pixels fill at least this many vectors of the pointwise layer
+BUFFER_BYTES = 256 * 1024  # a tile's depthwise outputs stay in L2
+
+
+def capable(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, spec: CpuSpec, min_pixels: int) -> bool:
+    """Whether the pair merges here: a map of min_pixels or more, the depthwise epilogue reading per-channel
+    constants only (its output is never a tensor, so nothing of its shape can be read), the pointwise layer
+    reading the depthwise output as it is."""
+    oshape = _shape(dw.out)
+    shape_ok = list(_shape(pw.x)) == list(oshape) and oshape[1] * oshape[2] >= min_pixels
+    per_channel = all(all(d == 1 for d in _shape(dw_params[i])[:-1]) for i in dw.extras)
+    return shape_ok and per_channel and lanes_for(dw, spec) > 1
+
+
+def tile_rows(oh: int, ow: int, lanes: int, threads: int, channels: int) -> int:
+    """R, the rows of a tile: the R whose busiest thread computes the fewest pixel vectors (a tile's pixels
+    rounded up to whole vectors, tiles shared out evenly), among those whose tile fills TILE_VECTORS vectors and
+    whose buffer stays within BUFFER_BYTES; the fewest rows among equals. MobileNetV2 at 8 lanes and 2 threads:
+    56 x 56 maps 1 row, 28 x 28 2, 14 x 14 7 (two tiles, one a thread, where 3 rows made 5 tiles: 3 and 2)."""
+    def busiest(r: int) -> int:
+        tiles = -(-oh // r)
+        return -(-tiles // max(1, threads)) * -(-r * ow // lanes)
+
+    fits = [r for r in range(1, oh + 1) if r * ow >= min(oh * ow, TILE_VECTORS * lanes)
+            and (r == 1 or channels * r * ow * 4 <= BUFFER_BYTES)]
+    return min(fits or [oh], key=lambda r: (busiest(r), r))
+
+
+def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params: Sequence[tirx.Buffer], bsr: Bsr,
+           spec: CpuSpec, threads: int = 2) -> tirx.PrimFunc:
+    """The merged kernel, with parameters (the depthwise kernel's inputs in its order, data, indices, indptr, the
+    pointwise epilogue's inputs, out): the activations channels-first, the constants as they were."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.tirx.script.builder import ir as T
+
+    _, h, w, c = _shape(dw.x)
+    _, oh, ow, _ = _shape(dw.out)
+    kh, kw = dw.kernel
+    out_shape = _shape(pw.out)
+    rows, nnz = pw.m // bsr.n, max(1, len(bsr.indices))
+    dlanes = lanes_for(dw, spec)
+    lanes = pixel_lanes(spec)
+    r = tile_rows(oh, ow, lanes, threads, c)
+    p_tile = r * ow
+    vectors = row_vectors(p_tile, lanes)
+    group = max(1, min(len(vectors), spec.acc_regs // bsr.n))
+    first, last = inner_rows(dw)
+    edges = [*range(first), *range(last, oh)]
+
+    def chw(b: tirx.Buffer) -> tirx.Buffer:
+        return T.buffer(to_chw(_shape(b)), b.dtype)
+
+    with IRBuilder() as ib:
+        with T.prim_func():
+            dw_bufs = {i: T.arg(p.name, chw(p) if p.same_as(dw.x) else p) for i, p in enumerate(dw_params[:-1])}
+            data = T.arg("data", T.buffer((nnz, bsr.n), "float32"))
+            indices = T.arg("indices", T.buffer((nnz,), "int32"))
+            indptr = T.arg("indptr", T.buffer((rows + 1,), "int32"))
+            extras = {i: T.arg(pw_params[i].name, chw(pw_params[i]) if _shape(pw_params[i]) == out_shape
+                               else pw_params[i]) for i in pw.extras}
+            out = T.arg("out", chw(pw.out))
+            T.func_attr({"tirx.noalias": True})
+            x = next(b for i, b in dw_bufs.items() if dw_params[i].same_as(dw.x))
+            weight = dw_bufs[dw.weight]
+            with T.sblock("root"), T.sblock("dwpw_chw"):
+                pairs = [(pw.out, out), *((pw_params[i], extras[i]) for i in pw.extras)]
+                pw = replace(pw, flat=[(b, T.decl_buffer((pw.m, oh * ow), "float32", data=mine.data))
+                                       for b, mine in pairs if _shape(b) == out_shape])
+                with T.parallel(0, -(-oh // r)) as t:
+                    r0 = tirx.Min(t * r, oh - r)
+                    buf = T.alloc_buffer((c, p_tile), "float32", scope="global")
+                    with T.serial(0, c) as ch:
+                        weights = [[tirx.Broadcast(weight[i, j, 0, ch], dlanes) for j in range(kw)]
+                                   for i in range(kh)]
+                        for i in range(r):
+                            def store(value, base, i=i, ch=ch):
+                                _store_depthwise(T, dw, buf, value, ch, i * ow + base, dlanes)
+
+                            def one_row(row, taps, ch=ch, weights=weights, store=store):
+                                _row(T, dw, x, weights, None, ch, row, taps, row_vectors(ow, dlanes), dlanes,
+                                     store)
+
+                            _any_row(T, one_row, r0 + i, first, last, edges, dw, kh)
+                    vec = tirx.Ramp(0, 1, lanes)
+                    for start in range(0, len(vectors), group):  # G vectors of the tile's pixels at a time
+                        count = min(group, len(vectors) - start)
+
+                        def at(g, start=start):  # the tile's last vector moved back to end at its last pixel
+                            return tirx.Min((start + g) * lanes, p_tile - lanes)
+
+                        with T.serial(0, rows) as ob:
+                            acc = _accumulate(T, bsr.n, count, lanes, data, indptr, ob,
+                                              lambda e, g, at=at: buf[indices[e], tirx.Ramp(at(g), 1, lanes)])
+                            with T.unroll(0, count) as g, T.unroll(0, bsr.n) as j:
+                                _store_chw(T, pw, tirx.Ramp(r0 * ow + at(g), 1, lanes), ob * bsr.n + j,
+                                           acc[g * bsr.n + j, vec])
+    return ib.get()
+
+
+def _any_row(T, one_row, row, first: int, last: int, edges: list[int], dw: Depthwise, kh: int) -> None:
+    """Output row `row` (a runtime value): the whole window where it lies inside the map, else the code of the
+    edge row it is, without the kernel rows outside the map."""
+    if not edges:
+        one_row(row, range(kh))
+        return
+    with T.If(tirx.And(row >= first, row < last)):
+        with T.Then():
+            one_row(row, range(kh))
+        with T.Else():
+            for e in edges:
+                with T.If(row == e), T.Then():
+                    one_row(e, kernel_rows_at(dw, e))
+
+
+def _store_depthwise(T, dw: Depthwise, buf, value, ch, at, lanes: int) -> None:
+    """buf[ch, at:at+L] = the depthwise epilogue of `value`, its constants read at their channel."""
+    i64 = "int64"
+    zero = tirx.IntImm(i64, 0)
+    env = dict(zip(dw.iters, [zero, zero, zero, tirx.Cast(i64, ch)]))
+    T.buffer_store(buf, rebuild(dw.value, dw.acc, value, env), [ch, tirx.Ramp(at, 1, lanes)])
