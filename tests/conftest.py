@@ -21,6 +21,22 @@ def edgeprune_home(tmp_path_factory):
     patch.undo()
 
 
+@pytest.fixture(scope="session")
+def scenes(tmp_path_factory) -> Path:
+    """A quarter of the built-in digit scenes (every class), as a .npz for --data: builds whose tests are about
+    what the pipeline does, not how accurate its subnet is, search and fine-tune on it in half the time."""
+    import numpy as np
+
+    from edgeprune import data
+
+    ds = data.digit_scenes(0)
+    parts = (ds.train, ds.val, ds.test)
+    path = tmp_path_factory.mktemp("scenes") / "scenes.npz"
+    np.savez(path, x=np.concatenate([x[::4] for x, _ in parts]), y=np.concatenate([y[::4] for _, y in parts]),
+             classes=np.array(ds.classes))
+    return path
+
+
 @pytest.fixture
 def cli(capfd):
     """Run ``edgeprune ARGS`` in this process; returns (exit code, stdout, stderr), read at the file descriptors so

@@ -12,12 +12,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def host_build(tmp_path_factory):
+def host_build(tmp_path_factory, scenes):
     from edgeprune.cli import main
 
     out = tmp_path_factory.mktemp("b") / "out"
     rc = main(["build", "--target", "host", "--latency", "20ms", "--device", "local", "-o", str(out), "--runs", "10",
-               "--median", "--quiet", "--table", str(_table(out.parent)), "--finetune-steps", "10"])
+               "--median", "--quiet", "--table", str(_table(out.parent)), "--finetune-steps", "10",
+               "--data", str(scenes)])
     return rc, out
 
 
@@ -62,9 +63,9 @@ def test_built_library_matches_onnxruntime(host_build):
     assert_close(LocalDevice().run(build, [x])[0], ref[0])
 
 
-def test_no_device_is_predicted_and_says_so(cli, tmp_path):
+def test_no_device_is_predicted_and_says_so(cli, tmp_path, scenes):
     rc, out, err = cli("build", "--target", "cortex-a7", "--latency", "50ms", "-o", tmp_path / "a7", "--quiet",
-                       "--finetune-steps", "10")
+                       "--finetune-steps", "10", "--data", scenes)
     assert rc == 0, err
     assert "predicted" in out and "not measured" in out
     report = json.loads((tmp_path / "a7" / "report.json").read_text())
@@ -76,7 +77,7 @@ def test_no_device_is_predicted_and_says_so(cli, tmp_path):
     assert report["latency"]["judged"] == "upper edge of the band"
     assert report["target"] == "cortex-a7"
     rc, out, err = cli("build", "--target", "cortex-a7", "--latency", "50ms", "-o", tmp_path / "a7c", "--quiet",
-                       "--finetune-steps", "0", "--optimistic")
+                       "--finetune-steps", "0", "--optimistic", "--data", scenes)
     assert rc == 0, err
     centre = json.loads((tmp_path / "a7c" / "report.json").read_text())["latency"]
     assert centre["judged"] == "centre" and centre["predicted_ms"] <= 50
@@ -109,7 +110,7 @@ def test_bad_inputs_are_one_line_errors(cli, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_sparsity_prunes_the_subnet_and_says_what_it_chose(cli, tmp_path):
+def test_sparsity_prunes_the_subnet_and_says_what_it_chose(cli, tmp_path, scenes):
     """--sparsity 0.5: the search prices pointwise layers sparse, the fine-tuned subnet is pruned in 1x4 blocks
     (exactly half of each pruned layer's blocks zero), compile keeps each layer sparse or dense by the model, and
     the report says what was chosen and how many layers run sparse."""
@@ -117,7 +118,7 @@ def test_sparsity_prunes_the_subnet_and_says_what_it_chose(cli, tmp_path):
 
     out = tmp_path / "out"
     rc, stdout, err = cli("build", "--target", "host", "--latency", "2ms", "-o", out, "--quiet", "--sparsity", "0.5",
-                          "--finetune-steps", "2", "--prune-steps", "4", "--optimistic")
+                          "--finetune-steps", "2", "--prune-steps", "4", "--optimistic", "--data", scenes)
     assert rc == 0, err
     report = json.loads((out / "report.json").read_text())
     sp = report["sparsity"]
@@ -135,14 +136,14 @@ def test_sparsity_prunes_the_subnet_and_says_what_it_chose(cli, tmp_path):
     assert e.value.code == 2
 
 
-def test_quantize_int8_compiles_the_integer_program_and_reports_each_layers_precision(cli, tmp_path):
+def test_quantize_int8_compiles_the_integer_program_and_reports_each_layers_precision(cli, tmp_path, scenes):
     """--quantize int8: the search prices int8 kernels, the fine-tuned subnet is quantized (calibrated on real
     images here, the fastest source), compile runs every convolution and the classifier as int8 kernels, the device
     measures it, and the report lists each layer's precision and the accuracy before and after."""
     out = tmp_path / "out"
     rc, stdout, err = cli("build", "--target", "host", "--latency", "5ms", "-o", out, "--quiet", "--quantize", "int8",
                           "--calibration", "real", "--finetune-steps", "2", "--device", "local", "--runs", "5",
-                          "--median", "--rounds", "1", "--table", tmp_path / "t.json")
+                          "--median", "--rounds", "1", "--table", tmp_path / "t.json", "--data", scenes)
     assert rc in (0, 1), err  # 1: measured over the budget on a loaded machine; the build is written either way
     report = json.loads((out / "report.json").read_text())
     qz = report["quantize"]
@@ -168,7 +169,7 @@ def test_quantize_refuses_what_it_cannot_do_in_one_line(cli, tmp_path):
     assert e.value.code == 2
 
 
-def test_binarize_recu_trains_the_costliest_1x1_layers_and_compiles_them_to_bit_kernels(cli, tmp_path):
+def test_binarize_recu_trains_the_costliest_1x1_layers_and_compiles_them_to_bit_kernels(cli, tmp_path, scenes):
     """--binarize recu: the search prices a fifth of the 1x1 layers as bit-packed kernels (those the device's costs
     say save most), the fine-tuned subnet gets exactly those layers binary and trained, compile runs each of them as a
     binary kernel, the device measures it, and the build computes what onnxruntime computes from its model.onnx."""
@@ -181,7 +182,7 @@ def test_binarize_recu_trains_the_costliest_1x1_layers_and_compiles_them_to_bit_
     rc, stdout, err = cli("build", "--target", "host", "--latency", "5ms", "-o", out, "--binarize", "recu",
                           "--binary-fraction", "0.2", "--binarize-steps", "4", "--finetune-steps", "2",
                           "--device", "local", "--runs", "5", "--median", "--rounds", "1",
-                          "--table", tmp_path / "t.json")
+                          "--table", tmp_path / "t.json", "--data", scenes)
     assert rc in (0, 1), err  # 1: measured over the budget on a loaded machine; the build is written either way
     bz = json.loads((out / "report.json").read_text())["binarize"]
     assert bz["requested"] == "recu" and bz["chosen"] == "binary-recu" and bz["method"] == "recu"

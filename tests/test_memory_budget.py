@@ -124,17 +124,17 @@ def test_compile_cli_refuses_a_budget_in_one_line_and_states_the_figures_when_it
 
 
 @pytest.mark.slow
-def test_build_searches_only_subnets_that_fit_all_three_budgets(cli, tmp_path):
+def test_build_searches_only_subnets_that_fit_all_three_budgets(cli, tmp_path, scenes):
     """cortex-m7, 256 KiB of RAM and 1 MiB of flash: the subnet the search picks compiles within both, and the
     report states both figures beside the budgets. With a RAM budget no subnet fits, the error says so."""
     rc, _, err = cli("build", "--target", "cortex-m7", "--latency", "2000ms", "--ram", "256KiB", "--flash", "1MiB",
-                     "-o", tmp_path / "b", "--quiet", "--finetune-steps", "0")
+                     "-o", tmp_path / "b", "--quiet", "--finetune-steps", "0", "--data", scenes)
     assert rc == 0, err
     memory = json.loads((tmp_path / "b" / "report.json").read_text())["memory"]
     assert memory["ram_bytes"] <= memory["ram_budget_bytes"] == 256 * 1024
     assert memory["flash_bytes"] <= memory["flash_budget_bytes"] == 1024**2
     rc, _, err = cli("build", "--target", "cortex-m7", "--latency", "2000ms", "--ram", "16KiB", "-o", tmp_path / "n",
-                     "--quiet")
+                     "--quiet", "--data", scenes)
     assert rc == 2
     assert_one_line_error(err, "the smallest subnet of the search space (estimated) does not fit: RAM")
     assert not (tmp_path / "n").exists()

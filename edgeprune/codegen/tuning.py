@@ -35,5 +35,17 @@ def tune(fused_mod, target: Target, trials: int) -> str:
     ms.relax_integration.tune_relax(
         mod=fused_mod, params={}, target=target.tvm_target(), work_dir=str(work_dir),
         max_trials_global=trials, num_trials_per_iter=min(64, trials), cost_model=cost_model,
+        builder=ms.builder.LocalBuilder(f_build=build_candidate),
     )
     return str(work_dir)
+
+
+def build_candidate(mod, target, _params):
+    """A candidate's build, in a builder process. MetaSchedule's default imports every tensor intrinsic TVM has
+    first (tvm.s_tir.tensor_intrin: 33 s on our machines, in each fresh builder process, past the builder's 30 s
+    timeout, so every candidate of a tuning run failed to build). A candidate arrives scheduled, any intrinsic
+    already in its body, so the build needs none of them."""
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
