@@ -29,7 +29,10 @@ def test_tuning_records_are_cached_and_the_build_stays_correct(small_onnx, tmp_p
     report = json.loads(out[out.index("{"):])
     records = list((tmp_path / "home" / "tuning").glob("host-*/*.json"))
     assert records, "no tuning records written"
-    assert any(r.stat().st_size > 0 for r in records)
+    # MetaSchedule records a candidate that failed to build or run at 1e10 s: at least one must have run
+    times = [json.loads(line)[1][1] for r in records if r.name == "database_tuning_record.json"
+             for line in r.read_text().splitlines() if line.strip()]
+    assert times and min(min(t) for t in times) < 1.0, times
     assert isinstance(report["tuned"], bool)  # whichever build measured faster was kept
 
     x = np.random.default_rng(0).standard_normal((1, 8, 8, 8)).astype(np.float32)
