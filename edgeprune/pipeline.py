@@ -382,6 +382,7 @@ def run(req: Request) -> dict:
     aim = req.budget_ms * MARGIN if device is not None else req.budget_ms / edge
     fitting = _memory_search(req, target, resolutions)  # what the search aims at; compile checks it exactly
     try:
+        memo: dict = {}  # the searches' scores and importances: one supernet, one dataset, every round and option
         for r in range(req.rounds):
             t = time.perf_counter()
             model = model_for(target, table)
@@ -400,7 +401,7 @@ def run(req: Request) -> dict:
                 priced = priced_by(model, (sparsity, req.block) if sparsity else None, int8=_int8(precision),
                                    binary=binary)
                 bounded = memory_bounded(priced, aim, fitting, *_element_bytes(precision))
-                best, stats = search(supernet, ckpt, ds, bounded, aim, resolutions, lambda m: _log(req, m))
+                best, stats = search(supernet, ckpt, ds, bounded, aim, resolutions, lambda m: _log(req, m), memo)
                 best.predicted_ms = priced(best.arch)  # its latency alone, whichever budget bound it
                 evaluated += stats["evaluated"]
                 times[f"search_{r + 1}"] = times.get(f"search_{r + 1}", 0.0) + time.perf_counter() - t

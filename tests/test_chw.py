@@ -205,3 +205,18 @@ def test_a_depthwise_layer_and_the_sparse_layer_reading_it_run_as_one_kernel_in_
     assert 0.3 < project.density < 0.5
     expand = next(r for r in build.layers if r.op == "pointwise" and r.kernel.endswith("_chw1"))
     assert expand.shapes[1:] == ((1, 1, 32, 64), (1, 12, 11, 64))
+
+
+def test_merged_tiles_share_the_rows_evenly_and_keep_their_buffer_in_l2():
+    """tile_rows: whole rows, the busiest thread's pixel vectors fewest, the buffer within BUFFER_BYTES."""
+    from edgeprune.codegen.kernels.chw_merged import BUFFER_BYTES, tile_rows
+
+    # MobileNetV2's merged maps at 8 lanes, 2 threads: 56x56 a row a tile; 28x28 two; 14x14 seven (two tiles)
+    assert [tile_rows(s, s, 8, 2, c) for s, c in ((56, 144), (28, 192), (14, 576))] == [1, 2, 7]
+    for oh, ow, c in ((14, 14, 960), (28, 28, 4096), (12, 11, 64)):
+        r = tile_rows(oh, ow, 8, 2, c)
+        assert 1 <= r <= oh and (r == 1 or c * r * ow * 4 <= BUFFER_BYTES)
+        if c * -(-32 // ow) * ow * 4 <= BUFFER_BYTES:  # a tile fills four vectors where the buffer allows it
+            assert r * ow >= min(oh * ow, 32)
+        else:
+            assert r == 1

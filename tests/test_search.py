@@ -141,3 +141,39 @@ def test_pools_sample_their_bucket_and_keep_the_best():
     assert p.pools[0][(1,)] == pytest.approx(0.9 * -1.0 + 0.1 * 0.0)  # EMA, lambda = 0.9
     assert p.top(0, 1) == [(3,)]
     assert pools.decayed(0.0) == 1.0 and pools.decayed(1.0) == pytest.approx(0.01)
+
+
+def test_searches_sharing_a_memo_score_each_subnet_once(monkeypatch):
+    """A build searches once per round and option with one supernet and one dataset: given the same memo, a second
+    search recalibrates and scores nothing again and picks what the first picked."""
+    from edgeprune.pipeline import SUPERNET
+    from edgeprune.search import evaluate, select
+    from edgeprune.search.train import load
+
+    supernet, ckpt = load(SUPERNET)
+    calls = {"score": 0, "taylor": 0}
+
+    def score(net, arch, ds):
+        calls["score"] += 1
+        return (space.macs(arch) % 997) / 997  # any fixed function of the subnet
+
+    def taylor(net, arch, ds):
+        calls["taylor"] += 1
+        return {it.name: np.ones(max(it.options)) for it in knapsack.items_of(knapsack.widest(arch))}
+
+    monkeypatch.setattr(evaluate, "score", score)
+    monkeypatch.setattr(knapsack, "taylor_importance", taylor)
+    resolutions = tuple(ckpt["space"]["resolutions"])
+
+    def latency(a):
+        return space.macs(a) / 1e6
+
+    memo: dict = {}
+    budget = latency(space.Space(resolutions=resolutions).largest(max(resolutions))) / 2
+    first, _ = select.search(supernet, ckpt, None, latency, budget, resolutions, memo=memo)
+    counted = dict(calls)
+    assert counted["score"] > 1 and counted["taylor"] >= 1
+    second, _ = select.search(supernet, ckpt, None, latency, budget, resolutions, memo=memo)
+    assert calls == counted and second.arch == first.arch and second.val_accuracy == first.val_accuracy
+    select.search(supernet, ckpt, None, latency, budget, resolutions)  # no memo: scored again
+    assert calls["score"] == 2 * counted["score"]

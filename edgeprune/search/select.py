@@ -77,10 +77,27 @@ def latency_function(target: str, table=None) -> Callable[[S.Arch], float]:
 
 
 def search(supernet, ckpt: dict, ds, latency: Callable[[S.Arch], float], budget_ms: float,
-           resolutions: tuple[int, ...], log: Callable[[str], None] = lambda m: None) -> tuple[Candidate, dict]:
-    """The most accurate subnet predicted within budget, and how many subnets were scored."""
+           resolutions: tuple[int, ...], log: Callable[[str], None] = lambda m: None,
+           memo: dict | None = None) -> tuple[Candidate, dict]:
+    """The most accurate subnet predicted within budget, and how many subnets were scored.
+
+    memo: what searches of the same supernet and data have computed (subnets' validation accuracy, channel
+    importances), kept by the caller across them: a build searches once per round and, with --sparsity auto or
+    --quantize auto, once per option, and a subnet scored once need not be recalibrated and scored again."""
     from . import knapsack
     from .evaluate import score
+
+    memo = {} if memo is None else memo
+
+    def accuracy(arch: S.Arch) -> float:
+        if ("score", arch) not in memo:
+            memo[("score", arch)] = score(supernet, arch, ds)
+        return memo[("score", arch)]
+
+    def importance(arch: S.Arch) -> dict:
+        if ("taylor", arch) not in memo:
+            memo[("taylor", arch)] = knapsack.taylor_importance(supernet, arch, ds)
+        return memo[("taylor", arch)]
 
     stats = {"evaluated": 0}
     pool = [S.Arch.from_dict(p["arch"]) for p in ckpt["pools"]]
@@ -94,7 +111,7 @@ def search(supernet, ckpt: dict, ds, latency: Callable[[S.Arch], float], budget_
     def consider(arch: S.Arch, origin: str) -> None:
         if any(c.arch == arch for c in scored):
             return
-        scored.append(Candidate(arch, origin, latency(arch), score(supernet, arch, ds)))
+        scored.append(Candidate(arch, origin, latency(arch), accuracy(arch)))
         stats["evaluated"] += 1
         log(f"  {origin} subnet {S.macs(arch) / 1e6:.1f}M MACs @{arch.resolution}px: predicted "
             f"{scored[-1].predicted_ms:.2f} ms, val accuracy {scored[-1].val_accuracy:.1%}")
@@ -104,7 +121,7 @@ def search(supernet, ckpt: dict, ds, latency: Callable[[S.Arch], float], budget_
     parents = [max(scored, key=lambda c: c.val_accuracy).arch] if scored else []
     parents += [space.largest(r) for r in sorted(resolutions, reverse=True)]
     for parent in parents:
-        choice = knapsack.solve(parent, knapsack.taylor_importance(supernet, parent, ds), latency, budget_ms)
+        choice = knapsack.solve(parent, importance(parent), latency, budget_ms)
         if choice is not None:
             consider(choice.arch, "knapsack")
     if not scored:

@@ -50,7 +50,7 @@ def tile_rows(oh: int, ow: int, lanes: int, threads: int, channels: int) -> int:
 
     fits = [r for r in range(1, oh + 1) if r * ow >= min(oh * ow, TILE_VECTORS * lanes)
             and (r == 1 or channels * r * ow * 4 <= BUFFER_BYTES)]
-    return min(fits or [oh], key=lambda r: (busiest(r), r))
+    return min(fits or [1], key=lambda r: (busiest(r), r))  # none: a row a tile, the smallest buffer
 
 
 def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params: Sequence[tirx.Buffer], bsr: Bsr,
