@@ -89,15 +89,11 @@ def search(supernet, ckpt: dict, ds, latency: Callable[[S.Arch], float], budget_
 
     memo = {} if memo is None else memo
 
-    def accuracy(arch: S.Arch) -> float:
-        if ("score", arch) not in memo:
-            memo[("score", arch)] = score(supernet, arch, ds)
-        return memo[("score", arch)]
-
-    def importance(arch: S.Arch) -> dict:
-        if ("taylor", arch) not in memo:
-            memo[("taylor", arch)] = knapsack.taylor_importance(supernet, arch, ds)
-        return memo[("taylor", arch)]
+    def remembered(compute: Callable, arch: S.Arch):
+        key = (compute.__name__, arch)
+        if key not in memo:
+            memo[key] = compute(supernet, arch, ds)
+        return memo[key]
 
     stats = {"evaluated": 0}
     pool = [S.Arch.from_dict(p["arch"]) for p in ckpt["pools"]]
@@ -111,7 +107,7 @@ def search(supernet, ckpt: dict, ds, latency: Callable[[S.Arch], float], budget_
     def consider(arch: S.Arch, origin: str) -> None:
         if any(c.arch == arch for c in scored):
             return
-        scored.append(Candidate(arch, origin, latency(arch), accuracy(arch)))
+        scored.append(Candidate(arch, origin, latency(arch), remembered(score, arch)))
         stats["evaluated"] += 1
         log(f"  {origin} subnet {S.macs(arch) / 1e6:.1f}M MACs @{arch.resolution}px: predicted "
             f"{scored[-1].predicted_ms:.2f} ms, val accuracy {scored[-1].val_accuracy:.1%}")
@@ -121,7 +117,7 @@ def search(supernet, ckpt: dict, ds, latency: Callable[[S.Arch], float], budget_
     parents = [max(scored, key=lambda c: c.val_accuracy).arch] if scored else []
     parents += [space.largest(r) for r in sorted(resolutions, reverse=True)]
     for parent in parents:
-        choice = knapsack.solve(parent, importance(parent), latency, budget_ms)
+        choice = knapsack.solve(parent, remembered(knapsack.taylor_importance, parent), latency, budget_ms)
         if choice is not None:
             consider(choice.arch, "knapsack")
     if not scored:

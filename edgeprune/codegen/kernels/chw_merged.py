@@ -60,12 +60,13 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
     from tvm.script.ir_builder import IRBuilder
     from tvm.tirx.script.builder import ir as T
 
-    _, h, w, c = _shape(dw.x)
+    c = _shape(dw.x)[3]
     _, oh, ow, _ = _shape(dw.out)
     kh, kw = dw.kernel
     out_shape = _shape(pw.out)
     rows, nnz = pw.m // bsr.n, max(1, len(bsr.indices))
     dlanes = lanes_for(dw, spec)
+    dbases = row_vectors(ow, dlanes)  # where a depthwise row's vectors start
     lanes = pixel_lanes(spec)
     r = tile_rows(oh, ow, lanes, threads, c)
     p_tile = r * ow
@@ -104,8 +105,7 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
                                 _store_depthwise(T, dw, buf, value, ch, i * ow + base, dlanes)
 
                             def one_row(row, taps, ch=ch, weights=weights, store=store):
-                                _row(T, dw, x, weights, None, ch, row, taps, row_vectors(ow, dlanes), dlanes,
-                                     store)
+                                _row(T, dw, x, weights, None, ch, row, taps, dbases, dlanes, store)
 
                             _any_row(T, one_row, r0 + i, first, last, edges, dw, kh)
                     vec = tirx.Ramp(0, 1, lanes)
