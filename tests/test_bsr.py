@@ -253,3 +253,13 @@ def test_bad_sparse_modes_are_one_line_errors(sparse_onnx, tmp_path):
             edgeprune.build("host", 1.0, tmp_path / "o", sparsity=bad)
         assert "\n" not in str(e.value)
     assert not (tmp_path / "b").exists() and not (tmp_path / "o").exists()
+
+
+def test_channels_first_tiles_split_rows_rather_than_starve_the_fma_units():
+    from edgeprune.codegen.kernels.bsr import _vectors_per_tile
+
+    # 7x7 at 16 lanes is 4 vectors: at 2 threads, one tile of 4 split into row halves beats two tiles of 2
+    assert _vectors_per_tile(4, 6, 2, threads=2, rows=40) == 4
+    assert _vectors_per_tile(4, 6, 2, threads=2) == 2  # channels-last: a row split transposes again
+    # 14x14 at 8 lanes, 25 vectors: enough tiles for both threads either way
+    assert _vectors_per_tile(25, 6, 2, threads=2, rows=40) == _vectors_per_tile(25, 6, 2, threads=2)

@@ -128,6 +128,10 @@ def test_kernel_families_size_tiles_from_the_target_and_take_only_their_own_kern
     assert spec(mtriple="x86_64-linux-gnu", mcpu="cascadelake").lanes == 16
     assert spec(mtriple="x86_64-linux-gnu", mcpu="haswell").lanes == 8
     assert spec(mtriple="x86_64-linux-gnu", mcpu="znver4", mattr=["-avx512f"]).lanes == 8
+    # Zen 4 runs 512-bit operations as two halves; Zen 5 and Cascade Lake have full-width units
+    assert spec(mtriple="x86_64-linux-gnu", mcpu="znver4").split_512
+    assert not spec(mtriple="x86_64-linux-gnu", mcpu="znver5").split_512
+    assert not spec(mtriple="x86_64-linux-gnu", mcpu="cascadelake").split_512
     assert CpuSpec.of(get_target("cortex-a7").tvm_target()) == CpuSpec(4, 12)
     assert CpuSpec.of(get_target("cortex-a53").tvm_target()) == CpuSpec(4, 24)
     assert CpuSpec.of(get_target("cortex-m7").tvm_target()).lanes == 1

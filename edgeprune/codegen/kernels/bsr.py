@@ -466,7 +466,7 @@ def _chw(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_reg
     p, rows = fused.pixels, fused.m // n
     lanes = min(lanes, p)
     vectors = -(-p // lanes)
-    g_full = _vectors_per_tile(vectors, max(1, acc_regs // n), max(1, -(-8 // n)), threads)
+    g_full = _vectors_per_tile(vectors, max(1, acc_regs // n), max(1, -(-8 // n)), threads, rows)
     full, tail = divmod(vectors, g_full)
     tiles = full + (tail > 0)
     chunks = _chunks(tiles, rows, threads)
@@ -592,15 +592,20 @@ def preferred(spec: CpuSpec, n: int, pixels: int, density: float = 1.0) -> tuple
     return ("pixels", "channels")
 
 
-def _vectors_per_tile(vectors: int, most: int, least: int, threads: int) -> int:
+def _vectors_per_tile(vectors: int, most: int, least: int, threads: int, rows: int = 0) -> int:
     """G pixel vectors per tile, from `least` (the accumulators that hide the FMA latency) to `most` (the register
-    budget over N). Tiles are the parallel jobs, and a thread runs a contiguous share of them: the G whose busiest
-    thread has the least work, each vector's work counted (1 + 1/G) for the broadcasts and loop step a tile
-    iteration pays whatever its G (14x14 at 2 threads: G=6 leaves jobs of 18 and 7 vectors, G=5 of 15 and 10)."""
+    budget over N). The parallel jobs are the tiles, each split into row chunks (`_chunks`) when there are fewer
+    tiles than threads and splitting the `rows` costs nothing (channels-first; 0: never split); a thread runs a
+    contiguous share of the jobs. The G whose busiest thread has the least work, each vector's work counted
+    (1 + 1/G) for the broadcasts and loop step a tile iteration pays whatever its G (14x14 at 2 threads: G=6 leaves
+    jobs of 18 and 7 vectors, G=5 of 15 and 10; 7x7 at 2 threads: G=4 split into two halves of the rows beats
+    two tiles of G=2, whose 8 accumulators leave the FMA units waiting, 1.3x)."""
     def busiest(g: int) -> float:
         sizes = [g] * (vectors // g) + ([vectors % g] if vectors % g else [])
-        step = -(-len(sizes) // max(1, threads))
-        return max(sum(sizes[i:i + step]) for i in range(0, len(sizes), step)) * (1 + 1 / g)
+        chunks = _chunks(len(sizes), rows, threads) if rows else 1
+        jobs = [s / chunks for s in sizes for _ in range(chunks)]
+        step = -(-len(jobs) // max(1, threads))
+        return max(sum(jobs[i:i + step]) for i in range(0, len(jobs), step)) * (1 + 1 / g)
 
     top = max(1, min(most, vectors))
     return min(range(min(least, top), top + 1), key=lambda g: (busiest(g), -g))

@@ -48,7 +48,7 @@ class CpuSpec:
             bits, regs = 128, 16  # armv7 NEON: 16 q registers
         bits = int(width) if width else bits
         lanes = max(1, bits // 32)
-        split = bits == 512 and str(target.attrs.get("mcpu", "")).startswith("znver")
+        split = bits == 512 and str(target.attrs.get("mcpu", "")) == "znver4"  # Zen 5 has full 512-bit units
         # Leave a quarter of the register file for the broadcast inputs and weight vectors (half on a scalar FPU,
         # where every operand is its own register).
         return CpuSpec(lanes, regs // 2 if lanes == 1 else regs * 3 // 4, split)
