@@ -52,9 +52,10 @@ def relu6_bias(bias):
 
 
 @pytest.mark.parametrize("h,w,k,m,residual", [(7, 9, 32, 64, True), (2, 2, 16, 8, False), (14, 14, 96, 24, True),
-                                               (5, 1, 12, 4, False)])
+                                               (5, 1, 12, 4, False), (7, 7, 32, 64, True), (3, 6, 16, 8, False)])
 def test_sparse_pointwise_channels_first_matches_numpy(h, w, k, m, residual):
-    """Maps that 8 lanes do not divide (the last vector moved back), smaller than a vector, and a residual add."""
+    """Maps that 8 lanes do not divide (the last vector moved back, or 1-3 spare pixels as block vectors: 7x7,
+    3x6), smaller than a vector, and a residual add."""
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((k, m)).astype("float32") * np.repeat(rng.random((k, m // 4)) > 0.5, 4, axis=1)
     bias = rng.standard_normal(m).astype("float32")

@@ -431,8 +431,8 @@ def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ba
     with T.serial(0, count) as obi:
         ob = first + obi
         with T.If(ob < rows), T.Then():
-            acc = _accumulate(T, n, g_acc, lanes, data, indptr, ob,
-                              lambda e, g: xt[indices[e], tirx.Ramp(g * lanes, 1, lanes)])
+            acc, _ = _accumulate(T, n, g_acc, lanes, data, indptr, ob,
+                                 lambda e, g: xt[indices[e], tirx.Ramp(g * lanes, 1, lanes)])
             tr = T.alloc_buffer((g_acc, lanes * n), "float32", scope="local")
             for g in range(g_acc):
                 zipped = _shuffled(zip_rounds, [acc[g * n + j, vec] for j in range(n)])
@@ -445,57 +445,87 @@ def _one_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ba
                         _store(T, fused, px, ob * n + j, tr[g, at[q] + j])
 
 
-def _accumulate(T, n: int, g_acc: int, lanes: int, data, indptr, ob, x_at):
+def _accumulate(T, n: int, g_acc: int, lanes: int, data, indptr, ob, x_at, spare: int = 0, spare_at=None):
     """Block row `ob`'s G*N accumulators over its kept blocks: accumulator g*N + j += x_at(e, g) * data[e, j], with
-    x_at(e, g) block e's input vector for pixel vector g (its channel's L pixels)."""
+    x_at(e, g) block e's input vector for pixel vector g (its channel's L pixels). With `spare` pixels, also one
+    N-lane accumulator per spare pixel q += spare_at(e, q) (block e's input at that pixel) * the block's N weights:
+    pixels past the last whole vector cost one FMA a block each rather than N. Returns (the G*N accumulators, the
+    spare ones or None)."""
     vec = tirx.Ramp(0, 1, lanes)
     acc = T.alloc_buffer((g_acc * n, lanes), "float32", scope="local")
     with T.unroll(0, g_acc * n) as a:
         T.buffer_store(acc, tirx.Broadcast(_zero(), lanes), [a, vec])
+    block = tirx.Ramp(0, 1, n)
+    extra = None
+    if spare:
+        extra = T.alloc_buffer((spare, n), "float32", scope="local")
+        with T.unroll(0, spare) as q:
+            T.buffer_store(extra, tirx.Broadcast(_zero(), n), [q, block])
     with T.serial(indptr[ob], indptr[ob + 1]) as e:
         with T.unroll(0, g_acc) as g, T.unroll(0, n) as j:
             T.buffer_store(acc, acc[g * n + j, vec] + x_at(e, g) * tirx.Broadcast(data[e, j], lanes), [g * n + j, vec])
-    return acc
+        if spare:
+            with T.unroll(0, spare) as q:
+                T.buffer_store(extra, extra[q, block] + tirx.Broadcast(spare_at(e, q), n) * data[e, block], [q, block])
+    return acc, extra
 
 
 def _chw(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_regs: int, threads: int) -> None:
     """Channels-first (XNNPACK's SpMM on CHW maps): the pixels kernel without its transposes. Each channel's map is
     contiguous, so a vector of L pixels of the input channel is one load, and the accumulators are stored as they
-    are. Per kept block: G vector loads, N broadcast weights, G*N FMAs. The last vector of a map that L does not
-    divide is moved back to end at the map's last pixel: it recomputes a few pixels rather than masking."""
+    are. Per kept block: G vector loads, N broadcast weights, G*N FMAs. Pixels past the map's last whole vector
+    are `spare` pixels, each an N-lane accumulator (one FMA a block, `_accumulate`), where there are fewer of them
+    than N (7x7 at 16 lanes: 3 vectors and 1 pixel, 13 FMAs a block where a fourth vector took 16); more of them
+    and the last vector is moved back to end at the map's last pixel (it recomputes a few pixels rather than
+    masking)."""
     p, rows = fused.pixels, fused.m // n
     lanes = min(lanes, p)
-    vectors = -(-p // lanes)
-    g_full = _vectors_per_tile(vectors, max(1, acc_regs // n), max(1, -(-8 // n)), threads, rows)
+    spare = p % lanes if p % lanes < n else 0
+    vectors = p // lanes if spare else -(-p // lanes)
+    g_full = _vectors_per_tile(vectors, max(1, (acc_regs - spare) // n), max(1, -(-8 // n)), threads, rows)
     full, tail = divmod(vectors, g_full)
     tiles = full + (tail > 0)
     chunks = _chunks(tiles, rows, threads)
     per = -(-rows // chunks)
+
+    def tile(t, g_acc: int, extra: int) -> None:
+        _chw_tile(T, fused, n, xf, data, indices, indptr, lanes, t * g_full, g_acc, c * per, per, extra)
+
     with T.parallel(0, tiles * chunks) as tc:
         t, c = tc // chunks, tc % chunks
-        if tail:
-            with T.If(t < full):
+        if tiles == 1:
+            tile(t, tail or g_full, spare)
+        elif tail or spare:  # the last tile has fewer vectors, or the spare pixels: its own code
+            with T.If(t < tiles - 1):
                 with T.Then():
-                    _chw_tile(T, fused, n, xf, data, indices, indptr, lanes, t * g_full, g_full, c * per, per)
+                    tile(t, g_full, 0)
                 with T.Else():
-                    _chw_tile(T, fused, n, xf, data, indices, indptr, lanes, full * g_full, tail, c * per, per)
+                    tile(t, tail or g_full, spare)
         else:
-            _chw_tile(T, fused, n, xf, data, indices, indptr, lanes, t * g_full, g_full, c * per, per)
+            tile(t, g_full, 0)
 
 
 def _chw_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, first_vector, g_acc: int, first,
-              count: int) -> None:
-    """G vectors of pixels from `first_vector`, `count` block rows from `first` (those that exist)."""
+              count: int, spare: int = 0) -> None:
+    """G vectors of pixels from `first_vector` (and the map's last `spare` pixels), `count` block rows from
+    `first` (those that exist)."""
     p, rows = fused.pixels, fused.m // n
     vec = tirx.Ramp(0, 1, lanes)
+
+    def at(g):
+        return tirx.Min((first_vector + g) * lanes, p - lanes)
+
     with T.serial(0, count) as obi:
         ob = first + obi
         with T.If(ob < rows), T.Then():
-            acc = _accumulate(T, n, g_acc, lanes, data, indptr, ob, lambda e, g: xf[
-                indices[e], tirx.Ramp(tirx.Min((first_vector + g) * lanes, p - lanes), 1, lanes)])
+            acc, extra = _accumulate(T, n, g_acc, lanes, data, indptr, ob,
+                                     lambda e, g: xf[indices[e], tirx.Ramp(at(g), 1, lanes)],
+                                     spare, lambda e, q: xf[indices[e], p - spare + q])
             with T.unroll(0, g_acc) as g, T.unroll(0, n) as j:
-                base = tirx.Min((first_vector + g) * lanes, p - lanes)
-                _store_chw(T, fused, tirx.Ramp(base, 1, lanes), ob * n + j, acc[g * n + j, vec])
+                _store_chw(T, fused, tirx.Ramp(at(g), 1, lanes), ob * n + j, acc[g * n + j, vec])
+            if spare:
+                with T.unroll(0, spare) as q, T.unroll(0, n) as j:
+                    _store_chw(T, fused, p - spare + q, ob * n + j, extra[q, j])
 
 
 def _store_chw(T, fused: Fused, pixels, ch, value) -> None:

@@ -116,8 +116,8 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
                             return tirx.Min((start + g) * lanes, p_tile - lanes)
 
                         with T.serial(0, rows) as ob:
-                            acc = _accumulate(T, bsr.n, count, lanes, data, indptr, ob,
-                                              lambda e, g, at=at: buf[indices[e], tirx.Ramp(at(g), 1, lanes)])
+                            acc, _ = _accumulate(T, bsr.n, count, lanes, data, indptr, ob,
+                                                 lambda e, g, at=at: buf[indices[e], tirx.Ramp(at(g), 1, lanes)])
                             with T.unroll(0, count) as g, T.unroll(0, bsr.n) as j:
                                 _store_chw(T, pw, tirx.Ramp(r0 * ow + at(g), 1, lanes), ob * bsr.n + j,
                                            acc[g * bsr.n + j, vec])
