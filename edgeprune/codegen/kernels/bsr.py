@@ -329,7 +329,8 @@ def kernel(fused: Fused, params: Sequence[tirx.Buffer], bsr: Bsr, variant: str, 
                                              for b, mine in pairs if _shape(b) == shape])
                 body = {"pixels": _pixels, "channels": _channels, "chw": _chw}[variant]
                 lanes = pixel_lanes(spec) if variant != "channels" else spec.lanes
-                body(T, fused, bsr.n, xf, data, indices, indptr, lanes, spec.acc_regs, threads)
+                regs = spec.acc_regs if variant == "channels" else pixel_accumulators(spec, bsr.n)
+                body(T, fused, bsr.n, xf, data, indices, indptr, lanes, regs, threads)
     return ib.get()
 
 
@@ -358,6 +359,16 @@ def pixel_lanes(spec: CpuSpec) -> int:
     vectors run the FMAs at the same rate and their transposes take fewer shuffles: 1.1-1.3x faster there than
     512-bit ones (1x4, MobileNetV2's pointwise shapes at 50, 75 and 90%)."""
     return 8 if spec.split_512 else spec.lanes
+
+
+def pixel_accumulators(spec: CpuSpec, n: int) -> int:
+    """The registers a pixels / channels-first tile's accumulators may take beside its block's N weights: on x86
+    each weight is broadcast into a register of its own (NEON multiplies by a lane of one weight register), and the
+    input vectors need two more. At 1x8 on AVX-512, 24 accumulators and 8 weights spilled the accumulators to the
+    stack in the inner loop (channels-first 0.87x dense at 50%)."""
+    regs = spec.acc_regs * 4 // 3 if spec.lanes > 1 else spec.acc_regs  # acc_regs is 3/4 of the register file
+    weights = n if spec.lanes >= 8 else -(-n // spec.lanes)
+    return max(1, min(spec.acc_regs, regs - weights - 2))
 
 
 def _zero():

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from tvm import tirx
 
-from .bsr import Bsr, Fused, _accumulate, _shape, _store_chw, pixel_lanes, rebuild, to_chw
+from .bsr import Bsr, Fused, _accumulate, _shape, _store_chw, pixel_accumulators, pixel_lanes, rebuild, to_chw
 from .chw import Depthwise, _row, inner_rows, kernel_rows_at, lanes_for, row_vectors
 from .common import CpuSpec
 
@@ -71,7 +71,7 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
     r = tile_rows(oh, ow, lanes, threads, c)
     p_tile = r * ow
     vectors = row_vectors(p_tile, lanes)
-    group = max(1, min(len(vectors), spec.acc_regs // bsr.n))
+    group = max(1, min(len(vectors), pixel_accumulators(spec, bsr.n) // bsr.n))
     first, last = inner_rows(dw)
     edges = [*range(first), *range(last, oh)]
 
