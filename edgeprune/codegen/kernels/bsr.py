@@ -361,14 +361,20 @@ def pixel_lanes(spec: CpuSpec) -> int:
     return 8 if spec.split_512 else spec.lanes
 
 
-def pixel_accumulators(spec: CpuSpec, n: int) -> int:
-    """The registers a pixels / channels-first tile's accumulators may take beside its block's N weights: on x86
+def register_room(spec: CpuSpec, n: int) -> int:
+    """The registers a pixels / channels-first tile's accumulators can have beside its block's N weights: on x86
     each weight is broadcast into a register of its own (NEON multiplies by a lane of one weight register), and the
-    input vectors need two more. At 1x8 on AVX-512, 24 accumulators and 8 weights spilled the accumulators to the
-    stack in the inner loop (channels-first 0.87x dense at 50%)."""
+    input vectors need two more."""
     regs = spec.acc_regs * 4 // 3 if spec.lanes > 1 else spec.acc_regs  # acc_regs is 3/4 of the register file
     weights = n if spec.lanes >= 8 else -(-n // spec.lanes)
-    return max(1, min(spec.acc_regs, regs - weights - 2))
+    return max(1, regs - weights - 2)
+
+
+def pixel_accumulators(spec: CpuSpec, n: int) -> int:
+    """The accumulator registers a pixels / channels-first tile takes: the target's budget, within the room its
+    weights leave. At 1x8 on AVX-512, 24 accumulators and 8 weights spilled the accumulators to the stack in the
+    inner loop (channels-first 0.87x dense at 50%)."""
+    return min(spec.acc_regs, register_room(spec, n))
 
 
 def _zero():

@@ -21,6 +21,7 @@ from dataclasses import replace
 
 from tvm import tirx
 
+from . import bsr as _bsr
 from .bsr import Bsr, Fused, _accumulate, _shape, _store_chw, pixel_accumulators, pixel_lanes, rebuild, to_chw
 from .chw import Depthwise, _row, inner_rows, kernel_rows_at, lanes_for, row_vectors
 from .common import CpuSpec
@@ -53,6 +54,22 @@ def tile_rows(oh: int, ow: int, lanes: int, threads: int, channels: int) -> int:
     return min(fits or [1], key=lambda r: (busiest(r), r))  # none: a row a tile, the smallest buffer
 
 
+def vector_groups(p: int, lanes: int, n: int, budget: int, room: int) -> tuple[list[list[int]], int]:
+    """The vectors over a tile's p pixels, in as few groups as `budget` accumulators allow, of even sizes (7
+    vectors at 6 a group ran as 6 and 1, the 1 waiting on its FMAs' latency): (the groups' vector starts, spare).
+    Spare pixels, fewer than N past the last whole vector, join the last group as N-lane accumulators (one FMA a
+    block each, where a vector moved back to end at the last pixel takes N), if `room` has registers for them."""
+    full, rest = divmod(p, lanes)
+    spare = rest if full and rest < n else 0
+    starts = [v * lanes for v in range(full)] if spare or not rest else row_vectors(p, lanes)
+    count = -(-len(starts) // max(1, budget // n))
+    if spare and -(-len(starts) // count) * n + spare > room:
+        count += 1
+    sizes = [len(starts) // count + (i < len(starts) % count) for i in range(count)]
+    bounds = [sum(sizes[:i]) for i in range(count + 1)]
+    return [starts[a:b] for a, b in zip(bounds, bounds[1:])], spare
+
+
 def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params: Sequence[tirx.Buffer], bsr: Bsr,
            spec: CpuSpec, threads: int = 2) -> tirx.PrimFunc:
     """The merged kernel, with parameters (the depthwise kernel's inputs in its order, data, indices, indptr, the
@@ -70,8 +87,8 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
     lanes = pixel_lanes(spec)
     r = tile_rows(oh, ow, lanes, threads, c)
     p_tile = r * ow
-    vectors = row_vectors(p_tile, lanes)
-    group = max(1, min(len(vectors), pixel_accumulators(spec, bsr.n) // bsr.n))
+    groups, spare = vector_groups(p_tile, lanes, bsr.n, pixel_accumulators(spec, bsr.n),
+                                  _bsr.register_room(spec, bsr.n))
     first, last = inner_rows(dw)
     edges = [*range(first), *range(last, oh)]
 
@@ -109,18 +126,23 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
 
                             _any_row(T, one_row, r0 + i, first, last, edges, dw, kh)
                     vec = tirx.Ramp(0, 1, lanes)
-                    for start in range(0, len(vectors), group):  # G vectors of the tile's pixels at a time
-                        count = min(group, len(vectors) - start)
-
-                        def at(g, start=start):  # the tile's last vector moved back to end at its last pixel
-                            return tirx.Min((start + g) * lanes, p_tile - lanes)
-
+                    for gi, starts in enumerate(groups):  # a group of the tile's vectors at a time
+                        extra = spare if gi == len(groups) - 1 else 0
                         with T.serial(0, rows) as ob:
-                            acc, _ = _accumulate(T, bsr.n, count, lanes, data, indptr, ob,
-                                                 lambda e, g, at=at: buf[indices[e], tirx.Ramp(at(g), 1, lanes)])
-                            with T.unroll(0, count) as g, T.unroll(0, bsr.n) as j:
-                                _store_chw(T, pw, tirx.Ramp(r0 * ow + at(g), 1, lanes), ob * bsr.n + j,
-                                           acc[g * bsr.n + j, vec])
+                            def at(g, first=starts[0]):  # a last vector moved back ends at the tile's last pixel
+                                return tirx.Min(first + g * lanes, p_tile - lanes)
+
+                            acc, more = _accumulate(
+                                T, bsr.n, len(starts), lanes, data, indptr, ob,
+                                lambda e, g, at=at: buf[indices[e], tirx.Ramp(at(g), 1, lanes)],
+                                extra, lambda e, q: buf[indices[e], p_tile - spare + q])
+                            for g, start in enumerate(starts):
+                                with T.unroll(0, bsr.n) as j:
+                                    _store_chw(T, pw, tirx.Ramp(r0 * ow + start, 1, lanes), ob * bsr.n + j,
+                                               acc[g * bsr.n + j, vec])
+                            if extra:
+                                with T.unroll(0, extra) as q, T.unroll(0, bsr.n) as j:
+                                    _store_chw(T, pw, r0 * ow + p_tile - spare + q, ob * bsr.n + j, more[q, j])
     return ib.get()
 
 
