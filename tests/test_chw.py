@@ -101,6 +101,27 @@ def test_depthwise_channels_first_matches_torch(h, w, c, k, s):
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * 10)
 
 
+@pytest.mark.parametrize("h,w,k", [(7, 7, 3), (14, 14, 3), (5, 3, 3), (9, 6, 5)])
+def test_depthwise_over_whole_maps_matches_torch(h, w, k):
+    """Rows shorter than a 16-lane vector at stride 1: vectors over the map's pixels in row-major order, the taps
+    that wrap into the row before or after, or leave the map, zeroed (chw.flat_rows), whatever this CPU's lanes."""
+    c, spec = 24, CpuSpec(16, 24)
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((k, k, 1, c)).astype("float32")
+    bias = rng.standard_normal(c).astype("float32")
+    x = rng.standard_normal((1, h, w, c)).astype("float32")
+    conv = lambda v: relax.op.nn.conv2d(v, relax.const(weight), padding=k // 2, groups=c,  # noqa: E731
+                                        data_layout="NHWC", kernel_layout="HWIO")
+    func = fused(layer((1, h, w, c), conv, relu6_bias(bias)), "depthwise")
+    dw = chw.read_depthwise(func)
+    assert chw.flat_lanes(dw, spec) == (16 if h * w >= 16 else 0)
+    oihw = torch.from_numpy(weight.transpose(3, 2, 0, 1).copy())
+    want = torch.nn.functional.conv2d(torch.from_numpy(to_chw(x)), oihw, torch.from_numpy(bias), 1, k // 2,
+                                      groups=c).clamp(0, 6).numpy()
+    got = run(chw.depthwise_kernel(dw, list(func.params), spec), to_chw(x), weight, bias, out_shape=want.shape)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * 10)
+
+
 def test_only_plain_depthwise_kernels_are_read():
     """A dense 3x3 convolution and a dilated depthwise one are not what the kernel computes: None, not a guess."""
     x = (1, 8, 8, 8)

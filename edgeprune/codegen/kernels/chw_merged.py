@@ -21,13 +21,24 @@ from dataclasses import replace
 
 from tvm import tirx
 
-from . import bsr as _bsr
-from .bsr import Bsr, Fused, _accumulate, _shape, _store_chw, pixel_accumulators, pixel_lanes, rebuild, to_chw
-from .chw import Depthwise, _row, inner_rows, kernel_rows_at, lanes_for, row_vectors
+from .bsr import Bsr, Fused, _accumulate, _shape, _store_chw, pixel_accumulators, pixel_lanes, register_room, to_chw
+from .chw import (
+    Depthwise,
+    _row,
+    flat_lanes,
+    flat_rows,
+    inner_rows,
+    kernel_rows_at,
+    lanes_for,
+    per_channel,
+    row_vectors,
+    store_per_channel,
+)
 from .common import CpuSpec
 
 TILE_VECTORS = 4  # a tile's pixels fill at least this many vectors of the pointwise layer
 BUFFER_BYTES = 256 * 1024  # a tile's depthwise outputs stay in L2
+MAX_FLAT_TILES = 4  # tiles given code of their own for the depthwise part over their pixels
 
 
 def capable(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, spec: CpuSpec, min_pixels: int) -> bool:
@@ -36,8 +47,7 @@ def capable(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, spec: Cp
     reading the depthwise output as it is."""
     oshape = _shape(dw.out)
     shape_ok = list(_shape(pw.x)) == list(oshape) and oshape[1] * oshape[2] >= min_pixels
-    per_channel = all(all(d == 1 for d in _shape(dw_params[i])[:-1]) for i in dw.extras)
-    return shape_ok and per_channel and lanes_for(dw, spec) > 1
+    return shape_ok and per_channel(dw, dw_params) and lanes_for(dw, spec) > 1
 
 
 def tile_rows(oh: int, ow: int, lanes: int, threads: int, channels: int) -> int:
@@ -88,8 +98,13 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
     r = tile_rows(oh, ow, lanes, threads, c)
     p_tile = r * ow
     groups, spare = vector_groups(p_tile, lanes, bsr.n, pixel_accumulators(spec, bsr.n),
-                                  _bsr.register_room(spec, bsr.n))
+                                  register_room(spec, bsr.n))
     first, last = inner_rows(dw)
+    # rows too short for a vector (14x14 at 16 lanes): the depthwise part over each tile's pixels (chw.flat_rows),
+    # its code specialized to each tile's first row, while there are few tiles
+    flat_l = flat_lanes(dw, spec)
+    flat_starts = sorted({min(t * r, oh - r) for t in range(-(-oh // r))}) if flat_l else []
+    flat_starts = flat_starts if len(flat_starts) <= MAX_FLAT_TILES else []
     edges = [*range(first), *range(last, oh)]
 
     def chw(b: tirx.Buffer) -> tirx.Buffer:
@@ -111,20 +126,29 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
                 pairs = [(pw.out, out), *((pw_params[i], extras[i]) for i in pw.extras)]
                 pw = replace(pw, flat=[(b, T.decl_buffer((pw.m, oh * ow), "float32", data=mine.data))
                                        for b, mine in pairs if _shape(b) == out_shape])
+                if flat_starts:
+                    xf = T.decl_buffer((c, _shape(dw.x)[1] * _shape(dw.x)[2]), "float32", data=x.data)
                 with T.parallel(0, -(-oh // r)) as t:
                     r0 = tirx.Min(t * r, oh - r)
                     buf = T.alloc_buffer((c, p_tile), "float32", scope="global")
-                    with T.serial(0, c) as ch:
-                        weights = [[tirx.Broadcast(weight[i, j, 0, ch], dlanes) for j in range(kw)]
-                                   for i in range(kh)]
-                        for i in range(r):
-                            def store(value, base, i=i, ch=ch):
-                                _store_depthwise(T, dw, buf, value, ch, i * ow + base, dlanes)
+                    for s0 in flat_starts:  # each tile's rows known, so is which lanes of each tap lie outside
+                        with T.If(r0 == s0), T.Then(), T.serial(0, c) as ch:
+                            weights = [[tirx.Broadcast(weight[i, j, 0, ch], flat_l) for j in range(kw)]
+                                       for i in range(kh)]
+                            flat_rows(T, dw, xf, weights, ch, s0, r, flat_l, lambda value, at, ch=ch: (
+                                store_per_channel(T, dw, buf, value, ch, at, flat_l)))
+                    if not flat_starts:
+                        with T.serial(0, c) as ch:
+                            weights = [[tirx.Broadcast(weight[i, j, 0, ch], dlanes) for j in range(kw)]
+                                       for i in range(kh)]
+                            for i in range(r):
+                                def store(value, base, i=i, ch=ch):
+                                    store_per_channel(T, dw, buf, value, ch, i * ow + base, dlanes)
 
-                            def one_row(row, taps, ch=ch, weights=weights, store=store):
-                                _row(T, dw, x, weights, None, ch, row, taps, dbases, dlanes, store)
+                                def one_row(row, taps, ch=ch, weights=weights, store=store):
+                                    _row(T, dw, x, weights, None, ch, row, taps, dbases, dlanes, store)
 
-                            _any_row(T, one_row, r0 + i, first, last, edges, dw, kh)
+                                _any_row(T, one_row, r0 + i, first, last, edges, dw, kh)
                     vec = tirx.Ramp(0, 1, lanes)
                     for gi, starts in enumerate(groups):  # a group of the tile's vectors at a time
                         extra = spare if gi == len(groups) - 1 else 0
@@ -159,11 +183,3 @@ def _any_row(T, one_row, row, first: int, last: int, edges: list[int], dw: Depth
             for e in edges:
                 with T.If(row == e), T.Then():
                     one_row(e, kernel_rows_at(dw, e))
-
-
-def _store_depthwise(T, dw: Depthwise, buf, value, ch, at, lanes: int) -> None:
-    """buf[ch, at:at+L] = the depthwise epilogue of `value`, its constants read at their channel."""
-    i64 = "int64"
-    zero = tirx.IntImm(i64, 0)
-    env = dict(zip(dw.iters, [zero, zero, zero, tirx.Cast(i64, ch)]))
-    T.buffer_store(buf, rebuild(dw.value, dw.acc, value, env), [ch, tirx.Ramp(at, 1, lanes)])
