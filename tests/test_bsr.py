@@ -255,11 +255,14 @@ def test_bad_sparse_modes_are_one_line_errors(sparse_onnx, tmp_path):
     assert not (tmp_path / "b").exists() and not (tmp_path / "o").exists()
 
 
-def test_channels_first_tiles_split_rows_rather_than_starve_the_fma_units():
-    from edgeprune.codegen.kernels.bsr import _vectors_per_tile
+def test_channels_first_tiles_are_even_and_split_rows_rather_than_starve_the_fma_units():
+    from edgeprune.codegen.kernels.bsr import _even_tiles
 
-    # 7x7 at 16 lanes is 4 vectors: at 2 threads, one tile of 4 split into row halves beats two tiles of 2
-    assert _vectors_per_tile(4, 6, 2, threads=2, rows=40) == 4
-    assert _vectors_per_tile(4, 6, 2, threads=2) == 2  # channels-last: a row split transposes again
-    # 14x14 at 8 lanes, 25 vectors: enough tiles for both threads either way
-    assert _vectors_per_tile(25, 6, 2, threads=2, rows=40) == _vectors_per_tile(25, 6, 2, threads=2)
+    # 7x7 at 16 lanes is 3 vectors (and a spare pixel): one tile, its rows split between 2 threads, not 2 tiles
+    assert _even_tiles(3, 6, 2, threads=2, rows=40) == 1
+    # 14x14 at 16 lanes is 13 vectors: 4 tiles (4, 3, 3, 3: 7 and 6 vectors a thread), not 4, 4, 4, 1
+    assert _even_tiles(13, 6, 2, threads=2, rows=24) == 4
+    # never more vectors a tile than the registers hold, nor fewer than hide the FMA latency
+    for vectors in range(1, 60):
+        count = _even_tiles(vectors, 6, 2, threads=2, rows=24)
+        assert -(-vectors // count) <= 6 and (vectors // count >= 2 or vectors < 4)

@@ -499,27 +499,56 @@ def _chw(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, acc_reg
     lanes = min(lanes, p)
     spare = p % lanes if p % lanes < n else 0
     vectors = p // lanes if spare else -(-p // lanes)
-    g_full = _vectors_per_tile(vectors, max(1, (acc_regs - spare) // n), max(1, -(-8 // n)), threads, rows)
-    full, tail = divmod(vectors, g_full)
-    tiles = full + (tail > 0)
+    tiles = _even_tiles(vectors, max(1, (acc_regs - spare) // n), max(1, -(-8 // n)), threads, rows)
+    size, big = divmod(vectors, tiles)  # the first `big` tiles have size + 1 vectors, the rest size
     chunks = _chunks(tiles, rows, threads)
     per = -(-rows // chunks)
 
-    def tile(t, g_acc: int, extra: int) -> None:
-        _chw_tile(T, fused, n, xf, data, indices, indptr, lanes, t * g_full, g_acc, c * per, per, extra)
+    def tile(first_vector, g_acc: int, extra: int) -> None:
+        _chw_tile(T, fused, n, xf, data, indices, indptr, lanes, first_vector, g_acc, c * per, per, extra)
 
     with T.parallel(0, tiles * chunks) as tc:
         t, c = tc // chunks, tc % chunks
-        if tiles == 1:
-            tile(t, tail or g_full, spare)
-        elif tail or spare:  # the last tile has fewer vectors, or the spare pixels: its own code
-            with T.If(t < tiles - 1):
-                with T.Then():
-                    tile(t, g_full, 0)
-                with T.Else():
-                    tile(t, tail or g_full, spare)
-        else:
-            tile(t, g_full, 0)
+        kinds = []  # (the tiles it takes: t below this, their code), in order
+        if big:
+            kinds.append((big, lambda: tile(t * (size + 1), size + 1, 0)))
+        if tiles - big - (spare > 0):
+            kinds.append((tiles - (spare > 0), lambda: tile(t * size + big, size, 0)))
+        if spare:  # the last tile also takes the spare pixels
+            kinds.append((tiles, lambda: tile((tiles - 1) * size + big, size, spare)))
+        _branches(T, t, kinds)
+
+
+def _branches(T, t, kinds: list) -> None:
+    """kinds[0]'s code where t < its bound, else kinds[1]'s where t < its bound, and so on (the last unguarded)."""
+    bound, code = kinds[0]
+    if len(kinds) == 1:
+        code()
+        return
+    with T.If(t < bound):
+        with T.Then():
+            code()
+        with T.Else():
+            _branches(T, t, kinds[1:])
+
+
+def _even_tiles(vectors: int, most: int, least: int, threads: int, rows: int) -> int:
+    """How many tiles of `least` to `most` vectors the channels-first kernel splits a map's vectors into, of even
+    sizes (differing by one at most): the count whose busiest thread has the least work, where a thread runs a
+    contiguous share of the parallel jobs (the tiles, each split into row chunks when there are fewer tiles than
+    threads) and a tile of s vectors costs s + 1 for its broadcasts and loop step. 14x14 at 16 lanes, 2 threads:
+    13 vectors as 4, 3, 3, 3 (7 and 6 vectors a thread), where tiles of 4 and a tail made 4, 4, 4, 1 (8 and 5)."""
+    def busiest(count: int) -> float:
+        size, big = divmod(vectors, count)
+        sizes = [size + 1] * big + [size] * (count - big)
+        chunks = _chunks(count, rows, threads)
+        jobs = [(s + 1) / chunks for s in sizes for _ in range(chunks)]
+        step = -(-len(jobs) // max(1, threads))
+        return max(sum(jobs[i:i + step]) for i in range(0, len(jobs), step))
+
+    fewest = -(-vectors // max(1, most))
+    counts = range(fewest, max(fewest, vectors // max(1, least)) + 1)
+    return min(counts, key=lambda count: (busiest(count), count))
 
 
 def _chw_tile(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, first_vector, g_acc: int, first,
@@ -639,20 +668,15 @@ def preferred(spec: CpuSpec, n: int, pixels: int, density: float = 1.0) -> tuple
     return ("pixels", "channels")
 
 
-def _vectors_per_tile(vectors: int, most: int, least: int, threads: int, rows: int = 0) -> int:
+def _vectors_per_tile(vectors: int, most: int, least: int, threads: int) -> int:
     """G pixel vectors per tile, from `least` (the accumulators that hide the FMA latency) to `most` (the register
-    budget over N). The parallel jobs are the tiles, each split into row chunks (`_chunks`) when there are fewer
-    tiles than threads and splitting the `rows` costs nothing (channels-first; 0: never split); a thread runs a
-    contiguous share of the jobs. The G whose busiest thread has the least work, each vector's work counted
-    (1 + 1/G) for the broadcasts and loop step a tile iteration pays whatever its G (14x14 at 2 threads: G=6 leaves
-    jobs of 18 and 7 vectors, G=5 of 15 and 10; 7x7 at 2 threads: G=4 split into two halves of the rows beats
-    two tiles of G=2, whose 8 accumulators leave the FMA units waiting, 1.3x)."""
+    budget over N). Tiles are the parallel jobs, and a thread runs a contiguous share of them: the G whose busiest
+    thread has the least work, each vector's work counted (1 + 1/G) for the broadcasts and loop step a tile
+    iteration pays whatever its G (14x14 at 2 threads: G=6 leaves jobs of 18 and 7 vectors, G=5 of 15 and 10)."""
     def busiest(g: int) -> float:
         sizes = [g] * (vectors // g) + ([vectors % g] if vectors % g else [])
-        chunks = _chunks(len(sizes), rows, threads) if rows else 1
-        jobs = [s / chunks for s in sizes for _ in range(chunks)]
-        step = -(-len(jobs) // max(1, threads))
-        return max(sum(jobs[i:i + step]) for i in range(0, len(jobs), step)) * (1 + 1 / g)
+        step = -(-len(sizes) // max(1, threads))
+        return max(sum(sizes[i:i + step]) for i in range(0, len(sizes), step)) * (1 + 1 / g)
 
     top = max(1, min(most, vectors))
     return min(range(min(least, top), top + 1), key=lambda g: (busiest(g), -g))
