@@ -268,6 +268,35 @@ def test_a_stride_2_depthwise_layer_merged_with_its_sparse_reader_matches_onnxru
     assert_close(Session(build).run([x.numpy()])[0], ref)
 
 
+def test_a_depthwise_layer_keeping_its_maps_size_starts_a_run_and_merges(tmp_path):
+    """A stride-1 depthwise layer fed by a dense layer and read by a sparse one starts the run (the transpose in
+    moves to its input, the same size) and merges with its reader, as MobileNetV2's first block does; the library
+    matches onnxruntime."""
+    import onnxruntime as ort
+    from helpers import assert_close
+    from test_bsr import block_sparse
+    from torch import nn
+
+    from edgeprune.codegen.build import compile_model
+    from edgeprune.codegen.importers import import_model
+    from edgeprune.measure.local import Session
+    from edgeprune.models import zoo
+
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                        nn.ReLU6(), nn.Conv2d(16, 32, 1), nn.ReLU6(), nn.Conv2d(32, 16, 1))
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 12, 12)
+    path = zoo.export_onnx(block_sparse(net, 4, 0.6), x, tmp_path / "first.onnx")
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    pick = lambda kernel, dense, options: "pixels:4"  # noqa: E731
+    _, scheduled = lower.compile_module(import_model(path).mod, TARGET, sparse=pick, channels_first=True)
+    ops = sorted(str(tag_of(f, OP)) for _, f in scheduled.functions_items()
+                 if isinstance(f, tvm.tirx.PrimFunc) and str(f.attrs.get(bsr.VARIANT, "")) == "chw")
+    assert ops == ["dwpw", "pointwise"]
+    build = compile_model(path, "host", tmp_path / "b", sparse="sparse", channels_first=True)
+    assert_close(Session(build).run([x.numpy()])[0], ref)
+
+
 def test_merged_tiles_share_the_rows_evenly_and_keep_their_buffer_in_l2():
     """tile_rows: whole rows, the busiest thread's pixel vectors fewest, the buffer within BUFFER_BYTES."""
     from edgeprune.codegen.kernels.chw_merged import BUFFER_BYTES, tile_rows

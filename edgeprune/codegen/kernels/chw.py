@@ -394,8 +394,9 @@ def segments(builder: relax.BlockBuilder, main: relax.Function, replace: list, c
     """bsr.sparsify's last step with channels-first runs. `replace` are its (call, BSR kernel, arguments) swaps and
     `chosen` what made each. A sparse pointwise layer whose kernel transposes its tiles ("pixels") runs its "chw"
     kernel instead where it joins a run: a depthwise layer between two such layers (its input from one, its output
-    read by them alone) joins too, and a pointwise one stays in a run only with a neighbour in it (alone it would
-    pay two whole transposes for the two in-cache ones it saves). Tensors entering a run are transposed to
+    read by them alone) joins too, as may one read by them alone that keeps its map's size at the start of a run,
+    and a pointwise one stays in a run only with a neighbour in it (alone it would pay two whole transposes for the
+    two in-cache ones it saves). Tensors entering a run are transposed to
     [1, C, H, W] once, tensors leaving it back once; everything else is as `replace` has it."""
     mod = builder.get()
     funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
@@ -529,8 +530,12 @@ def _plan(bindings: list, replace: list, chosen: list, funcs: dict, spec: CpuSpe
             fed = isinstance(source, relax.Var) and source in producer and source in chosen_set
             read_by = readers.get(var, [])
             if kind == "depthwise":
-                keep = fed and bool(read_by) and all(r in chosen_set and chosen_set[r][0] == "pointwise"
-                                                     for r in read_by)
+                # a depthwise layer may also start a run where it keeps the map's size: the transpose into the
+                # run moves from its output to its input, no larger, and it merges with the sparse layer it feeds
+                dw = chosen_set[var][1]
+                keeps_size = [int(d) for d in dw.x.shape[1:3]] == [int(d) for d in dw.out.shape[1:3]]
+                keep = (fed or keeps_size) and bool(read_by) and all(
+                    r in chosen_set and chosen_set[r][0] == "pointwise" for r in read_by)
             else:
                 keep = fed or any(r in chosen_set for r in read_by)
             if not keep:
