@@ -260,13 +260,29 @@ def _taps(x, ch, row, start: int, kw: int, stride: int, w: int, lanes: int) -> l
     of the span of all taps, each tap its lanes of it."""
     if stride == 1:
         return [_from_grid(x, ch, row, start + j, w, lanes) for j in range(kw)]
-    # one load of stride * L pixels serves the taps it covers (tap j lane q at j + q * stride), the rest shift it
+    # one load of stride * L pixels serves the taps it covers (tap j lane q at j + q * stride); a tap past its
+    # end takes its last lanes from the span after it, which the next output vector loads anyway
+    span = lanes * stride
+    spans = {at: x[0, ch, row, tirx.Ramp(at, 1, span)]
+             for at in sorted({min(max(s, 0), w - span) for s in (start, start + span)})}
     taps = []
     for j in range(kw):
-        at = start + (j // stride) * stride
-        loaded, moved = _load(x, ch, row, at, lanes * stride, w)
-        taps.append(_pick(loaded, [start + j + q * stride - moved if 0 <= start + j + q * stride < w else None
-                                   for q in range(lanes)], lanes * stride))
+        cols = [start + j + q * stride for q in range(lanes)]
+        used: list[int] = []
+        picks = []
+        for c in cols:
+            at = next((a for a in spans if a <= c < a + span), None) if 0 <= c < w else None
+            if at is not None and at not in used:
+                used.append(at)
+            picks.append(None if at is None else (used.index(at), c - at))
+        if len(used) == 1:
+            taps.append(_pick(spans[used[0]], [None if p is None else p[1] for p in picks], span))
+        elif None not in picks:
+            taps.append(tirx.Shuffle([spans[a] for a in used],
+                                     [tirx.IntImm("int32", p[0] * span + p[1]) for p in picks]))
+        else:  # lanes from two spans and the padding: one load of its own
+            loaded, moved = _load(x, ch, row, start + (j // stride) * stride, span, w)
+            taps.append(_pick(loaded, [c - moved if 0 <= c < w else None for c in cols], span))
     return taps
 
 
