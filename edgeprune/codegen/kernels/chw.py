@@ -11,8 +11,9 @@ read off it, as kernels/bsr.py reads a pointwise one), so it computes the same f
   * one channel per parallel job, a vector of L output pixels of a row at a time, read straight from the input:
     no padded copy. A load that would leave the row is moved inside it and its lanes shuffled against zeros (the
     padding); kernel rows above or below the map are left out of the first and last output rows' code;
-  * stride 1: a load per tap (unaligned); stride 2: a load of 2L pixels and a shuffle of its even lanes, not a
-    gather;
+  * stride 1: the row's vectors loaded once at the output vectors' places, the taps shifted from them by shuffles
+    (rows of three vectors or more; `_from_grid`); stride 2: a load of 2L pixels and a shuffle of its even or odd
+    lanes, not a gather, the tap past its end finished from the next load;
   * one accumulation per kernel row, so a vector's FMAs are kh independent chains, and several vectors (rows of
     a small map together) unrolled;
   * the last vector of a row that L does not divide is moved back to end at the row's last pixel (it recomputes a
@@ -23,7 +24,9 @@ read off it, as kernels/bsr.py reads a pointwise one), so it computes the same f
     by rows, 0.011 ms so, where channels-last takes 0.018.
 
 Against our channels-last depthwise kernel (one thread, Zen 4, MobileNetV2's shapes): 0.7-0.85x at stride 1 on
-14x14 and larger maps, 0.5-0.7x at stride 2, 0.4x at 7x7 (4-lane vectors). In MobileNetV2 at 50% 1x4 sparsity,
+14x14 and larger maps, 0.5-0.7x at stride 2, 0.4x at 7x7 (4-lane vectors). On Zen 5 (16 lanes, 2026-12-02, after
+the shifted taps): 0.84x at 56x56, 0.75x at 28x28 and 0.6x at 14x14 stride 1; 0.9x (112x112), 0.7x (56x56) and
+0.35x (28x28, 14x14, rows of 8 or 4 lanes) at stride 2. In MobileNetV2 at 50% 1x4 sparsity,
 one thread, the run's sparse kernels took 3.6 ms where the "pixels" ones took 4.3, its depthwise ones 1.0 where the
 channels-last ones took 0.8: the network 7% faster at one thread, as fast at two, where the largest pointwise
 layers are bound by writing their outputs (bench/sparse.py times both builds).
