@@ -229,19 +229,34 @@ def test_a_depthwise_layer_and_the_sparse_layer_reading_it_run_as_one_kernel_in_
     assert expand.shapes[1:] == ((1, 1, 32, 64), (1, 12, 11, 64))
 
 
+def assert_merges_and_matches_onnxruntime(path, x: torch.Tensor, tmp_path) -> None:
+    """The model's sparse layers, forced channels-first, run as one expand kernel and one merged depthwise +
+    project kernel, and the library matches onnxruntime."""
+    import onnxruntime as ort
+    from helpers import assert_close
+
+    from edgeprune.codegen.build import compile_model
+    from edgeprune.codegen.importers import import_model
+    from edgeprune.measure.local import Session
+
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    pick = lambda kernel, dense, options: "pixels:4"  # noqa: E731
+    _, scheduled = lower.compile_module(import_model(path).mod, TARGET, sparse=pick, channels_first=True)
+    ops = sorted(str(tag_of(f, OP)) for _, f in scheduled.functions_items()
+                 if isinstance(f, tvm.tirx.PrimFunc) and str(f.attrs.get(bsr.VARIANT, "")) == "chw")
+    assert ops == ["dwpw", "pointwise"]
+    build = compile_model(path, "host", tmp_path / "b", sparse="sparse", channels_first=True)
+    assert_close(Session(build).run([x.numpy()])[0], ref)
+
+
 @pytest.mark.parametrize("h,w", [(24, 20), (30, 28)])
 def test_a_stride_2_depthwise_layer_merged_with_its_sparse_reader_matches_onnxruntime(tmp_path, h, w):
     """A 3x3 stride-2 depthwise layer (a load of 2L pixels, its even or odd lanes a tap) merged with the sparse
     layer reading it: the library matches onnxruntime, on maps whose output rows 16 lanes do not divide (12x10,
     15x14)."""
-    import onnxruntime as ort
-    from helpers import assert_close
     from test_bsr import block_sparse
     from torch import nn
 
-    from edgeprune.codegen.build import compile_model
-    from edgeprune.codegen.importers import import_model
-    from edgeprune.measure.local import Session
     from edgeprune.models import zoo
 
     class Down(nn.Module):
@@ -258,28 +273,16 @@ def test_a_stride_2_depthwise_layer_merged_with_its_sparse_reader_matches_onnxru
     torch.manual_seed(0)
     x = torch.randn(1, 3, h, w)
     path = zoo.export_onnx(block_sparse(Down(), 4, 0.6), x, tmp_path / "down.onnx")
-    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
-    pick = lambda kernel, dense, options: "pixels:4"  # noqa: E731
-    _, scheduled = lower.compile_module(import_model(path).mod, TARGET, sparse=pick, channels_first=True)
-    ops = sorted(str(tag_of(f, OP)) for _, f in scheduled.functions_items()
-                 if isinstance(f, tvm.tirx.PrimFunc) and str(f.attrs.get(bsr.VARIANT, "")) == "chw")
-    assert ops == ["dwpw", "pointwise"]
-    build = compile_model(path, "host", tmp_path / "b", sparse="sparse", channels_first=True)
-    assert_close(Session(build).run([x.numpy()])[0], ref)
+    assert_merges_and_matches_onnxruntime(path, x, tmp_path)
 
 
 def test_a_depthwise_layer_keeping_its_maps_size_starts_a_run_and_merges(tmp_path):
     """A stride-1 depthwise layer fed by a dense layer and read by a sparse one starts the run (the transpose in
     moves to its input, the same size) and merges with its reader, as MobileNetV2's first block does; the library
     matches onnxruntime."""
-    import onnxruntime as ort
-    from helpers import assert_close
     from test_bsr import block_sparse
     from torch import nn
 
-    from edgeprune.codegen.build import compile_model
-    from edgeprune.codegen.importers import import_model
-    from edgeprune.measure.local import Session
     from edgeprune.models import zoo
 
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
@@ -287,14 +290,7 @@ def test_a_depthwise_layer_keeping_its_maps_size_starts_a_run_and_merges(tmp_pat
     torch.manual_seed(0)
     x = torch.randn(1, 3, 12, 12)
     path = zoo.export_onnx(block_sparse(net, 4, 0.6), x, tmp_path / "first.onnx")
-    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
-    pick = lambda kernel, dense, options: "pixels:4"  # noqa: E731
-    _, scheduled = lower.compile_module(import_model(path).mod, TARGET, sparse=pick, channels_first=True)
-    ops = sorted(str(tag_of(f, OP)) for _, f in scheduled.functions_items()
-                 if isinstance(f, tvm.tirx.PrimFunc) and str(f.attrs.get(bsr.VARIANT, "")) == "chw")
-    assert ops == ["dwpw", "pointwise"]
-    build = compile_model(path, "host", tmp_path / "b", sparse="sparse", channels_first=True)
-    assert_close(Session(build).run([x.numpy()])[0], ref)
+    assert_merges_and_matches_onnxruntime(path, x, tmp_path)
 
 
 def test_merged_tiles_share_the_rows_evenly_and_keep_their_buffer_in_l2():
