@@ -179,9 +179,7 @@ def depthwise_kernel(dw: Depthwise, params: Sequence[tirx.Buffer], spec: CpuSpec
                     of = T.decl_buffer((c, h * w), "float32", data=out.data)
                 with T.parallel(0, c) as ch:
                     if flat_l:
-                        weights = [[tirx.Broadcast(weight[i, j, 0, ch], flat_l) for j in range(dw.kernel[1])]
-                                   for i in range(dw.kernel[0])]
-                        flat_rows(T, dw, xf, weights, ch, 0, h, flat_l,
+                        flat_rows(T, dw, xf, broadcast_weights(weight, ch, dw.kernel, flat_l), ch, 0, h, flat_l,
                                   lambda value, at: store_per_channel(T, dw, of, value, ch, at, flat_l))
                     else:
                         _rows(T, dw, x, weight, out, ch, lanes)
@@ -202,7 +200,7 @@ def _rows(T, dw: Depthwise, x, weight, out, ch, lanes: int) -> None:
     kh, kw = dw.kernel
     bases = row_vectors(ow, lanes)
     first, last = inner_rows(dw)
-    weights = [[tirx.Broadcast(weight[i, j, 0, ch], lanes) for j in range(kw)] for i in range(kh)]
+    weights = broadcast_weights(weight, ch, dw.kernel, lanes)
     inner = last - first
     if inner:
         group = min(inner, -(-UNITS // len(bases)))
@@ -212,6 +210,11 @@ def _rows(T, dw: Depthwise, x, weight, out, ch, lanes: int) -> None:
                 _row(T, dw, x, weights, out, ch, row, range(kh), bases, lanes)
     for row in [*range(first), *range(last, oh)]:
         _row(T, dw, x, weights, out, ch, row, kernel_rows_at(dw, row), bases, lanes)
+
+
+def broadcast_weights(weight, ch, kernel: tuple[int, int], lanes: int) -> list[list]:
+    """Channel ch's kh x kw weights (HWIO), each broadcast to L lanes."""
+    return [[tirx.Broadcast(weight[i, j, 0, ch], lanes) for j in range(kernel[1])] for i in range(kernel[0])]
 
 
 def row_vectors(width: int, lanes: int) -> list[int]:
@@ -271,21 +274,11 @@ def _taps(x, ch, row, start: int, kw: int, stride: int, w: int, lanes: int) -> l
     taps = []
     for j in range(kw):
         cols = [start + j + q * stride for q in range(lanes)]
-        used: list[int] = []
-        picks = []
-        for c in cols:
-            at = next((a for a in spans if a <= c < a + span), None) if 0 <= c < w else None
-            if at is not None and at not in used:
-                used.append(at)
-            picks.append(None if at is None else (used.index(at), c - at))
-        if len(used) == 1:
-            taps.append(_pick(spans[used[0]], [None if p is None else p[1] for p in picks], span))
-        elif None not in picks:
-            taps.append(tirx.Shuffle([spans[a] for a in used],
-                                     [tirx.IntImm("int32", p[0] * span + p[1]) for p in picks]))
-        else:  # lanes from two spans and the padding: one load of its own
+        tap = _lanes_of(spans, [c if 0 <= c < w else None for c in cols], span)
+        if tap is None:  # lanes from two spans and the padding: one load of its own
             loaded, moved = _load(x, ch, row, start + (j // stride) * stride, span, w)
-            taps.append(_pick(loaded, [c - moved if 0 <= c < w else None for c in cols], span))
+            tap = _pick(loaded, [c - moved if 0 <= c < w else None for c in cols], span)
+        taps.append(tap)
     return taps
 
 
@@ -299,24 +292,30 @@ def _from_grid(x, ch, row, start: int, w: int, lanes: int):
     if w < 3 * lanes:  # rows of two vectors overlap by most of one: the shuffles cost more than the loads
         return _window(x, ch, row, start, w, lanes)
     grid = row_vectors(w, lanes)
-    lanes_at, sources = [], []
-    for q in range(lanes):
-        p = start + q
-        if not 0 <= p < w:
-            lanes_at.append(None)
-            continue
-        owner = next((g for g in (start, *grid) if g in grid and g <= p < g + lanes), None)
-        if owner is None:
-            return _window(x, ch, row, start, w, lanes)
-        if owner not in sources:
-            sources.append(owner)
-        lanes_at.append((sources.index(owner), p - owner))
-    if len(sources) > 2 or (len(sources) == 2 and None in lanes_at):
-        return _window(x, ch, row, start, w, lanes)  # three sources: one load is cheaper
-    loaded = [x[0, ch, row, tirx.Ramp(g, 1, lanes)] for g in sources]
-    if len(loaded) == 1:
-        return _pick(loaded[0], [None if at is None else at[1] for at in lanes_at], lanes)
-    return tirx.Shuffle(loaded, [tirx.IntImm("int32", at[0] * lanes + at[1]) for at in lanes_at])
+    order = ([start] if start in grid else []) + [g for g in grid if g != start]  # its own vector first
+    vectors = {g: x[0, ch, row, tirx.Ramp(g, 1, lanes)] for g in order}
+    tap = _lanes_of(vectors, [p if 0 <= p < w else None for p in range(start, start + lanes)], lanes)
+    return tap if tap is not None else _window(x, ch, row, start, w, lanes)  # three sources: one load is cheaper
+
+
+def _lanes_of(vectors: dict, pixels: list, span: int):
+    """A vector whose lane q is pixel pixels[q] (0 where None), each from the first of `vectors` ({first pixel:
+    its loaded vector of `span` pixels}) holding it: one vector's lanes (zeros allowed), or a shuffle of two;
+    None where that takes more, or two and zeros, or a pixel no vector holds."""
+    used: list[int] = []
+    picks = []
+    for p in pixels:
+        at = None if p is None else next((a for a in vectors if a <= p < a + span), None)
+        if p is not None and at is None:
+            return None
+        if at is not None and at not in used:
+            used.append(at)
+        picks.append(None if at is None else (used.index(at), p - at))
+    if len(used) == 1:
+        return _pick(vectors[used[0]], [None if pk is None else pk[1] for pk in picks], span)
+    if len(used) == 2 and None not in picks:
+        return tirx.Shuffle([vectors[a] for a in used], [tirx.IntImm("int32", pk[0] * span + pk[1]) for pk in picks])
+    return None
 
 
 def _window(x, ch, row, start: int, w: int, lanes: int):
@@ -361,10 +360,10 @@ def flat_rows(T, dw: Depthwise, xf, weights, ch, first: int, count: int, lanes: 
     pixels = count * w
     for start in row_vectors(pixels, lanes):
         value = None
+        at = [first * w + start + q for q in range(lanes)]  # each lane's output pixel
         for i in range(kh):
             row_sum = None
             for j in range(kw):
-                at = [first * w + start + q for q in range(lanes)]  # each lane's output pixel
                 src = [o + (i - top) * w + (j - left) for o in at]
                 ok = [0 <= o // w + i - top < h and 0 <= o % w + j - left < w for o in at]
                 if not any(ok):

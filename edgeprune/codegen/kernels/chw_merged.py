@@ -25,6 +25,7 @@ from .bsr import Bsr, Fused, _accumulate, _shape, _store_chw, pixel_accumulators
 from .chw import (
     Depthwise,
     _row,
+    broadcast_weights,
     flat_lanes,
     flat_rows,
     inner_rows,
@@ -133,14 +134,12 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
                     buf = T.alloc_buffer((c, p_tile), "float32", scope="global")
                     for s0 in flat_starts:  # each tile's rows known, so is which lanes of each tap lie outside
                         with T.If(r0 == s0), T.Then(), T.serial(0, c) as ch:
-                            weights = [[tirx.Broadcast(weight[i, j, 0, ch], flat_l) for j in range(kw)]
-                                       for i in range(kh)]
+                            weights = broadcast_weights(weight, ch, dw.kernel, flat_l)
                             flat_rows(T, dw, xf, weights, ch, s0, r, flat_l, lambda value, at, ch=ch: (
                                 store_per_channel(T, dw, buf, value, ch, at, flat_l)))
                     if not flat_starts:
                         with T.serial(0, c) as ch:
-                            weights = [[tirx.Broadcast(weight[i, j, 0, ch], dlanes) for j in range(kw)]
-                                       for i in range(kh)]
+                            weights = broadcast_weights(weight, ch, dw.kernel, dlanes)
                             for i in range(r):
                                 def store(value, base, i=i, ch=ch):
                                     store_per_channel(T, dw, buf, value, ch, i * ow + base, dlanes)
