@@ -229,9 +229,9 @@ def test_a_depthwise_layer_and_the_sparse_layer_reading_it_run_as_one_kernel_in_
     assert expand.shapes[1:] == ((1, 1, 32, 64), (1, 12, 11, 64))
 
 
-def assert_merges_and_matches_onnxruntime(path, x: torch.Tensor, tmp_path) -> None:
+def assert_merges_and_matches_onnxruntime(path, x: torch.Tensor, tmp_path, ops_wanted=("dwpw", "pointwise")):
     """The model's sparse layers, forced channels-first, run as one expand kernel and one merged depthwise +
-    project kernel, and the library matches onnxruntime."""
+    project kernel (or as `ops_wanted` says), and the library matches onnxruntime."""
     import onnxruntime as ort
     from helpers import assert_close
 
@@ -244,9 +244,26 @@ def assert_merges_and_matches_onnxruntime(path, x: torch.Tensor, tmp_path) -> No
     _, scheduled = lower.compile_module(import_model(path).mod, TARGET, sparse=pick, channels_first=True)
     ops = sorted(str(tag_of(f, OP)) for _, f in scheduled.functions_items()
                  if isinstance(f, tvm.tirx.PrimFunc) and str(f.attrs.get(bsr.VARIANT, "")) == "chw")
-    assert ops == ["dwpw", "pointwise"]
+    assert ops == sorted(ops_wanted)
     build = compile_model(path, "host", tmp_path / "b", sparse="sparse", channels_first=True)
     assert_close(Session(build).run([x.numpy()])[0], ref)
+    return build
+
+
+class Down(torch.nn.Module):
+    """stem, sparse expand, 3x3 stride-2 depthwise, sparse project: an inverted-residual block that downsamples."""
+
+    def __init__(self) -> None:
+        from torch import nn
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.expand = nn.Sequential(nn.Conv2d(16, 48, 1), nn.ReLU6())
+        self.down = nn.Sequential(nn.Conv2d(48, 48, 3, stride=2, padding=1, groups=48), nn.ReLU6())
+        self.project = nn.Conv2d(48, 24, 1)
+
+    def forward(self, x):
+        return self.project(self.down(self.expand(self.stem(x))))
 
 
 @pytest.mark.parametrize("h,w", [(24, 20), (30, 28)])
@@ -255,25 +272,41 @@ def test_a_stride_2_depthwise_layer_merged_with_its_sparse_reader_matches_onnxru
     layer reading it: the library matches onnxruntime, on maps whose output rows 16 lanes do not divide (12x10,
     15x14)."""
     from test_bsr import block_sparse
-    from torch import nn
 
     from edgeprune.models import zoo
-
-    class Down(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Conv2d(3, 16, 3, padding=1)
-            self.expand = nn.Sequential(nn.Conv2d(16, 48, 1), nn.ReLU6())
-            self.down = nn.Sequential(nn.Conv2d(48, 48, 3, stride=2, padding=1, groups=48), nn.ReLU6())
-            self.project = nn.Conv2d(48, 24, 1)
-
-        def forward(self, x):
-            return self.project(self.down(self.expand(self.stem(x))))
 
     torch.manual_seed(0)
     x = torch.randn(1, 3, h, w)
     path = zoo.export_onnx(block_sparse(Down(), 4, 0.6), x, tmp_path / "down.onnx")
     assert_merges_and_matches_onnxruntime(path, x, tmp_path)
+
+
+@pytest.mark.parametrize("h,w,budget", [(24, 20, 256 * 1024), (31, 28, 256 * 1024), (30, 28, 1)])
+def test_the_expanding_layer_before_a_stride_2_depthwise_layer_joins_the_merged_kernel(tmp_path, monkeypatch, h, w,
+                                                                                        budget):
+    """With the map-size floor lifted, the sparse expand layer joins the merged kernel (each tile computes the
+    expanded rows its window reads): one channels-first kernel for the block, matching onnxruntime. Odd heights
+    (the last tile's window ends at the map's last row) and a budget that leaves tiles the fewest rows the
+    pointwise part takes (windows that overlap, the first clamped at the map's top)."""
+    from test_bsr import block_sparse
+
+    from edgeprune.codegen.kernels import chw_merged
+    from edgeprune.models import zoo
+
+    monkeypatch.setattr(chw_merged, "EXPAND_PIXELS", 0)
+    monkeypatch.setattr(chw_merged, "EXPAND_BYTES", budget)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, h, w)
+    path = zoo.export_onnx(block_sparse(Down(), 4, 0.6), x, tmp_path / "down.onnx")
+    build = assert_merges_and_matches_onnxruntime(path, x, tmp_path, ops_wanted=("dwpw",))
+    # a row per layer, in the layers' own shapes, each sparse part with its own block and density
+    expand, down, project = [r for r in build.layers if "expand_dwpw_chw" in r.kernel]
+    oh, ow = (h + 1) // 2, (w + 1) // 2
+    assert (expand.op, down.op, project.op) == ("pointwise", "depthwise", "pointwise")
+    assert expand.shapes[0] == (1, h, w, 16) and expand.shapes[-1] == (1, h, w, 48)
+    assert down.shapes[-1] == (1, oh, ow, 48) and project.shapes[-1] == (1, oh, ow, 24)
+    assert expand.family == project.family == "bsr" and expand.block == project.block == 4
+    assert 0.3 < expand.density < 0.5 and 0.3 < project.density < 0.5
 
 
 def test_a_depthwise_layer_keeping_its_maps_size_starts_a_run_and_merges(tmp_path):

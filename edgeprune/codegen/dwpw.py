@@ -33,6 +33,7 @@ MIN_PIXELS = 100
 PART_OPS = "edgeprune.part_ops"  # the layers it runs: ["depthwise", "pointwise"], or an expanding pointwise first
 PART_ARGS = "edgeprune.part_args"  # how many of its parameters are each part's, in order (the first's input first)
 PART_REDUCTIONS = "edgeprune.part_reductions"  # MACs per output element of each part
+PART_BLOCKS = "edgeprune.part_blocks"  # each part's (N, density) where more than one part is block-sparse
 
 
 def _dense(func, op: str) -> bool:
@@ -185,10 +186,14 @@ def cost_rows(parts: list[tuple[list, list]], outputs: list, tags: dict, kernel:
             out = outputs[0]
         elif op == "depthwise":  # the depthwise output: the output's map, its own channels (those of its input)
             out = (*outputs[0][:-1], ins[0][-1])
+        elif PART_BLOCKS in tags:  # a block-sparse expanding layer: its channels those of the depthwise weight
+            out = (*ins[0][:-1], int(parts[j + 1][1][0][-1]))
         else:  # the expanding layer: its input's map; its channels from its weight, however packed (K x M floats)
             out = (*ins[0][:-1], math.prod(consts[0]) // ins[0][-1])
         if op == "pointwise" and tags.get(FAMILY) == bsr.NAME:
-            rows.append(bsr.cost_row(op, ins, consts, [out], red, kernel, tags=tags))
+            own = tags if PART_BLOCKS not in tags else {
+                **tags, bsr.BLOCK: int(tags[PART_BLOCKS][j][0]), bsr.DENSITY: float(tags[PART_BLOCKS][j][1])}
+            rows.append(bsr.cost_row(op, ins, consts, [out], red, kernel, tags=own))
         else:
             rows.append(dense.cost_row(op, ins, consts, [out], red, kernel))
         prev = out

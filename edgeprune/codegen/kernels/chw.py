@@ -425,14 +425,16 @@ def segments(builder: relax.BlockBuilder, main: relax.Function, replace: list, c
     kernels: dict[str, tvm.ir.GlobalVar] = {}
     calls = []
     merged = _merges(plan, list(blocks[0].bindings), funcs, spec) if plan and merge else {}
-    gone = list(merged.values())
+    expands = _expands(plan, merged, list(blocks[0].bindings), funcs, spec, threads)
+    gone = [*merged.values(), *expands.values()]
     for var, (kind, info, call) in plan.items():
         if any(var.same_as(g) for g in gone):
             continue  # merged into the pointwise layer that reads it
         dw_var = next((d for p, d in merged.items() if p.same_as(var)), None)
         if dw_var is not None:
+            ex_var = next((e for d, e in expands.items() if d.same_as(dw_var)), None)
             calls.append(_merged_call(builder, kernels, var, info, call, plan[dw_var], funcs, replace, spec,
-                                      threads))
+                                      threads, None if ex_var is None else plan[ex_var]))
             continue
         if kind == "pointwise":
             made = info.name + "_chw"
@@ -486,25 +488,64 @@ def _merges(plan: dict, bindings: list, funcs: dict, spec: CpuSpec) -> dict:
 
 
 def _merged_call(builder: relax.BlockBuilder, kernels: dict, var, info, call, dw_entry, funcs: dict, replace: list,
-                 spec: CpuSpec, threads: int) -> tuple:
-    """(var, kernel, arguments, output shape) of a depthwise + sparse pointwise pair's merged kernel."""
-    from ..dwpw import OP_NAME, PART_ARGS, PART_OPS, PART_REDUCTIONS
+                 spec: CpuSpec, threads: int, ex_entry=None) -> tuple:
+    """(var, kernel, arguments, output shape) of a depthwise + sparse pointwise pair's merged kernel, with the
+    sparse expanding layer before them where `ex_entry` (its plan entry) is given."""
+    from ..dwpw import OP_NAME, PART_ARGS, PART_BLOCKS, PART_OPS, PART_REDUCTIONS
     from . import chw_merged
 
     _, dw, dw_call = dw_entry
     dw_func = funcs[dw_call.args[0].name_hint]
-    made = info.name + "_dwpw_chw"
+    made = info.name + ("_expand_dwpw_chw" if ex_entry else "_dwpw_chw")
     dw_args = list(dw_call.args[1])
     extras = [call.args[1][i] for i in info.fused.extras]
+    ex_args: list = []
+    if ex_entry is not None:
+        _, ex, ex_call = ex_entry
+        ex_args = [ex_call.args[1][0], *_bsr_constants(replace, ex_call),
+                   *[ex_call.args[1][i] for i in ex.fused.extras]]
+        dw_args = [a for i, a in enumerate(dw_args) if not dw_func.params[i].same_as(dw.x)]
     if made not in kernels:
-        func = chw_merged.kernel(dw, list(dw_func.params), info.fused, info.params, info.bsr, spec, threads)
+        expand = None if ex_entry is None else (ex.fused, ex.params, ex.bsr)
+        func = chw_merged.kernel(dw, list(dw_func.params), info.fused, info.params, info.bsr, spec, threads, expand)
         kh, kw = dw.kernel
-        attrs = {**info.attrs, OP: OP_NAME, VARIANT: "chw", FLOPS: int(tag_of(dw_func, FLOPS, 0)) + int(
-                 info.attrs[FLOPS]), PART_OPS: ["depthwise", "pointwise"], PART_ARGS: [len(dw_args), 3 + len(extras)],
-                 PART_REDUCTIONS: [kh * kw, int(info.fused.k)]}
+        flops = int(tag_of(dw_func, FLOPS, 0)) + int(info.attrs[FLOPS])
+        ops, parts = ["depthwise", "pointwise"], [len(dw_args), 3 + len(extras)]
+        reductions = [kh * kw, int(info.fused.k)]
+        if ex_entry is not None:
+            flops += int(ex.attrs[FLOPS])
+            ops, parts, reductions = ["pointwise", *ops], [len(ex_args), *parts], [int(ex.fused.k), *reductions]
+        attrs = {**info.attrs, OP: OP_NAME, VARIANT: "chw", FLOPS: flops, PART_OPS: ops, PART_ARGS: parts,
+                 PART_REDUCTIONS: reductions}
+        if ex_entry is not None:  # two sparse parts: each its own N and density
+            attrs[PART_BLOCKS] = [[ex.bsr.n, round(ex.bsr.density, 6)], [1, 1.0],
+                                  [info.bsr.n, round(info.bsr.density, 6)]]
         kernels[made] = builder.add_func(func.with_attrs(attrs), made)
-    args = [*dw_args, *_bsr_constants(replace, call), *extras]
+    args = [*ex_args, *dw_args, *_bsr_constants(replace, call), *extras]
     return var, kernels[made], args, to_chw([int(d) for d in info.fused.out.shape])
+
+
+def _expands(plan: dict, merged: dict, bindings: list, funcs: dict, spec: CpuSpec, threads: int) -> dict:
+    """{depthwise var: pointwise var} for the merged pairs whose depthwise layer reads a sparse pointwise layer
+    of the run that nothing else reads, and which take it in (chw_merged.expand_capable): the expanded tensor, the
+    largest of an inverted-residual block, is then never written."""
+    from . import chw_merged
+
+    readers: dict = {}
+    for b in bindings:
+        for v in _vars(b.value):
+            readers.setdefault(v, []).append(b.var)
+    found = {}
+    for pw_var, dw_var in merged.items():
+        _, dw, dw_call = plan[dw_var]
+        source = dw_call.args[1][0]
+        if source not in plan or plan[source][0] != "pointwise" or len(readers[source]) != 1:
+            continue
+        ex = plan[source][1]
+        pw = plan[pw_var][1]
+        if chw_merged.expand_capable(ex.fused, ex.params, dw, pw.fused, spec, threads):
+            found[dw_var] = source
+    return found
 
 
 def _bsr_constants(replace: list, call: relax.Call) -> list:

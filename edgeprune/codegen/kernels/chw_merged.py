@@ -40,6 +40,9 @@ from .common import CpuSpec
 TILE_VECTORS = 4  # a tile's pixels fill at least this many vectors of the pointwise layer
 BUFFER_BYTES = 256 * 1024  # a tile's depthwise outputs stay in L2
 MAX_FLAT_TILES = 4  # tiles given code of their own for the depthwise part over their pixels
+MAX_RECOMPUTE = 1.5  # the expanding layer's work in a tile against its share of the map, at most
+EXPAND_PIXELS = 56 * 56  # maps under this keep the expanded tensor in cache anyway
+EXPAND_BYTES = 256 * 1024  # a tile's rows of the expanded map
 
 
 def capable(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, spec: CpuSpec, min_pixels: int) -> bool:
@@ -81,14 +84,66 @@ def vector_groups(p: int, lanes: int, n: int, budget: int, room: int) -> tuple[l
     return [starts[a:b] for a, b in zip(bounds, bounds[1:])], spare
 
 
+def expand_rows(dw: Depthwise, r: int) -> int:
+    """The input rows a tile of r depthwise output rows reads (its window's rows, all inside the map)."""
+    return min(_shape(dw.x)[1], (r - 1) * dw.stride[0] + dw.kernel[0])
+
+
+def expand_capable(ex: Fused, ex_params: Sequence[tirx.Buffer], dw: Depthwise, pw: Fused, spec: CpuSpec,
+                   threads: int) -> bool:
+    """Whether the merged kernel takes in `ex`, the sparse pointwise layer its depthwise layer reads: a 1x1
+    convolution with per-channel constants in its epilogue, computed again for the rows two tiles share, at most
+    MAX_RECOMPUTE times its own work (a stride-2 depthwise layer at a row a tile: 3 rows for 2; stride 1 there
+    would be 3 for 1)."""
+    r = expand_tile_rows(dw, spec, threads)
+    per_tile = expand_rows(dw, r) / (r * dw.stride[0])
+    constants = all(all(d == 1 for d in _shape(ex_params[i])[:-1]) for i in ex.extras)
+    return (len(_shape(ex.out)) == 4 and constants and per_tile <= MAX_RECOMPUTE and not flat_lanes(dw, spec)
+            and _shape(ex.out)[1] * _shape(ex.out)[2] >= EXPAND_PIXELS)
+
+
+def expand_tile_rows(dw: Depthwise, spec: CpuSpec, threads: int) -> int:
+    """R with the expanding layer taken in: tile_rows' R, fewer where the tile's rows of the expanded map would
+    not stay in L2 (EXPAND_BYTES; MobileNetV2's 28x28 stride-2 layer: 14 rows, 29 rows of 56 x 144 expanded)."""
+    c, w = _shape(dw.x)[3], _shape(dw.x)[2]
+    _, oh, ow, _ = _shape(dw.out)
+    lanes = pixel_lanes(spec)
+    r = tile_rows(oh, ow, lanes, threads, c)
+    least = -(-min(oh * ow, TILE_VECTORS * lanes) // ow)  # the pointwise part's vectors, as tile_rows keeps them
+    while r > least and c * expand_rows(dw, r) * w * 4 > EXPAND_BYTES:
+        r -= 1
+    return r
+
+
+class _Window:
+    """The rows [first, first + count) of a channels-first map, kept as [C, count * W], indexed as the whole map
+    [1, C, H, W] is (the depthwise row code reads it by the map's own rows)."""
+
+    def __init__(self, buf, first, width: int) -> None:
+        self.buf, self.first, self.width = buf, first, width
+
+    def __getitem__(self, index):
+        _, ch, row, cols = index
+        at = (row - self.first) * self.width
+        if isinstance(cols, tirx.Ramp):  # stays a Ramp (a vector load), not a sum of a scalar and a Ramp
+            return self.buf[ch, tirx.Ramp(at + cols.base, cols.stride, cols.lanes)]
+        return self.buf[ch, at + cols]
+
+
 def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params: Sequence[tirx.Buffer], bsr: Bsr,
-           spec: CpuSpec, threads: int = 2) -> tirx.PrimFunc:
+           spec: CpuSpec, threads: int = 2, expand: tuple | None = None) -> tirx.PrimFunc:
     """The merged kernel, with parameters (the depthwise kernel's inputs in its order, data, indices, indptr, the
-    pointwise epilogue's inputs, out): the activations channels-first, the constants as they were."""
+    pointwise epilogue's inputs, out): the activations channels-first, the constants as they were.
+
+    expand: (Fused, its parameters, Bsr) of the sparse pointwise layer the depthwise one reads (expand_capable).
+    Each tile then first computes the rows of it that its depthwise rows read, into a buffer the depthwise part
+    reads in place of its input, and the parameters begin with that layer's (its input, data, indices, indptr,
+    its epilogue's constants), the depthwise kernel's input left out of its own."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.tirx.script.builder import ir as T
 
     c = _shape(dw.x)[3]
+    h, w = _shape(dw.x)[1:3]
     _, oh, ow, _ = _shape(dw.out)
     kh, kw = dw.kernel
     out_shape = _shape(pw.out)
@@ -96,7 +151,8 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
     dlanes = lanes_for(dw, spec)
     dbases = row_vectors(ow, dlanes)  # where a depthwise row's vectors start
     lanes = pixel_lanes(spec)
-    r = tile_rows(oh, ow, lanes, threads, c)
+    r = expand_tile_rows(dw, spec, threads) if expand else tile_rows(oh, ow, lanes, threads, c)
+    rows_in = expand_rows(dw, r)
     p_tile = r * ow
     groups, spare = vector_groups(p_tile, lanes, bsr.n, pixel_accumulators(spec, bsr.n),
                                   register_room(spec, bsr.n))
@@ -113,7 +169,17 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
 
     with IRBuilder() as ib:
         with T.prim_func():
-            dw_bufs = {i: T.arg(p.name, chw(p) if p.same_as(dw.x) else p) for i, p in enumerate(dw_params[:-1])}
+            if expand is not None:
+                ex, ex_params, ex_bsr = expand
+                ex_x = T.arg("ex_x", chw(ex.x))
+                ex_nnz = max(1, len(ex_bsr.indices))
+                ex_data = T.arg("ex_data", T.buffer((ex_nnz, ex_bsr.n), "float32"))
+                ex_indices = T.arg("ex_indices", T.buffer((ex_nnz,), "int32"))
+                ex_indptr = T.arg("ex_indptr", T.buffer((ex.m // ex_bsr.n + 1,), "int32"))
+                for i in ex.extras:  # its epilogue's constants, read by the buffers it names
+                    T.arg(ex_params[i].name, ex_params[i])
+            dw_bufs = {i: T.arg(p.name, chw(p) if p.same_as(dw.x) else p) for i, p in enumerate(dw_params[:-1])
+                       if expand is None or not p.same_as(dw.x)}
             data = T.arg("data", T.buffer((nnz, bsr.n), "float32"))
             indices = T.arg("indices", T.buffer((nnz,), "int32"))
             indptr = T.arg("indptr", T.buffer((rows + 1,), "int32"))
@@ -121,7 +187,7 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
                                else pw_params[i]) for i in pw.extras}
             out = T.arg("out", chw(pw.out))
             T.func_attr({"tirx.noalias": True})
-            x = next(b for i, b in dw_bufs.items() if dw_params[i].same_as(dw.x))
+            x = None if expand else next(b for i, b in dw_bufs.items() if dw_params[i].same_as(dw.x))
             weight = dw_bufs[dw.weight]
             with T.sblock("root"), T.sblock("dwpw_chw"):
                 pairs = [(pw.out, out), *((pw_params[i], extras[i]) for i in pw.extras)]
@@ -132,6 +198,13 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
                 with T.parallel(0, -(-oh // r)) as t:
                     r0 = tirx.Min(t * r, oh - r)
                     buf = T.alloc_buffer((c, p_tile), "float32", scope="global")
+                    if expand is not None:  # the rows of the expanded map the tile's window reads
+                        first_in = tirx.Max(tirx.Min(r0 * dw.stride[0] - dw.pad[0], h - rows_in), 0)
+                        ex_buf = T.alloc_buffer((c, rows_in * w), "float32", scope="global")
+                        ex_xf = T.decl_buffer((ex.k, h * w), "float32", data=ex_x.data)
+                        _expand(T, replace(ex, flat=[(ex.out, ex_buf)]), ex_bsr, ex_xf, ex_data, ex_indices,
+                                ex_indptr, first_in * w, rows_in * w, spec)
+                        x = _Window(ex_buf, first_in, w)
                     for s0 in flat_starts:  # each tile's rows known, so is which lanes of each tap lie outside
                         with T.If(r0 == s0), T.Then(), T.serial(0, c) as ch:
                             weights = broadcast_weights(weight, ch, dw.kernel, flat_l)
@@ -167,6 +240,30 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
                                 with T.unroll(0, extra) as q, T.unroll(0, bsr.n) as j:
                                     _store_chw(T, pw, r0 * ow + p_tile - spare + q, ob * bsr.n + j, more[q, j])
     return ib.get()
+
+
+def _expand(T, ex: Fused, ex_bsr: Bsr, xf, data, indices, indptr, first, p: int, spec: CpuSpec) -> None:
+    """The sparse pointwise layer's outputs at pixels [first, first + p) of its map, every channel, with its
+    epilogue, stored at [channel, pixel - first] of its flat alias (`ex.flat`)."""
+    n = ex_bsr.n
+    lanes = pixel_lanes(spec)
+    groups, spare = vector_groups(p, lanes, n, pixel_accumulators(spec, n), register_room(spec, n))
+    vec = tirx.Ramp(0, 1, lanes)
+    for gi, starts in enumerate(groups):
+        extra = spare if gi == len(groups) - 1 else 0
+        with T.serial(0, ex.m // n) as ob:
+            def at(g, start=starts[0]):
+                return tirx.Min(start + g * lanes, p - lanes)
+
+            acc, more = _accumulate(T, n, len(starts), lanes, data, indptr, ob,
+                                    lambda e, g, at=at: xf[indices[e], tirx.Ramp(first + at(g), 1, lanes)],
+                                    extra, lambda e, q: xf[indices[e], first + p - spare + q])
+            for g, start in enumerate(starts):
+                with T.unroll(0, n) as j:
+                    _store_chw(T, ex, tirx.Ramp(start, 1, lanes), ob * n + j, acc[g * n + j, vec])
+            if extra:
+                with T.unroll(0, extra) as q, T.unroll(0, n) as j:
+                    _store_chw(T, ex, p - spare + q, ob * n + j, more[q, j])
 
 
 def _any_row(T, one_row, row, first: int, last: int, edges: list[int], dw: Depthwise, kh: int) -> None:
