@@ -17,8 +17,9 @@ Sections, all in one run, each printing a table, then one GOAL line per goal; ex
      runs of the sparse layers and keeps the faster) and with --sparse dense (its dense build); each layout forced
      too, for comparison,
    - converted by MNN with --detectSparseSpeedUp and 1x4 blocks (bench/peers.py), and run by onnxruntime.
-   Each runtime runs in its own subprocess, interleaved over rounds, lowest round median kept. Outputs are checked
-   against onnxruntime's (rtol 1e-4 of the output scale).
+   Each runtime runs in its own subprocess, interleaved over rounds, lowest round median kept; our four builds
+   share one subprocess, timed in turn in slices of ~0.1 s, so that each sees the same spells of a noisy host.
+   Outputs are checked against onnxruntime's (rtol 1e-4 of the output scale).
    Goals: ours >= 1.4x our dense at 50% and >= 2.0x at 75%; faster than MNN's sparse build at 50, 75 and 90%;
    faster than onnxruntime at 50 and 75%.
 3. Accuracy (bench/sparse_accuracy.py): a subnet pruned and fine-tuned to 50% with N=4, against its dense twin and
@@ -277,30 +278,37 @@ def kernels_section(args: argparse.Namespace) -> tuple[str, list[tuple[str, bool
 
 
 def network_worker(args: argparse.Namespace) -> None:
-    """Time one edgeprune build at T threads (TVM's pool reads TVM_NUM_THREADS once: set before importing)."""
+    """Time edgeprune builds at T threads in one process, interleaved in slices of ~0.1 s (TVM's pool reads
+    TVM_NUM_THREADS once: set before importing). Timed in turn, each for seconds in its own process, two builds of
+    one network measured 1.3x apart on this shared host when one of them met a slow spell; interleaved finely, each
+    sees the same spells, so their ratio holds (measure.local.measure_interleaved)."""
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import numpy as np
-    from peers import timed
 
     from edgeprune.artifacts import Build
-    from edgeprune.measure.local import Session, random_inputs
+    from edgeprune.measure.local import Session, measure_interleaved, random_inputs
 
-    build = Build.load(args.model)
-    sess = Session(build)
-    out = sess.run([np.load(args.input)])[0]
-    np.save(args.output, out)
-    inputs = random_inputs(build)
-    times = timed(lambda runs, warmup: sess.time_runs(inputs, runs, warmup), args.seconds)
-    print(json.dumps({"median_ms": sorted(times)[len(times) // 2]}))
+    builds = [Build.load(m) for m in args.model.split(",")]
+    for build, out_path in zip(builds, args.output.split(",")):
+        np.save(out_path, Session(build).run([np.load(args.input)])[0])
+    sess = Session(builds[0])
+    probe = sess.time_runs(random_inputs(builds[0]), 10, 5)
+    per_slice = max(1, round(100 / max(np.median(probe), 1e-3)))  # ~0.1 s of runs
+    rounds = max(3, round(args.seconds * 1000 / (per_slice * np.median(probe))))
+    timed = measure_interleaved(builds, runs=per_slice * rounds, warmup=5, threads=args.threads, rounds=rounds,
+                                layers=False)
+    print(json.dumps({"median_ms": [float(np.median(m.runs_ms)) for m in timed]}))
 
 
-def _time_ours(build_dir: Path, threads: int, seconds: float, x_path: Path, out_path: Path) -> float:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "network", "--model", str(build_dir),
-           "--threads", str(threads), "--seconds", str(seconds), "--input", str(x_path), "--output", str(out_path)]
+def _time_ours(build_dirs: list[Path], threads: int, seconds: float, x_path: Path, out_paths: list[Path]
+               ) -> list[float]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "network",
+           "--model", ",".join(str(b) for b in build_dirs), "--threads", str(threads), "--seconds", str(seconds),
+           "--input", str(x_path), "--output", ",".join(str(o) for o in out_paths)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        sys.exit(f"edgeprune worker on {build_dir} failed:\n" + "\n".join(proc.stderr.strip().splitlines()[-15:]))
+        sys.exit(f"edgeprune worker on {build_dirs} failed:\n" + "\n".join(proc.stderr.strip().splitlines()[-15:]))
     return json.loads(lines[-1])["median_ms"]
 
 
@@ -350,9 +358,11 @@ def network_section(args: argparse.Namespace, workdir: Path) -> tuple[str, list[
             f = files[s]
             ref = time_peer("onnxruntime", f["onnx"], threads=2, seconds=args.seconds, inputs=x)
             best[(s, "onnxruntime")] = min(best.get((s, "onnxruntime"), 1e9), ref.median_ms)
-            for name in ("ours", "dense", "last", "first"):
-                out_path = workdir / f"out-{name}.npy"
-                ms = _time_ours(f[name], 2, args.seconds, x_path, out_path)
+            names = ("ours", "dense", "last", "first")
+            out_paths = [workdir / f"out-{name}.npy" for name in names]
+            # our four builds paired in one process (their ratios are the goals), each timed as long as a peer
+            times = _time_ours([f[name] for name in names], 2, args.seconds, x_path, out_paths)
+            for name, ms, out_path in zip(names, times, out_paths):
                 best[(s, name)] = min(best.get((s, name), 1e9), ms)
                 out, want = np.load(out_path), np.asarray(ref.output)
                 errors[(s, name)] = float(np.abs(out - want).max() / max(1e-9, np.abs(want).max()))
@@ -377,7 +387,8 @@ def network_section(args: argparse.Namespace, workdir: Path) -> tuple[str, list[
     worst = max(errors.values())
     goals.append(goal_line("network-numerics", -worst, ">=", -RTOL, unit=""))
     table = "\n".join(lines) + (f"\n\nMobileNetV2 1.0 @224, 1x4 blocks in every pointwise layer, 2 threads; lowest "
-                                f"of {args.rounds} interleaved round medians. Largest relative error against "
+                                f"of {args.rounds} interleaved round medians (our builds paired, ~0.1 s slices, within "
+                                f"each round). Largest relative error against "
                                 f"onnxruntime: {worst:.1e}. Ours is the default build, whose layout (runs of sparse "
                                 f"layers channels-first, kernels/chw.py, or not) the compiler chose by timing both "
                                 f"here; the last two columns force each layout, for comparison.")
