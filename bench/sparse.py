@@ -290,9 +290,10 @@ def network_worker(args: argparse.Namespace) -> None:
 
     builds = [Build.load(m) for m in args.model.split(",")]
     for build, out_path in zip(builds, args.output.split(",")):
-        np.save(out_path, Session(build).run([np.load(args.input)])[0])
-    sess = Session(builds[0])
-    probe = sess.time_runs(random_inputs(builds[0]), 10, 5)
+        sess = Session(build)
+        np.save(out_path, sess.run([np.load(args.input)])[0])
+        if build is builds[0]:  # the first build's run time sizes the slices
+            probe = sess.time_runs(random_inputs(build), 10, 5)
     per_slice = max(1, round(100 / max(np.median(probe), 1e-3)))  # ~0.1 s of runs
     rounds = max(3, round(args.seconds * 1000 / (per_slice * np.median(probe))))
     timed = measure_interleaved(builds, runs=per_slice * rounds, warmup=5, threads=args.threads, rounds=rounds,

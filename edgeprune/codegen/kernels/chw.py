@@ -425,7 +425,7 @@ def segments(builder: relax.BlockBuilder, main: relax.Function, replace: list, c
     kernels: dict[str, tvm.ir.GlobalVar] = {}
     calls = []
     merged = _merges(plan, list(blocks[0].bindings), funcs, spec) if plan and merge else {}
-    expands = _expands(plan, merged, list(blocks[0].bindings), funcs, spec, threads)
+    expands = _expands(plan, merged, list(blocks[0].bindings), spec, threads)
     gone = [*merged.values(), *expands.values()]
     for var, (kind, info, call) in plan.items():
         if any(var.same_as(g) for g in gone):
@@ -472,10 +472,7 @@ def _merges(plan: dict, bindings: list, funcs: dict, spec: CpuSpec) -> dict:
     from ..dwpw import MIN_PIXELS
     from . import chw_merged
 
-    readers: dict = {}
-    for b in bindings:
-        for v in _vars(b.value):
-            readers.setdefault(v, []).append(b.var)
+    readers = _readers(bindings)
     pairs = {}
     for var, (kind, info, call) in plan.items():
         source = call.args[1][0]
@@ -525,25 +522,21 @@ def _merged_call(builder: relax.BlockBuilder, kernels: dict, var, info, call, dw
     return var, kernels[made], args, to_chw([int(d) for d in info.fused.out.shape])
 
 
-def _expands(plan: dict, merged: dict, bindings: list, funcs: dict, spec: CpuSpec, threads: int) -> dict:
+def _expands(plan: dict, merged: dict, bindings: list, spec: CpuSpec, threads: int) -> dict:
     """{depthwise var: pointwise var} for the merged pairs whose depthwise layer reads a sparse pointwise layer
     of the run that nothing else reads, and which take it in (chw_merged.expand_capable): the expanded tensor, the
     largest of an inverted-residual block, is then never written."""
     from . import chw_merged
 
-    readers: dict = {}
-    for b in bindings:
-        for v in _vars(b.value):
-            readers.setdefault(v, []).append(b.var)
+    readers = _readers(bindings)
     found = {}
-    for pw_var, dw_var in merged.items():
+    for dw_var in merged.values():
         _, dw, dw_call = plan[dw_var]
         source = dw_call.args[1][0]
         if source not in plan or plan[source][0] != "pointwise" or len(readers[source]) != 1:
             continue
         ex = plan[source][1]
-        pw = plan[pw_var][1]
-        if chw_merged.expand_capable(ex.fused, ex.params, dw, pw.fused, spec, threads):
+        if chw_merged.expand_capable(ex.fused, ex.params, dw, spec, threads):
             found[dw_var] = source
     return found
 
@@ -576,10 +569,7 @@ def _plan(bindings: list, replace: list, chosen: list, funcs: dict, spec: CpuSpe
     if not candidates:
         return {}
     producer = {b.var: b for b in bindings}
-    readers: dict = {}
-    for b in bindings:
-        for v in _vars(b.value):
-            readers.setdefault(v, []).append(b.var)
+    readers = _readers(bindings)
     chosen_set = dict(candidates)
     changed = True
     while changed:
@@ -601,6 +591,15 @@ def _plan(bindings: list, replace: list, chosen: list, funcs: dict, spec: CpuSpe
                 del chosen_set[var]
                 changed = True
     return chosen_set
+
+
+def _readers(bindings: list) -> dict:
+    """{var: the binding vars whose values read it}."""
+    readers: dict = {}
+    for b in bindings:
+        for v in _vars(b.value):
+            readers.setdefault(v, []).append(b.var)
+    return readers
 
 
 def _vars(expr) -> list:

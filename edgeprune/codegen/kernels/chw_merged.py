@@ -97,8 +97,7 @@ def expand_rows(dw: Depthwise, r: int) -> int:
     return min(_shape(dw.x)[1], (r - 1) * dw.stride[0] + dw.kernel[0])
 
 
-def expand_capable(ex: Fused, ex_params: Sequence[tirx.Buffer], dw: Depthwise, pw: Fused, spec: CpuSpec,
-                   threads: int) -> bool:
+def expand_capable(ex: Fused, ex_params: Sequence[tirx.Buffer], dw: Depthwise, spec: CpuSpec, threads: int) -> bool:
     """Whether the merged kernel takes in `ex`, the sparse pointwise layer its depthwise layer reads: a 1x1
     convolution with per-channel constants in its epilogue, computed again for the rows two tiles share, at most
     MAX_RECOMPUTE times its own work (a stride-2 depthwise layer at a row a tile: 3 rows for 2; stride 1 there
@@ -162,8 +161,6 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
     r = expand_tile_rows(dw, spec, threads) if expand else tile_rows(oh, ow, lanes, threads, c)
     rows_in = expand_rows(dw, r)
     p_tile = r * ow
-    groups, spare = vector_groups(p_tile, lanes, bsr.n, pixel_accumulators(spec, bsr.n),
-                                  register_room(spec, bsr.n))
     first, last = inner_rows(dw)
     # rows too short for a vector (14x14 at 16 lanes): the depthwise part over each tile's pixels (chw.flat_rows),
     # its code specialized to each tile's first row, while there are few tiles
@@ -210,8 +207,8 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
                         first_in = tirx.Max(tirx.Min(r0 * dw.stride[0] - dw.pad[0], h - rows_in), 0)
                         ex_buf = T.alloc_buffer((c, rows_in * w), "float32", scope="global")
                         ex_xf = T.decl_buffer((ex.k, h * w), "float32", data=ex_x.data)
-                        _expand(T, replace(ex, flat=[(ex.out, ex_buf)]), ex_bsr, ex_xf, ex_data, ex_indices,
-                                ex_indptr, first_in * w, rows_in * w, spec)
+                        _pointwise(T, replace(ex, flat=[(ex.out, ex_buf)]), ex_bsr.n, ex_xf, ex_data, ex_indices,
+                                   ex_indptr, first_in * w, rows_in * w, 0, spec)
                         x = _Window(ex_buf, first_in, w)
                     for s0 in flat_starts:  # each tile's rows known, so is which lanes of each tap lie outside
                         with T.If(r0 == s0), T.Then(), T.serial(0, c) as ch:
@@ -229,37 +226,20 @@ def kernel(dw: Depthwise, dw_params: Sequence[tirx.Buffer], pw: Fused, pw_params
                                     _row(T, dw, x, weights, None, ch, row, taps, dbases, dlanes, store)
 
                                 _any_row(T, one_row, r0 + i, first, last, edges, dw, kh)
-                    vec = tirx.Ramp(0, 1, lanes)
-                    for gi, starts in enumerate(groups):  # a group of the tile's vectors at a time
-                        extra = spare if gi == len(groups) - 1 else 0
-                        with T.serial(0, rows) as ob:
-                            def at(g, first=starts[0]):  # a last vector moved back ends at the tile's last pixel
-                                return tirx.Min(first + g * lanes, p_tile - lanes)
-
-                            acc, more = _accumulate(
-                                T, bsr.n, len(starts), lanes, data, indptr, ob,
-                                lambda e, g, at=at: buf[indices[e], tirx.Ramp(at(g), 1, lanes)],
-                                extra, lambda e, q: buf[indices[e], p_tile - spare + q])
-                            for g, start in enumerate(starts):
-                                with T.unroll(0, bsr.n) as j:
-                                    _store_chw(T, pw, tirx.Ramp(r0 * ow + start, 1, lanes), ob * bsr.n + j,
-                                               acc[g * bsr.n + j, vec])
-                            if extra:
-                                with T.unroll(0, extra) as q, T.unroll(0, bsr.n) as j:
-                                    _store_chw(T, pw, r0 * ow + p_tile - spare + q, ob * bsr.n + j, more[q, j])
+                    _pointwise(T, pw, bsr.n, buf, data, indices, indptr, 0, p_tile, r0 * ow, spec)
     return ib.get()
 
 
-def _expand(T, ex: Fused, ex_bsr: Bsr, xf, data, indices, indptr, first, p: int, spec: CpuSpec) -> None:
-    """The sparse pointwise layer's outputs at pixels [first, first + p) of its map, every channel, with its
-    epilogue, stored at [channel, pixel - first] of its flat alias (`ex.flat`)."""
-    n = ex_bsr.n
+def _pointwise(T, pw: Fused, n: int, xf, data, indices, indptr, first, p: int, out_at, spec: CpuSpec) -> None:
+    """A sparse pointwise layer over p pixels, every channel, with its epilogue: inputs read at [channel, first +
+    pixel] of xf, outputs stored at [channel, out_at + pixel] of its flat alias (`pw.flat`). Its vectors run in the
+    groups `vector_groups` makes (a last vector moved back ends at the last pixel; spare pixels in the last group)."""
     lanes = pixel_lanes(spec)
     groups, spare = vector_groups(p, lanes, n, pixel_accumulators(spec, n), register_room(spec, n))
     vec = tirx.Ramp(0, 1, lanes)
     for gi, starts in enumerate(groups):
         extra = spare if gi == len(groups) - 1 else 0
-        with T.serial(0, ex.m // n) as ob:
+        with T.serial(0, pw.m // n) as ob:
             def at(g, start=starts[0]):
                 return tirx.Min(start + g * lanes, p - lanes)
 
@@ -268,10 +248,10 @@ def _expand(T, ex: Fused, ex_bsr: Bsr, xf, data, indices, indptr, first, p: int,
                                     extra, lambda e, q: xf[indices[e], first + p - spare + q])
             for g, start in enumerate(starts):
                 with T.unroll(0, n) as j:
-                    _store_chw(T, ex, tirx.Ramp(start, 1, lanes), ob * n + j, acc[g * n + j, vec])
+                    _store_chw(T, pw, tirx.Ramp(out_at + start, 1, lanes), ob * n + j, acc[g * n + j, vec])
             if extra:
                 with T.unroll(0, extra) as q, T.unroll(0, n) as j:
-                    _store_chw(T, ex, p - spare + q, ob * n + j, more[q, j])
+                    _store_chw(T, pw, out_at + p - spare + q, ob * n + j, more[q, j])
 
 
 def _any_row(T, one_row, row, first: int, last: int, edges: list[int], dw: Depthwise, kh: int) -> None:
