@@ -304,3 +304,24 @@ def test_a_local_measurement_knows_when_other_processes_shared_the_cpus(tmp_path
     assert m.contended and "not the build's alone" in m.contention_note()
     assert not Measurement("local", "host", [1.0], 2, others_busy=0.05).contended
     assert m.summary()["others_busy"] == round(others.share, 3)
+
+
+def test_one_profiled_network_scales_each_class_by_its_own_kernels():
+    """A device that runs dense 1x1 layers at 1.5x the prior's time and 1x4 block-sparse ones at 3x: after one
+    profiled network (fewer than the fit needs), an unseen sparse layer is priced at 3x, not at the networks' mix."""
+    target = get_target("host")
+    prior = LatencyModel(target)
+    sparse = LayerPlan("x", "bsr", block=4, density=0.5)
+    layers = [rows.conv(cin, cout, 1, 1, size, plan=plan) for cin, cout, size in
+              ((16, 96, 40), (96, 24, 40), (24, 144, 20), (144, 32, 20), (32, 192, 10)) for plan in (None, sparse)]
+    truth = [prior.prior_ms(r) * (3.0 if r.family == "bsr" else 1.5) for r in layers]
+    model = LatencyModel(target).fit([TableEntry("n", layers, sum(truth), truth)])
+    assert model.class_scale == pytest.approx({"pointwise": 1.5, "pointwise/bsr": 3.0})
+    unseen = rows.conv(48, 288, 1, 1, 14, plan=sparse)
+    p = model.predict([unseen])
+    assert p.source == "fitted" and p.ms == pytest.approx(3.0 * prior.prior_ms(unseen), rel=1e-6)
+    # the one scale for every class would have priced it well below what it runs at
+    assert model.scale * prior.prior_ms(unseen) < 0.8 * p.ms
+    # a class with fewer timed kernels than MIN_CLASS_KERNELS keeps the networks' scale
+    few = LatencyModel(target).fit([TableEntry("n", layers[:4], sum(truth[:4]), truth[:4])])
+    assert few.class_scale == {}

@@ -6,6 +6,8 @@ Three sources, best first, and every prediction says which it used:
             t = a * compute + b * memory + c, with compute = operations / peak and memory = bytes / bandwidth.
             Where the table has per-kernel times (calibrated on `local`, from the profile) each class is fitted on
             its kernels' own times; otherwise on whole-network times, each the sum of its kernels'.
+            With fewer networks than the fit needs, the prior scaled: per class by its own timed kernels where a
+            profiled network has enough of them, else by the networks' median measured / prior.
   prior     no table: a roofline from the target's clock, cores, throughput per bit-width and memory bandwidth,
             max(compute / efficiency_class, memory) + a per-kernel overhead. Marked predicted, not measured.
 
@@ -75,7 +77,12 @@ def bsr_efficiency(row: LayerCost, target: Target) -> float:
     eff, alpha, beta = BSR_COST.get(fill, BSR_COST[0.25] if fill < 0.5 else BSR_COST[1.0])
     k, m = (row.shapes[0][-1], row.shapes[-1][-1]) if row.shapes else (1 << 30, 1 << 30)
     density = max(row.density, 1e-9)
-    return 1.0 / (1.0 / eff + (alpha / max(1, k) + beta / max(1, m)) / density)
+    # Blocks narrower than a vector are run with vectors of pixels: a map of fewer pixels than a whole number of
+    # vectors pays for the rest (a 3x3 map, 16 lanes: 16 of 9). The fit's maps (7x7 and larger) hardly had any.
+    pixels = int(np.prod(row.shapes[-1][:-1])) if row.shapes else 1 << 30
+    lanes = max(1, target.simd_lanes)
+    used = pixels / (-(-pixels // lanes) * lanes) if fill < 1.0 else 1.0
+    return 1.0 / (1.0 / (eff * used) + (alpha / max(1, k) + beta / max(1, m)) / density)
 
 
 def fit_class(row: LayerCost) -> str:
@@ -152,6 +159,7 @@ class LatencyModel:
     coef: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # class -> (a, b, c), fitted
     measured: dict[str, float] = field(default_factory=dict)  # row key -> ms
     scale: float | None = None  # measured / prior over the table's networks (None: no table): prices what no fit does
+    class_scale: dict[str, float] = field(default_factory=dict)  # class -> measured / prior over its timed kernels
 
     @property
     def band(self) -> tuple[float, float]:
@@ -179,7 +187,11 @@ class LatencyModel:
             compute, memory = terms(row, self.target, self.threads)
             return a * compute + b * memory + c, "fitted"
         prior = self.prior_ms(row)
-        return (prior, "prior") if self.scale is None else (prior * self.scale, "fitted")
+        if self.scale is None:
+            return prior, "prior"
+        # a family's prior is a rate relative to the dense class (bsr_efficiency): until its own kernels are timed,
+        # it takes the dense class's scale
+        return prior * self.class_scale.get(cls, self.class_scale.get(row.op, self.scale)), "fitted"
 
     def predict(self, rows: list[LayerCost]) -> Prediction:
         if not rows:
@@ -202,14 +214,31 @@ class LatencyModel:
         if not entries:
             return self
         prior = LatencyModel(self.target, self.threads)
-        # Classes the fit leaves out (too few kernels timed) keep the prior, scaled to this device.
+        # Classes the fit leaves out (too few kernels timed) keep the prior, scaled to this device: by their own timed
+        # kernels where a profile holds enough of them, else by the networks' median.
         self.scale = float(np.median([e.ms / prior.predict(e.layers).ms for e in entries]))
         profiled = [e for e in entries if e.per_kernel_ms]
+        self.class_scale = self._class_scales(profiled, prior)
         if len(profiled) >= MIN_FIT_ENTRIES:
             self.coef = self._fit_kernels(profiled)
         elif len(entries) >= MIN_FIT_ENTRIES:
             self.coef = self._fit_networks(entries)
         return self
+
+    @staticmethod
+    def _class_scales(entries: list[TableEntry], prior: LatencyModel) -> dict[str, float]:
+        """Per class, its timed kernels' measured time over their prior time (sums: the large kernels, which make a
+        network's time, weigh most). One profiled network is enough, where the full fit needs MIN_FIT_ENTRIES: a
+        family's prior constants were fitted on one CPU (BSR_COST on Zen 4), and one scale for every class would
+        price the next sparse subnet as wrong as the last (a build loop on a Zen 5: a sparse subnet's 1x4 kernels ran
+        at 1.13x their prior time, its dense kernels at 0.3-0.4x; the scale of its networks was 0.29)."""
+        sums: dict[str, list[float]] = {}
+        for e in entries:
+            for row, ms in zip(e.layers, e.per_kernel_ms or []):
+                if ms > 0:
+                    acc = sums.setdefault(fit_class(row), [0.0, 0.0, 0])
+                    acc[0], acc[1], acc[2] = acc[0] + ms, acc[1] + prior.prior_ms(row), acc[2] + 1
+        return {cls: t / p for cls, (t, p, n) in sums.items() if n >= MIN_CLASS_KERNELS and p > 0}
 
     def _features(self, row: LayerCost) -> np.ndarray:
         compute, memory = terms(row, self.target, self.threads)

@@ -39,6 +39,8 @@ VARIANTS = ("pixels", "channels")
 BLOCK, DENSITY, VARIANT = "edgeprune.block", "edgeprune.density", "edgeprune.variant"
 MAX_DENSITY = 0.9  # a weight with fewer zero blocks than this is not looked at as sparse
 RULES: list = []  # the kernels come scheduled: nothing for dlight to do
+FMA_CHAINS = 8  # independent accumulators that keep two FMA pipes of 4-cycle latency busy
+MAX_SPLIT = 4  # the most sets of accumulators a block row's kept blocks are split among
 
 
 @dataclass(frozen=True)
@@ -467,23 +469,49 @@ def _accumulate(T, n: int, g_acc: int, lanes: int, data, indptr, ob, x_at, spare
     x_at(e, g) block e's input vector for pixel vector g (its channel's L pixels). With `spare` pixels, also one
     N-lane accumulator per spare pixel q += spare_at(e, q) (block e's input at that pixel) * the block's N weights:
     pixels past the last whole vector cost one FMA a block each rather than N. Returns (the G*N accumulators, the
-    spare ones or None)."""
+    spare ones or None).
+
+    A tile of few accumulators (a map of one vector or less, 1x4: four) would wait on each FMA's latency, one
+    chain per accumulator: the kept blocks are then split among `split` sets of accumulators, summed at the end."""
     vec = tirx.Ramp(0, 1, lanes)
-    acc = T.alloc_buffer((g_acc * n, lanes), "float32", scope="local")
-    with T.unroll(0, g_acc * n) as a:
-        T.buffer_store(acc, tirx.Broadcast(_zero(), lanes), [a, vec])
     block = tirx.Ramp(0, 1, n)
+    width = g_acc * n
+    split = max(1, min(MAX_SPLIT, -(-FMA_CHAINS // (width + spare))))
+    acc = T.alloc_buffer((split * width, lanes), "float32", scope="local")
+    with T.unroll(0, split * width) as a:
+        T.buffer_store(acc, tirx.Broadcast(_zero(), lanes), [a, vec])
     extra = None
     if spare:
-        extra = T.alloc_buffer((spare, n), "float32", scope="local")
-        with T.unroll(0, spare) as q:
+        extra = T.alloc_buffer((split * spare, n), "float32", scope="local")
+        with T.unroll(0, split * spare) as q:
             T.buffer_store(extra, tirx.Broadcast(_zero(), n), [q, block])
-    with T.serial(indptr[ob], indptr[ob + 1]) as e:
+
+    def step(e, s: int) -> None:
         with T.unroll(0, g_acc) as g, T.unroll(0, n) as j:
-            T.buffer_store(acc, acc[g * n + j, vec] + x_at(e, g) * tirx.Broadcast(data[e, j], lanes), [g * n + j, vec])
+            a = s * width + g * n + j
+            T.buffer_store(acc, acc[a, vec] + x_at(e, g) * tirx.Broadcast(data[e, j], lanes), [a, vec])
         if spare:
             with T.unroll(0, spare) as q:
-                T.buffer_store(extra, extra[q, block] + tirx.Broadcast(spare_at(e, q), n) * data[e, block], [q, block])
+                b = s * spare + q
+                T.buffer_store(extra, extra[b, block] + tirx.Broadcast(spare_at(e, q), n) * data[e, block], [b, block])
+
+    start, end = indptr[ob], indptr[ob + 1]
+    if split == 1:
+        with T.serial(start, end) as e:
+            step(e, 0)
+        return acc, extra
+    whole = (end - start) // split
+    with T.serial(0, whole) as i:
+        for s in range(split):
+            step(start + i * split + s, s)
+    with T.serial(start + whole * split, end) as e:
+        step(e, 0)
+    for s in range(1, split):
+        with T.unroll(0, width) as a:
+            T.buffer_store(acc, acc[a, vec] + acc[s * width + a, vec], [a, vec])
+        if spare:
+            with T.unroll(0, spare) as q:
+                T.buffer_store(extra, extra[q, block] + extra[s * spare + q, block], [q, block])
     return acc, extra
 
 
@@ -647,7 +675,7 @@ def _channels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ac
         with T.serial(0, per) as obi:
             ob = c * per + obi
             with T.If(ob < rows), T.Then():
-                acc = T.alloc_buffer((pt, n), "float32", scope="global")
+                acc = T.alloc_buffer((pt, n), "float32", scope="local")
                 with T.unroll(0, pt) as v, T.vectorized(0, n) as j:
                     T.buffer_store(acc, _zero(), [v, j])
                 with T.serial(indptr[ob], indptr[ob + 1]) as e, T.unroll(0, pt) as v, T.vectorized(0, n) as j:
@@ -658,12 +686,14 @@ def _channels(T, fused: Fused, n: int, xf, data, indices, indptr, lanes: int, ac
 
 def preferred(spec: CpuSpec, n: int, pixels: int, density: float = 1.0) -> tuple[str, ...]:
     """The variants that apply, the one that suits this CPU first. A block that fills a vector runs "channels"
-    only. A narrower one runs "pixels", but for maps too small to fill a vector, and large maps at 85% sparsity and
-    more, where the transposes in and out outweigh the few FMAs between them (1x4 on MobileNetV2's pointwise shapes,
-    bench/sparse.py: pixels faster on 18 of 19 at 50%, 16 at 75%, and at 90% on the 14x14 and 7x7 maps only)."""
+    only. A narrower one runs "pixels", but for maps of fewer pixels than the block has outputs (a vector of pixels
+    would be emptier than one of outputs), and large maps at 85% sparsity and more, where the transposes in and out
+    outweigh the few FMAs between them (1x4 on MobileNetV2's pointwise shapes, bench/sparse.py: pixels faster on 18
+    of 19 at 50%, 16 at 75%, and at 90% on the 14x14 and 7x7 maps only). On 3x3 and 5x5 maps (a small subnet's
+    last stages) pixels ran 1.2-2.9x faster than channels at 1x4 and 1x8 (Zen 5), on one pixel channels at 1x8."""
     if n >= pixel_lanes(spec):
         return ("channels",)  # one block fills the vector: nothing to pack
-    if pixels < spec.lanes or (pixels > 256 and density < 0.15):
+    if pixels < n or (pixels > 256 and density < 0.15):
         return ("channels", "pixels")
     return ("pixels", "channels")
 
