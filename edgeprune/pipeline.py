@@ -109,6 +109,7 @@ class Trial:
     precision: str = "fp32"  # fp32, or the --quantize precision it was searched, priced and quantized at
     quantized: dict = field(default_factory=dict)  # compress.quantize's account: bits, calibration, accuracy drop
     binarized: dict = field(default_factory=dict)  # compress.binarize_network's account: method, layers, accuracy
+    measured_ms: float | None = None  # when the round measured it on the device
 
 
 @dataclass
@@ -252,6 +253,11 @@ def _no_faster_in_int8(network: Network, model) -> list[str]:
     return [name for name, row in fp32.items() if model.layer_ms(int8[name])[0] >= model.layer_ms(row)[0]]
 
 
+def _why(options: str) -> str:
+    return (f"the most accurate on validation images of the {options} tried, each with the widest subnet its pricing "
+            "fits in the budget, passing over those measured over the budget on the device")
+
+
 def _tried(final: Round, key: str, account: str | None = None) -> tuple[Trial | None, list[dict]]:
     """The final round's chosen trial, and each trial as the report lists it: `key` (its precision or sparsity),
     its subnet, prediction and accuracy, and its stage's `account` (Trial.quantized, Trial.binarized)."""
@@ -259,6 +265,7 @@ def _tried(final: Round, key: str, account: str | None = None) -> tuple[Trial | 
     return chosen, [{key: getattr(tr, key), "predicted_ms": round(tr.candidate.predicted_ms, 4),
                      "macs": S.macs(tr.candidate.arch), "resolution": tr.candidate.arch.resolution,
                      "val_accuracy": round(float(tr.network.accuracy), 4),
+                     "measured_ms": None if tr.measured_ms is None else round(tr.measured_ms, 4),
                      **(getattr(tr, account) if account else {})} for tr in final.trials]
 
 
@@ -268,8 +275,7 @@ def _binarize_report(req: Request, final: Round, build: Build) -> dict | None:
     if req.binarize is None:
         return None
     chosen, tried = _tried(final, "precision", "binarized")
-    why = ("the most accurate on validation images of the precisions tried, each with the widest subnet its "
-           "pricing fits in the budget" if req.binarize == "auto" else "as requested")
+    why = _why("precisions") if req.binarize == "auto" else "as requested"
     return {"requested": req.binarize, "fraction": req.binary_fraction,
             "chosen": chosen.precision if chosen else "fp32", **(chosen.binarized if chosen else {}),
             "kernels_binary": [r.kernel for r in build.layers if r.family == "binary"],
@@ -283,8 +289,7 @@ def _quantize_report(req: Request, final: Round, build: Build) -> dict | None:
     chosen, tried = _tried(final, "precision", "quantized")
     precision = {f"w{r.weight_bits}a{r.act_bits}" if r.family == "int8" else "fp32" for r in build.layers
                  if r.op in ("conv", "pointwise", "depthwise", "matmul")}
-    why = ("the most accurate on validation images of the precisions tried, each with the widest subnet its "
-           f"pricing fits in the budget; int8 only where the device's costs price it faster and where it cost at most "
+    why = (_why("precisions") + f"; int8 only where the device's costs price it faster and where it cost at most "
            f"{req.max_drop:g} points (the most sensitive layers kept in fp32 until it did)" if req.quantize == "auto"
            else "as requested")
     return {"requested": req.quantize, "calibration": req.calibration, "chosen": chosen.precision if chosen else
@@ -340,8 +345,7 @@ def _sparsity_report(req: Request, final: Round, build: Build) -> dict:
     accuracy, and how many layers compile ran sparse (it keeps a layer dense where the model prices that faster)."""
     chosen, tried = _tried(final, "sparsity")
     sparse_rows = [r for r in build.layers if r.family == "bsr"]
-    why = ("the most accurate on validation images of the sparsities tried, each with the widest subnet its pricing "
-           "fits in the budget" if len(tried) > 1 else "as requested")
+    why = _why("sparsities") if len(tried) > 1 else "as requested"
     return {"requested": req.sparsity, "block": req.block, "chosen": chosen.sparsity if chosen else 0.0,
             "layers_sparse": len(sparse_rows), "layers_pointwise": sum(1 for p in build.layers if p.op == "pointwise"),
             "tried": tried, "why": why}
@@ -482,56 +486,71 @@ def run(req: Request) -> dict:
                               + (f"; {sensitive} most sensitive layers kept in fp32" if sensitive else ""))
                     times[f"quantize_{r + 1}"] = times.get(f"quantize_{r + 1}", 0.0) + time.perf_counter() - t
                 trials.append(Trial(sparsity, best, network, tuned, precision, quantized, binarized))
-            # The most accurate on validation images; of equals, the one predicted faster.
-            chosen = max([tr for tr in trials if _eligible(req, tr)],
-                         key=lambda tr: (round(tr.network.accuracy, 4), -tr.candidate.predicted_ms))
-            best, network = chosen.candidate, chosen.network
-            rows = binary_rows(model, best.arch, req.binary_fraction)[0] if chosen.binarized else \
-                S.layers(best.arch, sparse=(chosen.sparsity, req.block) if chosen.sparsity else None,
-                         int8=_int8(chosen.precision))
-            source = model.predict(rows).source
-            rounds.append(Round(best, source, finetune=chosen.finetune, trials=trials))
-            if len(sparsities) > 1:
-                _log(req, f"  chose {'no' if not chosen.sparsity else f'{chosen.sparsity:.0%}'} sparsity: the most "
-                          f"accurate within the aim ({network.accuracy:.1%} val)")
-            if len(precisions) > 1:
-                _log(req, f"  chose {chosen.precision}: the most accurate within the aim ({network.accuracy:.1%} val)"
-                          + ("" if all(_eligible(req, tr) for tr in trials) else
-                             f"; int8 cost more than {req.max_drop:g} points"))
+            # The most accurate on validation images first; of equals, the one predicted faster. With a device each
+            # is measured in turn until one is within the budget: an option priced wrong (its kernels' prices not yet
+            # learned on this device) then costs its own turn, not the round, and the next option is delivered as
+            # it would have been alone.
+            ranked = sorted([tr for tr in trials if _eligible(req, tr)],
+                            key=lambda tr: (-round(tr.network.accuracy, 4), tr.candidate.predicted_ms))
             t = time.perf_counter()
-            try:
-                done = realize(network, target, stage / "build", device, table, table_path, req.runs,
-                               req.statistic, req.fmt, budget=req.memory)
-            except MemoryBudgetError as e:  # the estimate was low: aim that much lower and search again
-                if r + 1 == req.rounds:
-                    raise
-                fitting = _tightened(fitting, req.memory, e)
-                _log(req, f"  {e}; searching again")
-                continue
+            outcome = "missed"
+            for turn, chosen in enumerate(ranked if device is not None else ranked[:1]):
+                best, network = chosen.candidate, chosen.network
+                rows = binary_rows(model, best.arch, req.binary_fraction)[0] if chosen.binarized else \
+                    S.layers(best.arch, sparse=(chosen.sparsity, req.block) if chosen.sparsity else None,
+                             int8=_int8(chosen.precision))
+                source = model.predict(rows).source
+                if turn == 0:
+                    rounds.append(Round(best, source, finetune=chosen.finetune, trials=trials))
+                else:
+                    rounds[-1].candidate, rounds[-1].predicted_source = best, source
+                    rounds[-1].finetune = chosen.finetune
+                why = "the most accurate within the aim" if turn == 0 else "the next most accurate"
+                if len(sparsities) > 1:
+                    _log(req, f"  chose {'no' if not chosen.sparsity else f'{chosen.sparsity:.0%}'} sparsity: {why} "
+                              f"({network.accuracy:.1%} val)")
+                if len(precisions) > 1:
+                    _log(req, f"  chose {chosen.precision}: {why} ({network.accuracy:.1%} val)"
+                              + ("" if all(_eligible(req, tr) for tr in trials) else
+                                 f"; int8 cost more than {req.max_drop:g} points"))
+                try:
+                    done = realize(network, target, stage / "build", device, table, table_path, req.runs,
+                                   req.statistic, req.fmt, budget=req.memory)
+                except MemoryBudgetError as e:  # the estimate was low: aim that much lower and search again
+                    if r + 1 == req.rounds:
+                        raise
+                    fitting = _tightened(fitting, req.memory, e)
+                    _log(req, f"  {e}; searching again")
+                    outcome = "memory"
+                    break
+                if device is None:
+                    outcome = "compiled"
+                    break
+                m, value = done.measurement, done.value_ms
+                rounds[-1].measured_ms = chosen.measured_ms = value
+                rounds[-1].measurement = m.summary() | {"layers": m.layers[:10]}
+                _log(req, f"  measured {req.statistic} {value:.3f} ms on {device.uri} "
+                          f"(predicted {best.predicted_ms:.3f} ms)")
+                if m.contended:
+                    _log(req, f"  {m.contention_note()}; the latency table did not learn from it")
+                if value <= req.budget_ms:
+                    outcome = "met"
+                    break
+                # The refitted model has learned from this measurement, but it may still price a network like this
+                # one below what this one measured (scales shared with networks of other sizes): the option's next
+                # aim is lowered by what is left of the miss. Priced as a neighbour, which the search will price
+                # next: without looking up this network's own kernels, which would return what they measured.
+                # (A contended time says nothing about the network: 5% lower only.)
+                refitted = model_for(target, table)
+                refitted.measured.clear()
+                repriced = value if m.contended else priced_by(
+                    refitted, (chosen.sparsity, req.block) if chosen.sparsity else None,
+                    int8=_int8(chosen.precision), binary=req.binary_fraction if chosen.binarized else 0.0)(best.arch)
+                key = (chosen.sparsity, chosen.precision)
+                aims[key] = next_aim(aims[key], req.budget_ms * MARGIN, value, repriced)
             times[f"compile_{r + 1}"] = time.perf_counter() - t
-            if device is None:
+            if outcome in ("met", "compiled"):
                 break
-            m, value = done.measurement, done.value_ms
-            rounds[-1].measured_ms = value
-            rounds[-1].measurement = m.summary() | {"layers": m.layers[:10]}
-            _log(req, f"  measured {req.statistic} {value:.3f} ms on {device.uri} "
-                      f"(predicted {best.predicted_ms:.3f} ms)")
-            if m.contended:
-                _log(req, f"  {m.contention_note()}; the latency table did not learn from it")
-            if value <= req.budget_ms:
-                break
-            # The refitted model has learned from this measurement, but it may still price a network like this one
-            # below what this one measured (scales shared with networks of other sizes): the next aim is lowered by
-            # what is left of the miss. Priced as a neighbour, which the search will price next: without looking
-            # up this network's own kernels, which would return what they measured.
-            # (A contended time says nothing about the network: 5% lower only, and measure again.)
-            refitted = model_for(target, table)
-            refitted.measured.clear()
-            repriced = value if m.contended else priced_by(
-                refitted, (chosen.sparsity, req.block) if chosen.sparsity else None,
-                int8=_int8(chosen.precision), binary=req.binary_fraction if chosen.binarized else 0.0)(best.arch)
-            key = (chosen.sparsity, chosen.precision)
-            aims[key] = next_aim(aims[key], req.budget_ms * MARGIN, value, repriced)
         final = rounds[-1]
         met = final.measured_ms <= req.budget_ms if final.measured_ms is not None else \
             final.candidate.predicted_ms * edge <= req.budget_ms

@@ -242,3 +242,38 @@ def test_a_contended_measurement_is_taken_again_before_the_loop_goes_on():
     always = Spells([0.6] * (MEASURE_RETRIES + 2))
     m = measure_uncontended(always, None, runs=5)
     assert m.contended and always.calls == MEASURE_RETRIES + 1  # it gives up, and says so in the loop's log
+
+
+@pytest.mark.slow
+def test_an_option_measured_over_the_budget_gives_its_turn_to_the_next_most_accurate(tmp_path, scenes, monkeypatch):
+    """--sparsity auto on a device where the first build measured misses the budget (as a sparse subnet priced by
+    a prior another CPU was fitted on did) and every later one meets it: the same round measures the next most
+    accurate option and delivers it, where it used to search again with every option's aim lowered."""
+    from edgeprune import pipeline
+    from edgeprune.artifacts import Measurement
+    from edgeprune.measure import devices
+
+    budget = 2.0
+
+    class FirstMisses(devices.LocalDevice):
+        calls = 0
+
+        def measure(self, build, runs, warmup, threads=None, layers=True):
+            FirstMisses.calls += 1
+            ms = 3 * budget if FirstMisses.calls == 1 else budget / 2
+            return Measurement("local", build.target, [ms] * runs, 2, others_busy=0.0)
+
+    monkeypatch.setattr(devices, "get_device", lambda uri: FirstMisses())
+    monkeypatch.setattr(pipeline, "SPARSITIES", (0.0, 0.5))  # two options are enough to take turns
+    request = pipeline.Request(target="host", budget_ms=budget, out=tmp_path / "out", device="local",
+                               data=str(scenes), table=tmp_path / "table.json", quiet=True, sparsity="auto",
+                               finetune_steps=2, prune_steps=4, runs=5, statistic="median")
+    report = pipeline.run(request)
+    tried = report["sparsity"]["tried"]
+    measured = [t for t in tried if t["measured_ms"] is not None]
+    ranked = sorted(tried, key=lambda t: (-t["val_accuracy"], t["predicted_ms"]))
+    assert report["met"] and report["search"]["rounds"] == 1 and FirstMisses.calls == 2
+    assert [t["sparsity"] for t in measured] == [t["sparsity"] for t in ranked[:2]]
+    assert ranked[0]["measured_ms"] == 3 * budget and ranked[1]["measured_ms"] == budget / 2
+    assert report["sparsity"]["chosen"] == ranked[1]["sparsity"]
+    assert report["latency"]["measured_ms"] == budget / 2
