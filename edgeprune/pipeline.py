@@ -415,6 +415,7 @@ def run(req: Request) -> dict:
                       + ", ".join(sorted({f"{a:.3g} ms" for a in aims.values()})) + " "
                       f"({f'{known} measured networks' if known else 'no measurements: the prior'})")
             trials = []
+            unreachable: BudgetError | None = None
             for sparsity, precision in options:
                 aim = aims[sparsity, precision]
                 if len(sparsities) > 1:
@@ -426,7 +427,15 @@ def run(req: Request) -> dict:
                 priced = priced_by(model, (sparsity, req.block) if sparsity else None, int8=_int8(precision),
                                    binary=binary)
                 bounded = memory_bounded(priced, aim, fitting, *_element_bytes(precision))
-                best, stats = search(supernet, ckpt, ds, bounded, aim, resolutions, lambda m: _log(req, m), memo)
+                try:
+                    best, stats = search(supernet, ckpt, ds, bounded, aim, resolutions, lambda m: _log(req, m), memo)
+                except BudgetError as e:  # this option's aim, lowered by its misses, is below its smallest subnet
+                    if len(options) == 1:
+                        raise
+                    unreachable = e
+                    _log(req, f"  no subnet priced within this option's aim ({e.smallest_ms:.3g} ms at the least): "
+                              "it sits out the round")
+                    continue
                 best.predicted_ms = priced(best.arch)  # its latency alone, whichever budget bound it
                 evaluated += stats["evaluated"]
                 times[f"search_{r + 1}"] = times.get(f"search_{r + 1}", 0.0) + time.perf_counter() - t
@@ -486,6 +495,8 @@ def run(req: Request) -> dict:
                               + (f"; {sensitive} most sensitive layers kept in fp32" if sensitive else ""))
                     times[f"quantize_{r + 1}"] = times.get(f"quantize_{r + 1}", 0.0) + time.perf_counter() - t
                 trials.append(Trial(sparsity, best, network, tuned, precision, quantized, binarized))
+            if not trials:  # no option has a subnet within its aim
+                raise unreachable
             # The most accurate on validation images first; of equals, the one predicted faster. With a device each
             # is measured in turn until one is within the budget: an option priced wrong (its kernels' prices not yet
             # learned on this device) then costs its own turn, not the round, and the next option is delivered as

@@ -92,6 +92,11 @@ def test_unreachable_budget_exits_1_naming_the_smallest_latency(cli, tmp_path):
     assert rc == 1
     assert "smallest latency reached is" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()  # nothing half-written
+    # with options (--sparsity auto), each that has no subnet sits out; when none has, the same one-line error
+    rc, _, err = cli("build", "--target", "cortex-a7", "--latency", "10us", "-o", tmp_path / "y", "--quiet",
+                     "--sparsity", "auto")
+    assert rc == 1 and "smallest latency reached is" in err and "Traceback" not in err
+    assert not (tmp_path / "y").exists()
 
 
 def test_bad_inputs_are_one_line_errors(cli, tmp_path):
