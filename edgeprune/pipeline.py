@@ -146,11 +146,10 @@ def next_aim(aim: float, target_ms: float, measured_ms: float, repriced_ms: floa
 def measure_uncontended(device, build: Build, runs: int, layers: bool = True) -> Measurement:
     """The device's measurement of `build`, taken again (MEASURE_RETRIES times at most) while other processes'
     work shared the host's CPUs: the last one taken."""
-    m = device.measure(build, runs=runs, warmup=max(3, runs // 10), layers=layers)
-    for _ in range(MEASURE_RETRIES):
+    for _ in range(1 + MEASURE_RETRIES):
+        m = device.measure(build, runs=runs, warmup=max(3, runs // 10), layers=layers)
         if not m.contended:
             break
-        m = device.measure(build, runs=runs, warmup=max(3, runs // 10), layers=layers)
     return m
 
 
