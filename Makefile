@@ -23,7 +23,7 @@ demo: $(STAMP) system
 
 test: $(STAMP) system
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25  # the slowest, so the suite can be kept well under 30 min
 
 # How the shipped supernet was made: 1500 steps (progressive shrinking, then the sandwich with PSS-Net pools), one
 # thread, 50 min of wall time on a 2-core machine shared with other jobs. A training state is written to out/ every

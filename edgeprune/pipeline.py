@@ -427,8 +427,9 @@ def run(req: Request) -> dict:
                                    binary=binary)
                 bounded = memory_bounded(priced, aim, fitting, *_element_bytes(precision))
                 try:
-                    best, stats = search(supernet, ckpt, ds, bounded, aim, resolutions, lambda m: _log(req, m), memo)
-                except BudgetError as e:  # this option's aim, lowered by its misses, is below its smallest subnet
+                    best, stats = search(supernet, ckpt, ds, bounded, aim, resolutions, lambda m: _log(req, m), memo,
+                                         limit_ms=req.budget_ms if device is not None else None)
+                except BudgetError as e:  # even this option's smallest subnet is priced over the budget
                     if len(options) == 1:
                         raise
                     unreachable = e

@@ -177,3 +177,31 @@ def test_searches_sharing_a_memo_score_each_subnet_once(monkeypatch):
     assert calls == counted and second.arch == first.arch and second.val_accuracy == first.val_accuracy
     select.search(supernet, ckpt, None, latency, budget, resolutions)  # no memo: scored again
     assert calls["score"] == 2 * counted["score"]
+
+
+def test_an_aim_below_every_subnet_gives_the_smallest_when_it_is_priced_within_the_limit(monkeypatch):
+    """A build loop lowers its aim after measured misses. When the aim falls below the smallest subnet while the
+    model still prices that subnet within the user's budget (`limit_ms`), the search answers with the smallest, to
+    be measured, instead of giving up; priced over the limit, it gives up naming the smallest's price."""
+    from edgeprune.pipeline import SUPERNET
+    from edgeprune.search import evaluate, select
+    from edgeprune.search.train import load
+
+    supernet, ckpt = load(SUPERNET)
+    monkeypatch.setattr(evaluate, "score", lambda net, arch, ds: (space.macs(arch) % 997) / 997)
+    monkeypatch.setattr(knapsack, "taylor_importance", lambda net, arch, ds: {
+        it.name: np.ones(max(it.options)) for it in knapsack.items_of(knapsack.widest(arch))})
+    resolutions = tuple(ckpt["space"]["resolutions"])
+    smallest = space.Space(resolutions=resolutions).smallest(min(resolutions))
+
+    def latency(a):
+        return space.macs(a) / 1e6
+
+    aim = latency(smallest) * 0.8
+    with pytest.raises(select.BudgetError) as e:
+        select.search(supernet, ckpt, None, latency, aim, resolutions)
+    assert e.value.smallest_ms == pytest.approx(latency(smallest))
+    found, _ = select.search(supernet, ckpt, None, latency, aim, resolutions, limit_ms=latency(smallest) * 1.2)
+    assert found.arch == smallest and found.origin == "smallest"
+    with pytest.raises(select.BudgetError):
+        select.search(supernet, ckpt, None, latency, aim, resolutions, limit_ms=latency(smallest) * 0.9)
